@@ -1,0 +1,164 @@
+"""Codecs: round trips in all three wire formats, and every class of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import fastavro
+import pytest
+
+from processors.errors import ErrorCode, ProcessingError
+from processors.records import PickupRequest
+from streams.codecs import (
+    CONFLUENT_MAGIC,
+    SINGLE_OBJECT_MAGIC,
+    Codecs,
+    TopicCodec,
+    crc64_avro,
+    schema_fingerprint,
+)
+
+PICKUP = {
+    "event_id": "evt-1",
+    "occurred_at": 1_763_800_000_000,
+    "pickupproductimage": ["https://cdn.example.com/a.jpg"],
+    "skupickdone": ["aGVsbG8="],
+    "productname": "Blue cotton T-shirt",
+    "question": json.dumps([{"Type": "boolean", "Label": "Is the colour blue?", "IsMandatory": True, "ValueToCheck": "Yes"}]),
+    "shippingid": "SHP-1",
+    "productid": "P-9",
+    "uuid": None,
+    "previousuuid": None,
+}
+
+
+@pytest.fixture
+def codec() -> TopicCodec:
+    return TopicCodec("pickup-completed")
+
+
+def _code(codec: TopicCodec, data: bytes | None) -> ErrorCode:
+    with pytest.raises(ProcessingError) as caught:
+        codec.decode(data)
+    assert caught.value.stage == "decode"
+    assert caught.value.message
+    return caught.value.code
+
+
+def test_crc64_matches_the_avro_spec_vector() -> None:
+    # The Avro spec fixes the fingerprint of the empty input to the CRC's seed value.
+    assert crc64_avro(b"") == 0xC15D213AA4D7A795
+    # A known value: fingerprint of the canonical form of "int" (from the Avro Java test suite).
+    assert struct.pack("<Q", crc64_avro(b'"int"')).hex() == "8f5c393f1ad57572"
+
+
+def test_single_object_round_trip(codec: TopicCodec) -> None:
+    data = codec.encode(PICKUP)
+    assert data[:2] == SINGLE_OBJECT_MAGIC
+    assert data[2:10] == codec.fingerprint
+    assert codec.decode(data) == PICKUP
+
+
+def test_confluent_round_trip_with_mock_registry() -> None:
+    codecs = Codecs("mock://codec-test")
+    codec = codecs.for_schema("pickup-completed")
+    data = codec.encode(PICKUP)
+    assert data[:1] == CONFLUENT_MAGIC
+    schema_id = struct.unpack(">I", data[1:5])[0]
+    assert schema_id >= 1
+    assert codec.decode(data) == PICKUP
+    # A second codec over the same registry resolves the id it did not register itself.
+    other = TopicCodec("pickup-completed", codecs.registry)
+    assert other.decode(data) == PICKUP
+
+
+def test_json_round_trip_fills_defaults_and_drops_unknown_fields(codec: TopicCodec) -> None:
+    legacy = {k: v for k, v in PICKUP.items() if k not in {"event_id", "occurred_at", "productid"}}
+    legacy["courier_note"] = "left at the door"
+    decoded = codec.decode(codec.encode_json(legacy))
+    assert decoded["event_id"] == ""
+    assert decoded["productid"] is None
+    assert "courier_note" not in decoded
+    assert PickupRequest.from_event(decoded).shippingid == "SHP-1"
+
+
+def test_every_topic_round_trips_its_records() -> None:
+    codecs = Codecs()
+    pickup = codecs.for_schema("pickup-completed")
+    assert pickup.decode(pickup.encode(PickupRequest.from_event(PICKUP).to_event()))["shippingid"] == "SHP-1"
+
+
+def test_empty_message(codec: TopicCodec) -> None:
+    assert _code(codec, b"") is ErrorCode.EMPTY_MESSAGE
+    assert _code(codec, None) is ErrorCode.EMPTY_MESSAGE
+
+
+def test_truncated_avro(codec: TopicCodec) -> None:
+    data = codec.encode(PICKUP)
+    assert _code(codec, data[: len(data) // 2]) is ErrorCode.UNDECODABLE_MESSAGE
+    assert _code(codec, data[:6]) is ErrorCode.UNDECODABLE_MESSAGE
+
+
+def test_trailing_garbage_after_avro_is_refused(codec: TopicCodec) -> None:
+    assert _code(codec, codec.encode(PICKUP) + b"\x00\x01") is ErrorCode.UNDECODABLE_MESSAGE
+
+
+def test_wrong_magic_byte(codec: TopicCodec) -> None:
+    data = codec.encode(PICKUP)
+    assert _code(codec, b"\x07" + data[1:]) is ErrorCode.UNDECODABLE_MESSAGE
+
+
+def test_unknown_fingerprint(codec: TopicCodec) -> None:
+    data = codec.encode(PICKUP)
+    assert _code(codec, SINGLE_OBJECT_MAGIC + b"\xff" * 8 + data[10:]) is ErrorCode.UNKNOWN_SCHEMA
+
+
+def test_unknown_confluent_schema_id_without_and_with_registry(codec: TopicCodec) -> None:
+    framed = CONFLUENT_MAGIC + struct.pack(">I", 4242) + b"\x02"
+    assert _code(codec, framed) is ErrorCode.UNKNOWN_SCHEMA
+    with_registry = Codecs("mock://unknown-id").for_schema("pickup-completed")
+    assert _code(with_registry, framed) is ErrorCode.UNKNOWN_SCHEMA
+
+
+def test_json_missing_a_required_field(codec: TopicCodec) -> None:
+    broken = {k: v for k, v in PICKUP.items() if k != "shippingid"}
+    assert _code(codec, json.dumps(broken).encode()) is ErrorCode.INVALID_EVENT
+
+
+def test_json_with_a_wrong_type(codec: TopicCodec) -> None:
+    broken = {**PICKUP, "skupickdone": "not-a-list"}
+    assert _code(codec, json.dumps(broken).encode()) is ErrorCode.INVALID_EVENT
+
+
+def test_invalid_json_and_non_object_json(codec: TopicCodec) -> None:
+    assert _code(codec, b'{"shippingid": ') is ErrorCode.UNDECODABLE_MESSAGE
+    assert _code(codec, b"[1, 2, 3]") is ErrorCode.UNDECODABLE_MESSAGE
+
+
+def test_ten_megabytes_of_junk(codec: TopicCodec) -> None:
+    junk = os.urandom(10 * 1024 * 1024)
+    code = _code(codec, b"\x13" + junk)
+    assert code is ErrorCode.UNDECODABLE_MESSAGE
+    # Past the size limit it is refused before any parsing.
+    with pytest.raises(ProcessingError) as caught:
+        codec.decode(junk, max_bytes=1024)
+    assert caught.value.code is ErrorCode.MESSAGE_TOO_LARGE
+
+
+def test_junk_that_starts_like_single_object_avro(codec: TopicCodec) -> None:
+    data = SINGLE_OBJECT_MAGIC + codec.fingerprint + os.urandom(4096)
+    assert _code(codec, data) in {ErrorCode.UNDECODABLE_MESSAGE, ErrorCode.INVALID_EVENT}
+
+
+def test_encode_refuses_a_record_that_breaks_the_schema(codec: TopicCodec) -> None:
+    with pytest.raises(ProcessingError) as caught:
+        codec.encode({**PICKUP, "skupickdone": 3})
+    assert caught.value.code is ErrorCode.INVALID_EVENT
+
+
+def test_fingerprint_is_of_the_canonical_form() -> None:
+    schema = fastavro.parse_schema({"type": "record", "name": "X", "doc": "ignored", "fields": [{"name": "a", "type": "int", "doc": "also ignored"}]})
+    same = fastavro.parse_schema({"type": "record", "name": "X", "fields": [{"name": "a", "type": "int"}]})
+    assert schema_fingerprint(schema) == schema_fingerprint(same)
