@@ -1,0 +1,584 @@
+"""Return verification for one micro-batch: requests in, decisions or failures out.
+
+The seed's per-request flow (seed 000, section 17) reshaped for batches:
+
+1. parse each request's questions (a bad one fails only that request);
+2. gather every image of the batch concurrently (`ImageSource`), then tile off the event
+   loop; in replay mode (`images=None`) nothing is fetched and each image counts as one tile;
+3. build the prompts and make ONE `engine.generate` call for all first attempts;
+4. parse and validate every answer; make ONE more call, with the stricter prompt
+   (`strict=True`, attempt 2), for every request whose first answer was unreadable;
+5. decide the valid ones (`processors.decision.decide`).
+
+Failures are data: every input yields exactly one `VerificationOutcome`, in input order,
+holding either a decision or a `Failure`. If the engine raises for a whole call, it is
+called again per request, so one bad request cannot sink the batch; a request whose own
+call raises fails with MODEL_FAILED (or the engine's own `ProcessingError` code). A request
+unreadable twice fails with MODEL_OUTPUT_INVALID and keeps both raw outputs.
+
+Every model attempt that produced text is recorded as a `VerificationAttempt`; engine
+failures produce no attempt record (the failure itself is the record).
+
+Nothing here touches Kafka, faust or the environment; `replay_records` and `replay_jsonl`
+run the same pipeline over recorded model outputs (no GPU, no network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from processors.answer_parsing import parse_answer
+from processors.decision import DEFAULT_SOURCE_TOPIC, decide
+from processors.errors import ErrorCode, Failure, ProcessingError, failure_from_exception
+from processors.inference import InferenceEngine, PreparedRequest, ReplayEngine
+from processors.prompt import build_prompt, parse_questions, prompt_hash
+from processors.records import (
+    PickupRequest,
+    SourcePosition,
+    VerificationAttempt,
+    VerificationDecision,
+    idempotency_key,
+)
+
+if TYPE_CHECKING:
+    from processors.gathering import GatheredImages
+    from processors.tiling import TiledRequest, TilingConfig
+
+MAX_ATTEMPTS = 2
+VALID = "valid"
+INVALID = "invalid"
+
+Tiler = Callable[["GatheredImages", "TilingConfig"], "TiledRequest"]
+
+
+class ImageSource(Protocol):
+    """Fetches the images of a batch (implemented by `processors.gathering.ImageGatherer`)."""
+
+    async def gather_batch(
+        self, requests: Sequence[PickupRequest]
+    ) -> list[GatheredImages | Failure]:
+        """One result per request, same order; a failing request yields a `Failure`."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationInput:
+    """One request to verify and where it was read from (None outside Kafka)."""
+
+    request: PickupRequest
+    source: SourcePosition | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationOutcome:
+    """The result for one input: exactly one of `decision` and `failure` is set.
+
+    `attempts` holds one record per model attempt that produced text; `raw_outputs` the
+    texts themselves, first attempt first.
+    """
+
+    input: VerificationInput
+    decision: VerificationDecision | None
+    failure: Failure | None
+    attempts: tuple[VerificationAttempt, ...] = ()
+    raw_outputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.decision is None) == (self.failure is None):
+            raise ValueError("exactly one of decision and failure must be set")
+
+
+@dataclass(slots=True)
+class _Item:
+    """Working state of one input while its batch runs."""
+
+    input: VerificationInput
+    key: str
+    questions: list[dict[str, Any]] = field(default_factory=list)
+    failure: Failure | None = None
+    pixel_values: Any = None
+    num_patches: tuple[int, ...] = ()
+    vendor_count: int = 0
+    pickup_count: int = 0
+    gather_ms: float = 0.0
+    model_s: float = 0.0
+    answer: dict[str, Any] | None = None
+    errors: list[str] = field(default_factory=list)
+    attempts: list[VerificationAttempt] = field(default_factory=list)
+    raw_outputs: list[str] = field(default_factory=list)
+
+    @property
+    def request(self) -> PickupRequest:
+        return self.input.request
+
+
+@dataclass(frozen=True, slots=True)
+class _CallResult:
+    """One request's share of an engine call: its text or failure, and the call's size/time."""
+
+    output: str | Failure
+    call_ms: float
+    call_size: int
+    share_s: float
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class VerificationPipeline:
+    """Runs micro-batches of pickup requests through prompt, model and decision.
+
+    `images=None` is replay mode: no image is fetched or tiled and `pixel_values` stays None.
+    With an `ImageSource`, `tiling` is required; `tile` defaults to
+    `processors.tiling.tile_images` (imported on first use, so replay never loads torch).
+    `clock` gives decision and attempt timestamps (timezone-aware); `timer` measures
+    durations in seconds.
+    """
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        *,
+        images: ImageSource | None,
+        tiling: TilingConfig | None,
+        clock: Callable[[], datetime] = _utc_now,
+        timer: Callable[[], float] = time.perf_counter,
+        tile: Tiler | None = None,
+        source_topic: str = DEFAULT_SOURCE_TOPIC,
+    ) -> None:
+        if images is not None and tiling is None:
+            raise ValueError("an ImageSource needs a TilingConfig")
+        self._engine = engine
+        self._images = images
+        self._tiling = tiling
+        self._clock = clock
+        self._timer = timer
+        self._tile = tile
+        self._source_topic = source_topic
+
+    async def run(
+        self, inputs: Sequence[VerificationInput], *, batch_id: str
+    ) -> list[VerificationOutcome]:
+        """Verify a batch; one outcome per input, in input order.
+
+        Never raises for a per-request problem (those become failures); an `ImageSource`
+        that raises for the whole batch fails every request of it with that cause.
+        """
+        started = self._timer()
+        items = [
+            _Item(inp, idempotency_key(self._source_topic, inp.request.event_id)) for inp in inputs
+        ]
+        for item in items:
+            try:
+                item.questions = parse_questions(item.request.question)
+            except ProcessingError as exc:
+                item.failure = exc.to_failure("prompt")
+
+        await self._prepare_images([i for i in items if i.failure is None])
+
+        pending = [i for i in items if i.failure is None]
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            if not pending:
+                break
+            await self._infer(pending, attempt, batch_id)
+            pending = [i for i in pending if i.failure is None and i.answer is None]
+        for item in pending:
+            item.failure = Failure(
+                ErrorCode.MODEL_OUTPUT_INVALID,
+                "; ".join(f"attempt {n}: {e}" for n, e in enumerate(item.errors, 1))[:2000],
+                "parse",
+            )
+
+        return [self._outcome(item, started) for item in items]
+
+    # ------------------------------------------------------------------------------ images
+
+    async def _prepare_images(self, items: list[_Item]) -> None:
+        if self._images is None:
+            for item in items:
+                item.vendor_count = len(item.request.pickupproductimage)
+                item.pickup_count = len(item.request.skupickdone)
+                item.num_patches = (1,) * (item.vendor_count + item.pickup_count)
+            return
+        if not items:
+            return
+        try:
+            gathered = await self._images.gather_batch([i.request for i in items])
+            if len(gathered) != len(items):
+                raise RuntimeError(f"image source returned {len(gathered)} for {len(items)}")
+        except Exception as exc:
+            # Whole-batch failure of the image source: every request fails with its cause.
+            failure = failure_from_exception(exc, "gather")
+            for item in items:
+                item.failure = failure
+            return
+        # Each call writes its tiles (or its failure) into its item.
+        await asyncio.gather(
+            *(
+                self._tile_one(item, result)
+                for item, result in zip(items, gathered, strict=True)
+                if not isinstance(result, Failure)
+            )
+        )
+        for item, result in zip(items, gathered, strict=True):
+            if isinstance(result, Failure):
+                item.failure = result
+
+    async def _tile_one(self, item: _Item, gathered: GatheredImages) -> None:
+        tile = self._tile
+        if tile is None:
+            # Imported here: tiling pulls in torch, which replay mode never needs.
+            from processors.tiling import tile_images
+
+            tile = self._tile = tile_images
+        config = self._tiling
+        assert config is not None  # __init__ refuses an ImageSource without a TilingConfig
+        started = self._timer()
+        try:
+            result = await asyncio.to_thread(tile, gathered, config)
+        except Exception as exc:
+            item.failure = failure_from_exception(exc, "tile")
+            return
+        item.pixel_values = result.pixel_values
+        item.num_patches = tuple(result.num_patches)
+        item.vendor_count = result.vendor_count
+        item.pickup_count = result.pickup_count
+        item.gather_ms = gathered.gather_ms + (self._timer() - started) * 1000.0
+
+    # ------------------------------------------------------------------------------ model
+
+    async def _infer(self, items: list[_Item], attempt: int, batch_id: str) -> None:
+        """One engine call for `items` at `attempt`; records outputs, answers and failures."""
+        ready: list[tuple[_Item, PreparedRequest]] = []
+        for item in items:
+            try:
+                prompt = build_prompt(
+                    item.request.productname,
+                    item.questions,
+                    item.vendor_count,
+                    item.pickup_count,
+                    strict=attempt > 1,
+                )
+            except ProcessingError as exc:
+                item.failure = exc.to_failure("prompt")
+                continue
+            prepared = PreparedRequest(
+                request_id=item.request.uuid,
+                attempt=attempt,
+                prompt=prompt,
+                num_patches=item.num_patches,
+                pixel_values=item.pixel_values,
+            )
+            ready.append((item, prepared))
+        if not ready:
+            return
+        results = await self._call_engine([prepared for _, prepared in ready])
+        for (item, prepared), result in zip(ready, results, strict=True):
+            item.model_s += result.share_s
+            if isinstance(result.output, Failure):
+                item.failure = result.output
+                continue
+            parsed = parse_answer(result.output)
+            item.raw_outputs.append(result.output)
+            if parsed.answer is not None:
+                item.answer = parsed.answer
+            else:
+                item.errors.append(parsed.error)
+            item.attempts.append(
+                VerificationAttempt(
+                    request_uuid=item.request.uuid,
+                    shippingid=item.request.shippingid,
+                    attempt=attempt,
+                    prompt_hash=prompt_hash(prepared.prompt),
+                    raw_output=result.output,
+                    validation_status=VALID if parsed.ok else INVALID,
+                    validation_error=parsed.error,
+                    model_version=self._engine.model_version,
+                    batch_id=batch_id,
+                    batch_size=result.call_size,
+                    gather_ms=item.gather_ms,
+                    model_ms=result.call_ms,
+                    idempotency_key=item.key,
+                    occurred_at_ms=int(self._clock().timestamp() * 1000),
+                )
+            )
+
+    async def _call_engine(self, batch: list[PreparedRequest]) -> list[_CallResult]:
+        """Generate for the whole batch; if that raises, once per request.
+
+        The time of a failed batch call is shared among its requests too, so
+        `processing_time_ai` counts every second the GPU spent on a request.
+        """
+        started = self._timer()
+        try:
+            texts = await asyncio.to_thread(self._engine.generate, batch)
+            if len(texts) != len(batch):
+                raise RuntimeError(f"engine returned {len(texts)} texts for {len(batch)}")
+        except Exception as exc:
+            failed_s = self._timer() - started
+            if len(batch) == 1:
+                return [_CallResult(_model_failure(exc), failed_s * 1000.0, 1, failed_s)]
+            results: list[_CallResult] = []
+            for prepared in batch:
+                single = await self._call_engine([prepared])
+                own = single[0]
+                results.append(
+                    _CallResult(
+                        own.output, own.call_ms, own.call_size, own.share_s + failed_s / len(batch)
+                    )
+                )
+            return results
+        elapsed_s = self._timer() - started
+        share = elapsed_s / len(batch)
+        return [_CallResult(str(text), elapsed_s * 1000.0, len(batch), share) for text in texts]
+
+    # ------------------------------------------------------------------------------ decide
+
+    def _outcome(self, item: _Item, started: float) -> VerificationOutcome:
+        decision: VerificationDecision | None = None
+        if item.failure is None and item.answer is not None:
+            try:
+                decision = decide(
+                    item.request,
+                    item.questions,
+                    item.answer,
+                    model_version=self._engine.model_version,
+                    processing_time_ai=item.model_s,
+                    total_time=self._timer() - started,
+                    source=item.input.source,
+                    now=self._clock(),
+                    source_topic=self._source_topic,
+                )
+            except Exception as exc:
+                item.failure = failure_from_exception(exc, "decide")
+        if decision is None and item.failure is None:
+            item.failure = Failure(ErrorCode.INTERNAL, "no answer and no failure", "decide")
+        return VerificationOutcome(
+            input=item.input,
+            decision=decision,
+            failure=item.failure if decision is None else None,
+            attempts=tuple(item.attempts),
+            raw_outputs=tuple(item.raw_outputs),
+        )
+
+
+def _model_failure(exc: BaseException) -> Failure:
+    if isinstance(exc, ProcessingError):
+        return exc.to_failure("model")
+    return Failure(ErrorCode.MODEL_FAILED, f"{type(exc).__name__}: {exc}"[:2000], "model")
+
+
+# ---------------------------------------------------------------------------------- replay
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySummary:
+    """What `replay_jsonl` wrote: line counts and failures per error name."""
+
+    total: int
+    decided: int
+    failed: int
+    failures_by_code: dict[str, int]
+    out_path: Path
+
+
+def failure_event(shippingid: Any, uuid: Any, failure: Failure) -> dict[str, Any]:
+    """The error record of a failed request, in the seed's error shape."""
+    return {
+        "shippingid": shippingid if isinstance(shippingid, str) else None,
+        "uuid": uuid if isinstance(uuid, str) else None,
+        "errorMsg": str(failure),
+        "code": int(failure.code),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _ReplayLine:
+    raw: Mapping[str, Any]
+    request: PickupRequest | None
+    outputs: tuple[str, ...]
+    failure: Failure | None
+
+
+def _read_replay_line(line: Any) -> _ReplayLine:
+    if isinstance(line, Failure):
+        return _ReplayLine({}, None, (), line)
+    if not isinstance(line, Mapping) or not isinstance(line.get("request"), Mapping):
+        failure = Failure(ErrorCode.INVALID_EVENT, "replay line needs a 'request' object", "replay")
+        return _ReplayLine({}, None, (), failure)
+    raw: Mapping[str, Any] = line["request"]
+    outputs = line.get("model_outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        failure = Failure(
+            ErrorCode.INVALID_EVENT, "'model_outputs' must be a list of strings", "replay"
+        )
+        return _ReplayLine(raw, None, (), failure)
+    try:
+        request = PickupRequest.from_event(raw)
+    except ProcessingError as exc:
+        return _ReplayLine(raw, None, (), exc.to_failure("decode"))
+    return _ReplayLine(raw, request, tuple(outputs), None)
+
+
+def _chunks(lines: Iterable[_ReplayLine], size: int) -> Iterator[list[_ReplayLine]]:
+    """Batches of at most `size`; a uuid seen twice starts a new batch, because the
+    `ReplayEngine` of a batch is keyed by request uuid."""
+    chunk: list[_ReplayLine] = []
+    seen: set[str] = set()
+    for line in lines:
+        uuid = line.request.uuid if line.request else None
+        if len(chunk) >= size or (uuid is not None and uuid in seen):
+            yield chunk
+            chunk, seen = [], set()
+        chunk.append(line)
+        if uuid is not None:
+            seen.add(uuid)
+    if chunk:
+        yield chunk
+
+
+async def replay_batch(
+    lines: Sequence[Any],
+    *,
+    batch_id: str = "replay",
+    clock: Callable[[], datetime] = _utc_now,
+    model_version: str = "replay",
+) -> list[dict[str, Any]]:
+    """Replay one batch of recorded lines (no uuid twice); one output dict per line, in order.
+
+    Each line is `{"request": {pickup-completed fields}, "model_outputs": [text, ...]}`. The
+    output is `VerificationDecision.to_event()`, or `failure_event(...)` for a line whose
+    request is invalid or whose verification failed.
+    """
+    parsed = [_read_replay_line(line) for line in lines]
+    return await _replay_parsed(parsed, batch_id=batch_id, clock=clock, model_version=model_version)
+
+
+async def _replay_parsed(
+    parsed: Sequence[_ReplayLine],
+    *,
+    batch_id: str,
+    clock: Callable[[], datetime],
+    model_version: str,
+) -> list[dict[str, Any]]:
+    outputs = {line.request.uuid: line.outputs for line in parsed if line.request is not None}
+    pipeline = VerificationPipeline(
+        ReplayEngine(outputs, version=model_version), images=None, tiling=None, clock=clock
+    )
+    inputs = [VerificationInput(line.request) for line in parsed if line.request is not None]
+    outcomes = iter(await pipeline.run(inputs, batch_id=batch_id))
+    results: list[dict[str, Any]] = []
+    for line in parsed:
+        if line.request is None:
+            failure = line.failure or Failure(ErrorCode.INTERNAL, "unreadable line", "replay")
+            results.append(failure_event(line.raw.get("shippingid"), line.raw.get("uuid"), failure))
+            continue
+        outcome = next(outcomes)
+        if outcome.decision is not None:
+            results.append(outcome.decision.to_event())
+        else:
+            assert outcome.failure is not None  # VerificationOutcome guarantees one of both
+            results.append(
+                failure_event(line.request.shippingid, line.request.uuid, outcome.failure)
+            )
+    return results
+
+
+def replay_records(
+    lines: Iterable[Any],
+    *,
+    batch_size: int = 32,
+    clock: Callable[[], datetime] = _utc_now,
+    model_version: str = "replay",
+) -> Iterator[dict[str, Any]]:
+    """Re-decide recorded requests: one output dict per input line, in input order.
+
+    Synchronous and lazy: batches of `batch_size` run through `VerificationPipeline` with a
+    `ReplayEngine`, each in its own `asyncio.run`, so it must not be called from a running
+    event loop (use `replay_batch` there). No Kafka, GPU or network is touched.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    parsed = (_read_replay_line(line) for line in lines)
+    for number, chunk in enumerate(_chunks(parsed, batch_size)):
+        yield from asyncio.run(
+            _replay_parsed(
+                chunk, batch_id=f"replay-{number}", clock=clock, model_version=model_version
+            )
+        )
+
+
+def _read_jsonl(path: Path) -> Iterator[Any]:
+    """Decoded lines; a line that is not JSON becomes a `Failure` so it keeps its position."""
+    with path.open(encoding="utf-8") as handle:
+        for number, text in enumerate(handle, 1):
+            if not text.strip():
+                continue
+            try:
+                yield json.loads(text)
+            except ValueError as exc:
+                yield Failure(
+                    ErrorCode.UNDECODABLE_MESSAGE, f"line {number} is not JSON: {exc}", "replay"
+                )
+
+
+def join_recorded(events: Iterable[Any], recorded: Iterable[Any]) -> Iterator[Any]:
+    """Replay lines from bare `pickup-completed` events and `{"uuid", "model_outputs"}` lines.
+
+    Outputs are matched by the event's `uuid` field; an event with no recording gets no
+    outputs (its replay fails with MODEL_FAILED). Non-dict events pass through unchanged,
+    so they become error records in their place.
+    """
+    by_uuid: dict[str, list[str]] = {}
+    for line in recorded:
+        if isinstance(line, Mapping) and isinstance(line.get("uuid"), str):
+            by_uuid[line["uuid"]] = list(line.get("model_outputs") or [])
+    for event in events:
+        if not isinstance(event, Mapping):
+            yield event
+            continue
+        uuid = event.get("uuid")
+        outputs = by_uuid.get(uuid, []) if isinstance(uuid, str) else []
+        yield {"request": event, "model_outputs": outputs}
+
+
+def replay_jsonl(
+    in_path: str | Path,
+    out_path: str | Path,
+    *,
+    recorded_path: str | Path | None = None,
+    batch_size: int = 32,
+    clock: Callable[[], datetime] = _utc_now,
+) -> ReplaySummary:
+    """Replay a JSONL file of recorded lines into a JSONL file of decisions and errors.
+
+    Without `recorded_path`, each input line is `{"request": {...}, "model_outputs": [...]}`.
+    With it, `in_path` holds bare pickup-completed events and `recorded_path` the
+    `{"uuid", "model_outputs"}` lines (see `join_recorded`; the demo samples use this form).
+    Blank lines are skipped; a line that is not JSON yields an error record in its place.
+    Raises OSError when a file cannot be read or written.
+    """
+    source, target = Path(in_path), Path(out_path)
+    lines: Iterable[Any] = _read_jsonl(source)
+    if recorded_path is not None:
+        lines = join_recorded(lines, _read_jsonl(Path(recorded_path)))
+    counts: Counter[str] = Counter()
+    total = decided = 0
+    with target.open("w", encoding="utf-8") as out:
+        for result in replay_records(lines, batch_size=batch_size, clock=clock):
+            total += 1
+            if "errorMsg" in result:
+                counts[ErrorCode(result["code"]).name] += 1
+            else:
+                decided += 1
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    return ReplaySummary(total, decided, total - decided, dict(counts), target)
