@@ -18,6 +18,7 @@ Engines:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -64,9 +65,17 @@ class ReplayEngine:
     invents an answer.
     """
 
-    def __init__(self, outputs: Mapping[str, Sequence[str]], version: str = "replay") -> None:
+    def __init__(
+        self,
+        outputs: Mapping[str, Sequence[str]],
+        version: str = "replay",
+        *,
+        latency_s: float = 0.0,
+    ) -> None:
+        # latency_s simulates a model's time per batch call (capacity rehearsals, crash tests).
         self._outputs = {key: tuple(value) for key, value in outputs.items()}
         self._version = version
+        self._latency_s = latency_s
 
     @property
     def model_version(self) -> str:
@@ -76,6 +85,8 @@ class ReplayEngine:
         return None
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[str]:
+        if self._latency_s > 0:
+            time.sleep(self._latency_s)
         results: list[str] = []
         for request in batch:
             recorded = self._outputs.get(request.request_id, ())

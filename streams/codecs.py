@@ -106,7 +106,9 @@ class TopicCodec:
             fastavro.schemaless_writer(body, self._reader, dict(record))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ProcessingError(
-                ErrorCode.INVALID_EVENT, f"{self.topic}: record does not fit schema: {exc}", "encode"
+                ErrorCode.INVALID_EVENT,
+                f"{self.topic}: record does not fit schema: {exc}",
+                "encode",
             ) from exc
         if self._registry is not None:
             return CONFLUENT_MAGIC + struct.pack(">I", self._schema_id()) + body.getvalue()
@@ -120,6 +122,7 @@ class TopicCodec:
         if self._registry_id is None:
             from confluent_kafka.schema_registry import Schema
 
+            assert self._registry is not None
             schema = Schema(json.dumps(avro_schema_json(self.topic)), "AVRO")
             self._registry_id = int(self._registry.register_schema(f"{self.topic}-value", schema))
             self._writers_by_id[self._registry_id] = self._reader
@@ -210,7 +213,9 @@ class TopicCodec:
                 _STAGE,
             )
         if not isinstance(record, dict):
-            raise ProcessingError(ErrorCode.UNDECODABLE_MESSAGE, "Avro body is not a record", _STAGE)
+            raise ProcessingError(
+                ErrorCode.UNDECODABLE_MESSAGE, "Avro body is not a record", _STAGE
+            )
         return {key: _epoch_ms(value) for key, value in record.items()}
 
     def _decode_json(self, data: bytes) -> dict[str, Any]:

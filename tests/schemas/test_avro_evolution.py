@@ -8,6 +8,7 @@ committed state of every released file, so an in-place edit cannot break readers
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -29,8 +30,16 @@ def sample(schema: Any, named: dict[str, Any] | None = None) -> Any:
     if isinstance(schema, str):
         if schema in named:
             return sample(named[schema], named)
-        return {"string": "s", "int": 7, "long": 7, "double": 1.5, "float": 1.5,
-                "boolean": True, "bytes": b"b", "null": None}[schema]
+        return {
+            "string": "s",
+            "int": 7,
+            "long": 7,
+            "double": 1.5,
+            "float": 1.5,
+            "boolean": True,
+            "bytes": b"b",
+            "null": None,
+        }[schema]
     kind = schema["type"]
     if kind == "record":
         named[schema["name"]] = schema
@@ -62,7 +71,10 @@ def committed_versions(path: Path) -> list[dict[str, Any]]:
     try:
         commits = subprocess.run(
             ["git", "log", "--format=%H", "--", relative],
-            cwd=REPO, capture_output=True, text=True, check=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return []
@@ -80,7 +92,7 @@ def committed_versions(path: Path) -> list[dict[str, Any]]:
 def test_each_version_reads_the_previous_one(topic: str) -> None:
     versions = avro_versions(topic)
     assert versions[0] == 1 and versions == list(range(1, len(versions) + 1))
-    for older, newer in zip(versions, versions[1:], strict=False):
+    for older, newer in itertools.pairwise(versions):
         writer, reader = avro_schema_json(topic, older), avro_schema_json(topic, newer)
         assert read(write(writer), writer, reader) is not None
 

@@ -26,7 +26,16 @@ PICKUP = {
     "pickupproductimage": ["https://cdn.example.com/a.jpg"],
     "skupickdone": ["aGVsbG8="],
     "productname": "Blue cotton T-shirt",
-    "question": json.dumps([{"Type": "boolean", "Label": "Is the colour blue?", "IsMandatory": True, "ValueToCheck": "Yes"}]),
+    "question": json.dumps(
+        [
+            {
+                "Type": "boolean",
+                "Label": "Is the colour blue?",
+                "IsMandatory": True,
+                "ValueToCheck": "Yes",
+            }
+        ]
+    ),
     "shippingid": "SHP-1",
     "productid": "P-9",
     "uuid": None,
@@ -87,7 +96,10 @@ def test_json_round_trip_fills_defaults_and_drops_unknown_fields(codec: TopicCod
 def test_every_topic_round_trips_its_records() -> None:
     codecs = Codecs()
     pickup = codecs.for_schema("pickup-completed")
-    assert pickup.decode(pickup.encode(PickupRequest.from_event(PICKUP).to_event()))["shippingid"] == "SHP-1"
+    assert (
+        pickup.decode(pickup.encode(PickupRequest.from_event(PICKUP).to_event()))["shippingid"]
+        == "SHP-1"
+    )
 
 
 def test_empty_message(codec: TopicCodec) -> None:
@@ -159,6 +171,15 @@ def test_encode_refuses_a_record_that_breaks_the_schema(codec: TopicCodec) -> No
 
 
 def test_fingerprint_is_of_the_canonical_form() -> None:
-    schema = fastavro.parse_schema({"type": "record", "name": "X", "doc": "ignored", "fields": [{"name": "a", "type": "int", "doc": "also ignored"}]})
-    same = fastavro.parse_schema({"type": "record", "name": "X", "fields": [{"name": "a", "type": "int"}]})
+    schema = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "X",
+            "doc": "ignored",
+            "fields": [{"name": "a", "type": "int", "doc": "also ignored"}],
+        }
+    )
+    same = fastavro.parse_schema(
+        {"type": "record", "name": "X", "fields": [{"name": "a", "type": "int"}]}
+    )
     assert schema_fingerprint(schema) == schema_fingerprint(same)

@@ -1,0 +1,185 @@
+"""The Faust app: one factory, two roles.
+
+- role `inference` (consumer group `<app_id>`): `pickup-completed` → `verification-decision`,
+  `product-listed` → `category-tag`, model attempts → `verification-attempts`, failures →
+  `dead-letter`.
+- role `sink` (consumer group `<app_id>-sink`): every topic → ClickHouse.
+
+Agents are thin: take a micro-batch bounded by size and time without auto-acks
+(`noack_take`; faust's `take()` acknowledges a batch even when the agent raises),
+hand it to a handler, wait until the broker acknowledged every output, then
+acknowledge the inputs. A worker killed mid-batch therefore re-reads the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, cast
+
+import faust
+from faust.streams import Stream
+
+from streams.handlers import BatchHandler, RawMessage
+from streams.publishing import EventWriter
+from streams.runtime import InferenceRuntime, SinkRuntime
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class FaustPublisher:
+    """`Publisher` over the app's producer; sends now (not attached to the current event)."""
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+        self._topics: dict[str, Any] = {}
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        channel = self._topics.get(topic)
+        if channel is None:
+            channel = self._topics[topic] = self._app.topic(
+                topic, key_serializer="raw", value_serializer="raw"
+            )
+        delivery: Awaitable[Any] = await channel.send(key=key, value=value, force=True)
+        return delivery
+
+
+def micro_batches(stream: faust.StreamT, size: int, within: float) -> AsyncIterator[Sequence[Any]]:
+    """Batches of up to `size` events, at most `within` seconds apart, never auto-acked.
+
+    faust's `StreamT` interface does not declare `noack_take`; its `Stream` class has it.
+    """
+    return cast(Stream[Any], stream).noack_take(size, within=within)
+
+
+def to_raw(events: Sequence[Any]) -> list[RawMessage]:
+    return [
+        RawMessage(
+            topic=event.message.topic,
+            partition=event.message.partition,
+            offset=event.message.offset,
+            key=event.message.key,
+            value=event.message.value,
+        )
+        for event in events
+    ]
+
+
+async def process_batch(handler: BatchHandler, events: Sequence[Any], writer: EventWriter) -> None:
+    """Handle one micro-batch; acknowledge its inputs only after every output is stored."""
+    await handler.handle(to_raw(events), writer)
+    await writer.flush()
+    for event in events:
+        event.ack()
+
+
+def create_app(settings: Settings, **runtime_overrides: Any) -> faust.App:
+    """Build the app for `settings.role`; nothing connects or loads until the worker starts."""
+    is_sink = settings.role == "sink"
+    app_id = settings.sink_app_id if is_sink else settings.app_id
+    datadir = settings.state_dir / "faust" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        app_id,
+        broker=settings.broker,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_port=settings.web_port,
+        web_host="0.0.0.0",  # noqa: S104 - the container's health checks reach it from outside
+        topic_replication_factor=1,
+        topic_partitions=settings.topic_partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        producer_max_request_size=settings.max_message_bytes + 1024 * 1024,
+        consumer_max_fetch_size=settings.max_message_bytes + 1024 * 1024,
+        datadir=str(datadir),
+        store="memory://",
+        stream_wait_empty=True,
+    )
+    publisher = FaustPublisher(app)
+    if is_sink:
+        _register_sink(app, settings, publisher, runtime_overrides)
+    else:
+        _register_inference(app, settings, publisher, runtime_overrides)
+    from streams.commands import register_commands
+
+    register_commands(app, settings)
+    return app
+
+
+def _register_inference(
+    app: faust.App, settings: Settings, publisher: FaustPublisher, overrides: dict[str, Any]
+) -> None:
+    runtime = InferenceRuntime(settings, **overrides)
+    app.conf.runtime = runtime  # the web views and tests reach it through the app
+    topics = settings.topics
+    pickups = app.topic(topics.pickup_completed, partitions=settings.topic_partitions)
+    listings = app.topic(topics.product_listed, partitions=settings.topic_partitions)
+
+    @app.task
+    async def load_models() -> None:
+        try:
+            await runtime.start()
+        except Exception as exc:
+            log.critical("start-up failed, stopping the worker: %s", exc)
+            await app.crash(exc)
+
+    @app.on_before_shutdown.connect
+    def close_runtime(sender: Any, /, *_: Any, signal: Any, **__: Any) -> Awaitable[None]:
+        return runtime.stop()
+
+    @app.agent(pickups, name="verify-pickups")
+    async def verify_pickups(stream: faust.StreamT) -> None:
+        await runtime.ready.wait()
+        assert runtime.verification is not None
+        async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
+            writer = runtime.new_writer(publisher)
+            await process_batch(runtime.verification, events, writer)
+
+    @app.agent(listings, name="categorize-listings")
+    async def categorize_listings(stream: faust.StreamT) -> None:
+        await runtime.ready.wait()
+        assert runtime.categorization is not None
+        async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
+            writer = runtime.new_writer(publisher)
+            await process_batch(runtime.categorization, events, writer)
+
+
+def _register_sink(
+    app: faust.App, settings: Settings, publisher: FaustPublisher, overrides: dict[str, Any]
+) -> None:
+    runtime = SinkRuntime(settings, **overrides)
+    app.conf.runtime = runtime
+    topics = settings.topics
+    everything = app.topic(
+        topics.pickup_completed,
+        topics.product_listed,
+        topics.verification_decision,
+        topics.category_tag,
+        topics.verification_attempts,
+        topics.dead_letter,
+    )
+
+    @app.task
+    async def open_sink() -> None:
+        try:
+            await runtime.start()
+        except Exception as exc:
+            log.critical("sink start-up failed, stopping: %s", exc)
+            await app.crash(exc)
+
+    @app.on_before_shutdown.connect
+    def close_sink(sender: Any, /, *_: Any, signal: Any, **__: Any) -> Awaitable[None]:
+        return runtime.stop()
+
+    @app.agent(everything, name="analytics-sink")
+    async def analytics_sink(stream: faust.StreamT) -> None:
+        await runtime.ready.wait()
+        async for events in micro_batches(
+            stream, settings.sink_max_rows, settings.sink_max_interval_s
+        ):
+            await runtime.store(to_raw(events))
+            for event in events:
+                event.ack()

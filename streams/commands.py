@@ -1,0 +1,121 @@
+"""CLI commands registered on the Faust app: `python -m streams <command> --help`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.cli import AppCommand, argument, option
+
+from streams.settings import Settings
+
+
+def register_commands(app: faust.App, settings: Settings) -> None:
+    """Attach every command; each imports its heavy modules only when it runs."""
+
+    @app.command(
+        option("--input", "input_path", required=True, help="JSON lines: request + model_outputs"),
+        option(
+            "--output", "output_path", required=True, help="where the decisions go (JSON lines)"
+        ),
+    )
+    async def replay(self: AppCommand, input_path: str, output_path: str) -> None:
+        """Re-decide recorded requests from their raw model outputs (no Kafka, GPU or network)."""
+        from processors.verification import replay_jsonl
+
+        summary = await _in_thread(replay_jsonl, Path(input_path), Path(output_path))
+        self.say(f"replayed {summary}")
+
+    @app.command(
+        option("--data", required=True, help="training CSV: title, description, image, category"),
+        option("--out", required=True, help="artifact folder to write"),
+        option("--test-data", default=None, help="optional test CSV (else a held-out split)"),
+        option("--image-encoder", default=None, help="efficientnet-lite0 (default) or resnet50"),
+    )
+    async def train_categorizer(
+        self: AppCommand,
+        data: str,
+        out: str,
+        test_data: str | None,
+        image_encoder: str | None,
+    ) -> None:
+        """Train the categorizer (scaler, classifier, labels, TF-IDF) and evaluate it."""
+        from streams.training import train
+
+        report = await _in_thread(
+            train,
+            settings,
+            Path(data),
+            Path(out),
+            test_csv=Path(test_data) if test_data else None,
+            image_encoder=image_encoder or settings.image_encoder,
+        )
+        self.say(json.dumps(report, indent=2, default=str))
+
+    @app.command(
+        option("--out", required=True, help="folder for PNGs and CSV"),
+        option("--split", default="train", help="train or test"),
+        option("--limit", type=int, default=None, help="at most this many images"),
+        option("--text-mode", default="empty", help="empty or template (see the README)"),
+        option("--source", default="/usr/share/datasets/fashion-mnist", help="dataset folder"),
+    )
+    async def convert_fashion_mnist(
+        self: AppCommand, out: str, split: str, limit: int | None, text_mode: str, source: str
+    ) -> None:
+        """Convert Debian's Fashion-MNIST into the training layout."""
+        from processors.categorization import convert_fashion_mnist as convert
+
+        path = await _in_thread(
+            convert, Path(source), Path(out), split=split, limit=limit, text_mode=text_mode
+        )
+        self.say(f"wrote {path}")
+
+    @app.command(argument("sql"))
+    async def query(self: AppCommand, sql: str) -> None:
+        """Run SQL against the analytics database and print a table."""
+        from processors.reports import format_table, run_query
+        from processors.sink import open_client
+
+        client = open_client(settings.effective_clickhouse_dsn)
+        self.say(format_table(await _in_thread(run_query, client, sql)))
+
+    @app.command(
+        argument("name", required=False),
+        option("--since", default="7d", help="window, e.g. 1d, 12h, 30m"),
+        option("--json", "as_json", is_flag=True, default=False, help="print JSON"),
+    )
+    async def report(self: AppCommand, name: str | None, since: str, as_json: bool) -> None:
+        """Named outcome reports; without a name, every report."""
+        from processors.reports import format_table, list_reports, parse_since, run_report, to_json
+        from processors.sink import open_client
+
+        names = [name] if name else list_reports()
+        client = open_client(settings.effective_clickhouse_dsn)
+        window = parse_since(since)
+        for report_name in names:
+            result = await _in_thread(run_report, client, report_name, window)
+            if as_json:
+                self.say(json.dumps({"report": report_name, **json.loads(to_json(result))}))
+            else:
+                self.say(f"\n== {report_name} (since {since})\n{format_table(result)}")
+
+    @app.command(
+        option("--timeout", type=float, default=180.0, help="seconds to wait for the outputs"),
+        option("--keep-running", is_flag=True, default=False, help="leave the workers running"),
+    )
+    async def demo(self: AppCommand, timeout: float, keep_running: bool) -> None:
+        """Start the local broker and both workers, feed the samples, print the outputs."""
+        from streams.demo import run_demo
+
+        code = await _in_thread(run_demo, settings, timeout=timeout, keep_running=keep_running)
+        if code:
+            sys.exit(code)
+
+
+async def _in_thread(func: Any, *args: Any, **kwargs: Any) -> Any:
+    import asyncio
+
+    return await asyncio.to_thread(func, *args, **kwargs)

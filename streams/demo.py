@@ -1,0 +1,234 @@
+"""The end-to-end demo behind the README's first command.
+
+Starts the local broker (scripts/kafka), an inference worker and the analytics sink
+(two processes, two consumer groups), produces the sample events plus one malformed
+message, prints every decision, tag and dead letter that comes back, waits until
+the sink has stored everything, then stops the workers.
+
+With no `VS_MODEL_PATH`, verification uses the replay engine: the samples' recorded
+model outputs stand in for the VLM, and the demo says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from streams.codecs import Codecs
+from streams.kafka_admin import bootstrap_servers, ensure_topics, wait_for_lag_zero
+from streams.settings import SAMPLES_DIR, Settings
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _start_broker(settings: Settings) -> None:
+    script = REPO_DIR / "scripts" / "kafka"
+    if settings.broker != Settings().broker or not script.is_file():
+        _say(f"using the broker at {bootstrap_servers(settings.broker)}")
+        return
+    subprocess.run([str(script), "start"], check=True)
+
+
+def _ensure_categorizer(settings: Settings) -> None:
+    artifacts = settings.categorizer_artifacts
+    if artifacts is not None and (artifacts / "manifest.json").is_file():
+        return
+    from streams.training import SAMPLE_TRAINING_CSV, train
+
+    _say(f"training the categorizer on the in-repo sample set → {artifacts} (once)")
+    assert artifacts is not None
+    train(settings, SAMPLE_TRAINING_CSV, artifacts, image_encoder=settings.image_encoder)
+
+
+def _start_worker(settings: Settings, role: str, log_dir: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "VS_ROLE": role, "VS_STATE_DIR": str(settings.state_dir)}
+    if settings.categorizer_artifacts is not None:
+        env["VS_CATEGORIZER_ARTIFACTS"] = str(settings.categorizer_artifacts)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (log_dir / f"{role}.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "streams", "worker", "-l", "info"],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=os.getcwd(),
+    )
+
+
+def _read_samples(name: str) -> list[dict[str, Any]]:
+    lines = (SAMPLES_DIR / name).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _produce(settings: Settings, run_id: str) -> set[tuple[str, int, int]]:
+    """Produce the samples; returns the source positions the outputs will point back to."""
+    codecs = Codecs(settings.schema_registry_url)
+    producer = Producer({"bootstrap.servers": bootstrap_servers(settings.broker), "linger.ms": 5})
+    positions: set[tuple[str, int, int]] = set()
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            raise RuntimeError(f"delivery failed: {err}")
+        positions.add((msg.topic(), msg.partition(), msg.offset()))
+
+    topics = settings.topics
+    for event in _read_samples("pickup_events.jsonl"):
+        event = {**event, "event_id": f"{event.get('event_id', 'pickup')}-{run_id}"}
+        value = codecs.for_schema("pickup-completed").encode(event)
+        producer.produce(
+            topics.pickup_completed, value, key=event["shippingid"], on_delivery=delivered
+        )
+    for event in _read_samples("product_events.jsonl"):
+        event = {**event, "event_id": f"{event.get('event_id', 'product')}-{run_id}"}
+        value = codecs.for_schema("product-listed").encode(event)
+        producer.produce(
+            topics.product_listed, value, key=event["product_id"], on_delivery=delivered
+        )
+    # One malformed message: it must reach the dead-letter topic, and the rest flow on.
+    producer.produce(
+        topics.pickup_completed, b"\x07not an event", key=b"demo-junk", on_delivery=delivered
+    )
+    if producer.flush(30) != 0:
+        raise RuntimeError("the broker did not acknowledge the sample events")
+    return positions
+
+
+def _collect(
+    settings: Settings, expected: set[tuple[str, int, int]], timeout: float
+) -> dict[str, list[dict[str, Any]]]:
+    codecs = Codecs(settings.schema_registry_url)
+    topics = settings.topics
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers(settings.broker),
+            "group.id": f"visionstream-demo-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    outputs = [topics.verification_decision, topics.category_tag, topics.dead_letter]
+    consumer.subscribe(outputs)
+    seen: dict[str, list[dict[str, Any]]] = {topic: [] for topic in outputs}
+    remaining = set(expected)
+    deadline = time.monotonic() + timeout
+    try:
+        while remaining and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None or message.error():
+                continue
+            topic = str(message.topic())
+            record = codecs.for_schema(topics.schema_of(topic)).decode(message.value())
+            if topic == topics.dead_letter:
+                source = (
+                    record["source_topic"],
+                    record["source_partition"],
+                    record["source_offset"],
+                )
+            else:
+                src = record.get("source") or {}
+                source = (src.get("topic"), src.get("partition"), src.get("offset"))
+            if source in remaining:
+                remaining.discard(source)
+                seen[topic].append(record)
+    finally:
+        consumer.close()
+    if remaining:
+        _say(f"!! {len(remaining)} inputs got no output within {timeout:.0f}s")
+    return seen
+
+
+def _print_outputs(settings: Settings, seen: dict[str, list[dict[str, Any]]]) -> None:
+    topics = settings.topics
+    _say("\n== verification-decision")
+    for d in sorted(seen[topics.verification_decision], key=lambda r: r["shippingid"]):
+        answers = "; ".join(f"{q['Label']} → {q['answer'] or '∅'}" for q in d["Question"])
+        _say(
+            f"{d['shippingid']:<10} {d['ai_decision']:<9} {d['StatusCode']}  score {d['ai_match_score']:>5.1f}  "
+            f"({d['recommendation']})  {answers}"
+        )
+    _say("\n== category-tag")
+    for t in sorted(seen[topics.category_tag], key=lambda r: r["product_id"]):
+        top = ", ".join(f"{c['category']} {c['prob']:.2f}" for c in t["top_categories"])
+        _say(
+            f"{t['product_id']:<10} {t['category']:<12} {t['score']:.2f}  top3: {top}  tags: {', '.join(t['tags'])}"
+        )
+    _say("\n== dead-letter")
+    for dl in seen[topics.dead_letter]:
+        who = (
+            dl.get("shippingid")
+            or f"{dl['source_topic']}@{dl['source_partition']}:{dl['source_offset']}"
+        )
+        _say(f"{who:<10} {dl['error_code']} {dl['error_name']}: {dl['error_message'][:110]}")
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def run_demo(settings: Settings, *, timeout: float = 180.0, keep_running: bool = False) -> int:
+    """Run the demo; returns a process exit code (0 when every input got an output)."""
+    if settings.model_path is None:
+        _say(
+            "verification engine: REPLAY — recorded model outputs from "
+            f"{settings.replay_outputs} stand in for the VLM (set VS_MODEL_PATH to run a real model)"
+        )
+    _start_broker(settings)
+    bootstrap = bootstrap_servers(settings.broker)
+    topics = settings.topics
+    all_topics = [
+        topics.pickup_completed,
+        topics.product_listed,
+        topics.verification_decision,
+        topics.category_tag,
+        topics.verification_attempts,
+        topics.dead_letter,
+    ]
+    ensure_topics(bootstrap, all_topics, settings.topic_partitions)
+    _ensure_categorizer(settings)
+    log_dir = settings.state_dir / "logs"
+    workers = [
+        _start_worker(settings, "inference", log_dir),
+        _start_worker(settings, "sink", log_dir),
+    ]
+    _say(f"workers started (logs in {log_dir}); producing the sample events")
+    try:
+        expected = _produce(settings, uuid.uuid4().hex[:8])
+        seen = _collect(settings, expected, timeout)
+        _print_outputs(settings, seen)
+        got = sum(len(v) for v in seen.values())
+        _say(f"\n{got} of {len(expected)} inputs produced an output")
+        for process in workers:
+            if process.poll() is not None:
+                _say(f"!! a worker exited early with code {process.returncode}; see {log_dir}")
+        caught_up = wait_for_lag_zero(bootstrap, settings.sink_app_id, all_topics, timeout=60)
+        _say(
+            "analytics sink: all stored in ClickHouse"
+            if caught_up
+            else "!! analytics sink lags behind"
+        )
+        _say("next: `python -m streams report` prints the outcome reports")
+        return 0 if got == len(expected) and caught_up else 1
+    finally:
+        if not keep_running:
+            for process in workers:
+                _stop(process)

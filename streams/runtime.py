@@ -1,0 +1,253 @@
+"""Start-up of a worker's resources: codecs, image gatherer, engines, categorizer, sink.
+
+`InferenceRuntime.start()` is the one explicit step that loads models (off the event
+loop); agents wait for `ready` before taking their first batch. A model that cannot
+load stops the worker at start with the reason, never per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from processors.errors import ErrorCode, Failure, ProcessingError
+from processors.gathering import ImageGatherer
+from processors.inference import InferenceEngine, ReplayEngine
+from processors.records import CategoryTag, ProductListing, SourcePosition
+from processors.tiling import TilingConfig
+from processors.verification import VerificationPipeline
+from streams.codecs import Codecs, now_ms
+from streams.handlers import CategorizationHandler, RawMessage, VerificationHandler
+from streams.publishing import EventWriter, Publisher
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_replay_outputs(path: Path) -> dict[str, list[str]]:
+    """Read `{"uuid": ..., "model_outputs": [...]}` lines into the replay engine's table."""
+    table: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                table[str(row["uuid"])] = [str(text) for text in row["model_outputs"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: not a recorded-output line: {exc}") from exc
+    return table
+
+
+def build_engine(settings: Settings) -> InferenceEngine:
+    """The real model when a model path is set, otherwise the replay engine."""
+    if settings.model_path is not None:
+        from processors.internvl import EngineConfig, load_engine
+
+        return load_engine(
+            EngineConfig(
+                model_path=settings.model_path,
+                max_new_tokens=settings.max_new_tokens,
+                max_batch_size=settings.model_max_batch,
+            )
+        )
+    if settings.replay_outputs is None or not settings.replay_outputs.is_file():
+        raise ProcessingError(
+            ErrorCode.MODEL_NOT_LOADED,
+            f"no model: set VS_MODEL_PATH to an InternVL checkpoint, or VS_REPLAY_OUTPUTS to "
+            f"recorded outputs (missing: {settings.replay_outputs})",
+            "startup",
+        )
+    return ReplayEngine(
+        load_replay_outputs(settings.replay_outputs),
+        version="replay:recorded-outputs",
+        latency_s=settings.replay_latency_s,
+    )
+
+
+class CategorizationService:
+    """Fetches listing images, then runs the categorizer on the whole batch."""
+
+    def __init__(self, categorizer: Any, gatherer: ImageGatherer) -> None:
+        self._categorizer = categorizer
+        self._gatherer = gatherer
+
+    async def __call__(
+        self,
+        listings: Sequence[ProductListing],
+        keys: Sequence[str],
+        sources: Sequence[SourcePosition],
+    ) -> list[CategoryTag | Failure]:
+        async def fetch(listing: ProductListing) -> Any:
+            if not listing.image:
+                return None
+            try:
+                return await self._gatherer.fetch_image(listing.image)
+            except ProcessingError as exc:
+                # A listing with a broken image is still categorized from its text.
+                log.warning("product %s: image unusable (%s)", listing.product_id, exc.message)
+                return None
+
+        images = await asyncio.gather(*(fetch(listing) for listing in listings))
+        return await asyncio.to_thread(
+            lambda: self._categorizer.predict_batch(
+                list(listings), list(images), idempotency_keys=list(keys), sources=list(sources)
+            )
+        )
+
+
+class InferenceRuntime:
+    """Everything the inference role needs, loaded once in `start()`."""
+
+    def __init__(self, settings: Settings, *, engine: InferenceEngine | None = None) -> None:
+        self.settings = settings
+        self.codecs = Codecs(settings.schema_registry_url)
+        self.gatherer = ImageGatherer(settings.gather)
+        self._engine = engine
+        self.verification: VerificationHandler | None = None
+        self.categorization: CategorizationHandler | None = None
+        self.model_versions: dict[str, str] = {}
+        self.ready = asyncio.Event()
+        self.failed: BaseException | None = None
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException as exc:
+            self.failed = exc
+            raise
+        self.ready.set()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        await self.gatherer.start()
+        engine = self._engine or build_engine(settings)
+        await asyncio.to_thread(engine.load)
+        self.model_versions["verification"] = engine.model_version
+        # The replay engine never looks at pixels, so images are not fetched for it.
+        images = None if isinstance(engine, ReplayEngine) else self.gatherer
+        pipeline = VerificationPipeline(engine, images=images, tiling=TilingConfig())
+        self.verification = VerificationHandler(
+            pipeline, self.codecs, settings.topics, settings.max_message_bytes
+        )
+        categorizer = await asyncio.to_thread(self._load_categorizer)
+        self.model_versions["categorization"] = categorizer.model_version
+        self.categorization = CategorizationHandler(
+            CategorizationService(categorizer, self.gatherer),
+            self.codecs,
+            settings.topics,
+            settings.max_message_bytes,
+        )
+        log.info("models loaded: %s", self.model_versions)
+
+    def _load_categorizer(self) -> Any:
+        from streams.training import load_categorizer
+
+        settings = self.settings
+        if settings.categorizer_artifacts is None or not settings.categorizer_artifacts.is_dir():
+            raise ProcessingError(
+                ErrorCode.MODEL_NOT_LOADED,
+                f"no categorizer artifacts at {settings.categorizer_artifacts}: train them with "
+                "`python -m streams train-categorizer` or set VS_CATEGORIZER_ARTIFACTS",
+                "startup",
+            )
+        return load_categorizer(settings)
+
+    def new_writer(self, publisher: Publisher) -> EventWriter:
+        return EventWriter(publisher, self.codecs, self.settings.topics)
+
+    async def stop(self) -> None:
+        await self.gatherer.close()
+
+
+class SinkRuntime:
+    """The analytics sink's resources: codecs and the ClickHouse sink.
+
+    `store()` decodes a batch, adds it to the sink and flushes; while ClickHouse is
+    unavailable it retries with capped backoff and does not return, so the agent
+    acknowledges nothing, the consumer lag grows and nothing is dropped.
+    """
+
+    def __init__(self, settings: Settings, *, sink: Any | None = None) -> None:
+        self.settings = settings
+        self.codecs = Codecs(settings.schema_registry_url)
+        self._sink = sink
+        self.ready = asyncio.Event()
+        self.failed: BaseException | None = None
+        self.undecodable = 0
+
+    @property
+    def sink(self) -> Any:
+        if self._sink is None:
+            raise RuntimeError("sink not started")
+        return self._sink
+
+    async def start(self) -> None:
+        from processors.sink import AnalyticsSink, SinkTopics
+
+        try:
+            if self._sink is None:
+                topics = self.settings.topics
+                self._sink = AnalyticsSink(
+                    self.settings.effective_clickhouse_dsn,
+                    topics=SinkTopics(
+                        pickup_completed=topics.pickup_completed,
+                        product_listed=topics.product_listed,
+                        verification_decision=topics.verification_decision,
+                        category_tag=topics.category_tag,
+                        verification_attempts=topics.verification_attempts,
+                        dead_letter=topics.dead_letter,
+                    ),
+                    max_rows=self.settings.sink_max_rows,
+                    max_interval_s=self.settings.sink_max_interval_s,
+                )
+            await asyncio.to_thread(self._sink.setup)
+        except BaseException as exc:
+            self.failed = exc
+            raise
+        self.ready.set()
+
+    async def store(self, messages: Sequence[RawMessage]) -> None:
+        from processors.sink import SinkRecord, SinkUnavailable
+
+        for message in messages:
+            try:
+                schema = self.settings.topics.schema_of(message.topic)
+                value = self.codecs.for_schema(schema).decode(
+                    message.value, max_bytes=self.settings.max_message_bytes
+                )
+            except (ProcessingError, KeyError) as exc:
+                # Bad input on an input topic: the inference worker dead-letters it; skip here.
+                self.undecodable += 1
+                log.info(
+                    "sink skips undecodable %s@%d:%d: %s",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    exc,
+                )
+                continue
+            self.sink.add(
+                SinkRecord(message.topic, message.partition, message.offset, value, now_ms())
+            )
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(self.sink.flush)
+                return
+            except SinkUnavailable as exc:
+                log.warning(
+                    "ClickHouse unavailable (%s); retrying in %.1fs, nothing acknowledged",
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def stop(self) -> None:
+        if self._sink is not None:
+            await asyncio.to_thread(self._sink.close)

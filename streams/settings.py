@@ -1,0 +1,234 @@
+"""One frozen settings object, built once at start-up from the environment.
+
+Nothing else in the project reads environment variables: `Settings.from_env()` is
+called at the edge (`python -m streams ...`) and the result is passed down.
+Secrets (passwords inside DSNs and URLs) never appear in `repr()` or `public()`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from processors.gathering import GatherLimits
+
+DEFAULT_STATE_DIR = ".cache/visionstream"
+PACKAGE_DIR = Path(__file__).resolve().parent
+SAMPLES_DIR = PACKAGE_DIR / "samples"
+
+
+class SettingsError(ValueError):
+    """An environment variable has an unusable value; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names; each defaults to the contract's name."""
+
+    pickup_completed: str = "pickup-completed"
+    product_listed: str = "product-listed"
+    verification_decision: str = "verification-decision"
+    category_tag: str = "category-tag"
+    verification_attempts: str = "verification-attempts"
+    dead_letter: str = "dead-letter"
+
+    def schema_of(self, topic: str) -> str:
+        """The contract (schema folder name) of a configured topic name."""
+        for item in fields(self):
+            if getattr(self, item.name) == topic:
+                return item.name.replace("_", "-")
+        raise KeyError(f"unknown topic {topic!r}")
+
+
+_SECRET_IN_URL = re.compile(r"(?<=://)([^:/@]+):([^@/]*)@")
+
+
+def redact(url: str) -> str:
+    """Hide the password of `scheme://user:password@host` URLs."""
+    return _SECRET_IN_URL.sub(r"\1:***@", url)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a worker needs; see the README's settings table for each variable."""
+
+    broker: str = "kafka://127.0.0.1:9092"
+    app_id: str = "visionstream"
+    role: str = "inference"  # "inference" or "sink"
+    web_port: int = 6066
+    topics: Topics = field(default_factory=Topics)
+    topic_partitions: int = 4
+    batch_size: int = 16
+    batch_wait_s: float = 0.5
+    max_message_bytes: int = 16 * 1024 * 1024
+    schema_registry_url: str | None = None
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    clickhouse_dsn: str = ""
+    sink_max_rows: int = 500
+    sink_max_interval_s: float = 2.0
+    model_path: Path | None = None
+    replay_outputs: Path | None = SAMPLES_DIR / "recorded_outputs.jsonl"
+    replay_latency_s: float = 0.0
+    max_new_tokens: int = 2000
+    model_max_batch: int = 32
+    categorizer_artifacts: Path | None = None
+    image_encoder: str = "efficientnet-lite0"
+    resnet50_weights: Path | None = None
+    gather: GatherLimits = field(default_factory=GatherLimits)
+    log_format: str = "auto"  # "json", "text" or "auto" (text on a terminal)
+
+    @property
+    def sink_app_id(self) -> str:
+        return f"{self.app_id}-sink"
+
+    @property
+    def effective_clickhouse_dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
+
+    def public(self) -> dict[str, Any]:
+        """Settings as plain data with secrets redacted, for logs and the info page."""
+        return {
+            "broker": redact(self.broker),
+            "app_id": self.app_id,
+            "role": self.role,
+            "web_port": self.web_port,
+            "topics": {f.name: getattr(self.topics, f.name) for f in fields(self.topics)},
+            "batch_size": self.batch_size,
+            "batch_wait_s": self.batch_wait_s,
+            "max_message_bytes": self.max_message_bytes,
+            "schema_registry_url": redact(self.schema_registry_url or ""),
+            "clickhouse_dsn": redact(self.effective_clickhouse_dsn),
+            "model_path": str(self.model_path) if self.model_path else None,
+            "replay_outputs": str(self.replay_outputs) if self.replay_outputs else None,
+            "categorizer_artifacts": str(self.categorizer_artifacts or ""),
+            "image_encoder": self.image_encoder,
+        }
+
+    def __repr__(self) -> str:
+        return f"Settings({self.public()!r})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `VS_*` variables (and the seed's `MODEL_PATH`).
+
+        Raises `SettingsError` naming the variable when a value cannot be parsed.
+        """
+        env = os.environ if env is None else env
+        reader = _EnvReader(env)
+        default = cls()
+        state_dir = Path(reader.text("VS_STATE_DIR", str(default.state_dir)))
+        model_path = env.get("VS_MODEL_PATH") or env.get("MODEL_PATH")
+        gather_default = GatherLimits()
+        topics = Topics(
+            **{
+                f.name: reader.text(f"VS_TOPIC_{f.name.upper()}", getattr(Topics(), f.name))
+                for f in fields(Topics)
+            }
+        )
+        role = reader.text("VS_ROLE", default.role)
+        if role not in {"inference", "sink"}:
+            raise SettingsError(f"VS_ROLE must be 'inference' or 'sink', got {role!r}")
+        replay = env.get("VS_REPLAY_OUTPUTS")
+        return cls(
+            broker=reader.text("VS_KAFKA_BROKER", default.broker),
+            app_id=reader.text("VS_APP_ID", default.app_id),
+            role=role,
+            web_port=reader.integer("VS_WEB_PORT", 6067 if role == "sink" else default.web_port),
+            topics=topics,
+            topic_partitions=reader.integer("VS_TOPIC_PARTITIONS", default.topic_partitions),
+            batch_size=reader.integer("VS_BATCH_SIZE", default.batch_size),
+            batch_wait_s=reader.number("VS_BATCH_WAIT_S", default.batch_wait_s),
+            max_message_bytes=reader.integer("VS_MAX_MESSAGE_BYTES", default.max_message_bytes),
+            schema_registry_url=env.get("VS_SCHEMA_REGISTRY_URL") or None,
+            state_dir=state_dir,
+            clickhouse_dsn=env.get("VS_CLICKHOUSE_DSN", ""),
+            sink_max_rows=reader.integer("VS_SINK_MAX_ROWS", default.sink_max_rows),
+            sink_max_interval_s=reader.number(
+                "VS_SINK_MAX_INTERVAL_S", default.sink_max_interval_s
+            ),
+            model_path=Path(model_path) if model_path else None,
+            replay_outputs=Path(replay) if replay else default.replay_outputs,
+            replay_latency_s=reader.number("VS_REPLAY_LATENCY_S", 0.0),
+            max_new_tokens=reader.integer("VS_MAX_NEW_TOKENS", default.max_new_tokens),
+            model_max_batch=reader.integer("VS_MODEL_MAX_BATCH", default.model_max_batch),
+            categorizer_artifacts=Path(env["VS_CATEGORIZER_ARTIFACTS"])
+            if env.get("VS_CATEGORIZER_ARTIFACTS")
+            else state_dir / "categorizer",
+            image_encoder=reader.text("VS_IMAGE_ENCODER", default.image_encoder),
+            resnet50_weights=Path(env["VS_RESNET50_WEIGHTS"])
+            if env.get("VS_RESNET50_WEIGHTS")
+            else None,
+            gather=GatherLimits(
+                max_image_bytes=reader.integer(
+                    "VS_IMAGE_MAX_BYTES", gather_default.max_image_bytes
+                ),
+                connect_timeout_s=reader.number(
+                    "VS_IMAGE_CONNECT_TIMEOUT_S", gather_default.connect_timeout_s
+                ),
+                total_timeout_s=reader.number(
+                    "VS_IMAGE_TOTAL_TIMEOUT_S", gather_default.total_timeout_s
+                ),
+                retries=reader.integer("VS_IMAGE_RETRIES", gather_default.retries),
+                per_host_concurrency=reader.integer(
+                    "VS_IMAGE_PER_HOST_CONCURRENCY", gather_default.per_host_concurrency
+                ),
+                allow_loopback=reader.flag("VS_IMAGE_ALLOW_LOOPBACK", False),
+                allow_private=reader.flag("VS_IMAGE_ALLOW_PRIVATE", False),
+                url_rewrites=reader.rewrites("VS_IMAGE_URL_REWRITES"),
+            ),
+            log_format=reader.text("VS_LOG_FORMAT", default.log_format),
+        )
+
+
+class _EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str, default: str) -> str:
+        return self._env.get(name, default) or default
+
+    def integer(self, name: str, default: int) -> int:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+        if value < 0:
+            raise SettingsError(f"{name} must not be negative, got {value}")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return float(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+    def rewrites(self, name: str) -> tuple[tuple[str, str], ...]:
+        """`prefix=>replacement` rules separated by `;`."""
+        raw = self._env.get(name, "")
+        rules = []
+        for part in filter(None, (p.strip() for p in raw.split(";"))):
+            prefix, sep, replacement = part.partition("=>")
+            if not sep or not prefix:
+                raise SettingsError(f"{name}: rule {part!r} is not 'prefix=>replacement'")
+            rules.append((prefix.strip(), replacement.strip()))
+        return tuple(rules)

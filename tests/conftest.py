@@ -1,0 +1,109 @@
+"""Shared fixtures: the real local Kafka broker, and workers run as real processes.
+
+The broker is started once per test session by the repo's own `scripts/kafka`, on
+its own ports and data folder (so a developer's broker on 9092 is left alone), and
+stopped at the end. Broker tests are never skipped: if it cannot start, they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_KAFKA_PORT = int(os.environ.get("VS_TEST_KAFKA_PORT", "19192"))
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    env = {
+        **os.environ,
+        "KAFKA_HOME_DIR": str(REPO / ".cache" / "kafka-test"),
+        "KAFKA_PORT": str(TEST_KAFKA_PORT),
+        "KAFKA_CONTROLLER_PORT": str(TEST_KAFKA_PORT + 1),
+        "KAFKA_NUM_PARTITIONS": "4",
+    }
+    script = str(REPO / "scripts" / "kafka")
+    started = subprocess.run(
+        [script, "start"], env=env, capture_output=True, text=True, timeout=600
+    )
+    if started.returncode != 0:
+        pytest.fail(f"the local Kafka broker did not start:\n{started.stdout}\n{started.stderr}")
+    try:
+        yield f"127.0.0.1:{TEST_KAFKA_PORT}"
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix for topic names and consumer groups of one test."""
+    return uuid.uuid4().hex[:8]
+
+
+def topic_env(suffix: str) -> dict[str, str]:
+    """VS_TOPIC_* variables giving a test its own set of topics."""
+    names = [
+        "pickup_completed",
+        "product_listed",
+        "verification_decision",
+        "category_tag",
+        "verification_attempts",
+        "dead_letter",
+    ]
+    return {f"VS_TOPIC_{n.upper()}": f"{n.replace('_', '-')}-{suffix}" for n in names}
+
+
+class WorkerProcess:
+    """`python -m streams worker` in a subprocess, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams", "worker", "-l", "info"],
+            env={**os.environ, **env},
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(30)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def categorizer_artifacts() -> Path:
+    """Categorizer artifacts trained on the in-repo sample set, cached by its content hash."""
+    import hashlib
+
+    from streams.settings import Settings
+    from streams.training import SAMPLE_TRAINING_CSV, train
+
+    digest = hashlib.sha256(SAMPLE_TRAINING_CSV.read_bytes()).hexdigest()[:12]
+    out = REPO / ".cache" / "test-artifacts" / f"categorizer-{digest}"
+    if not (out / "manifest.json").is_file():
+        train(Settings(), SAMPLE_TRAINING_CSV, out)
+    return out

@@ -1,0 +1,74 @@
+"""Test helpers to produce events and collect outputs on the real broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from streams.codecs import Codecs
+
+
+def produce(
+    bootstrap: str, topic: str, values: Iterable[tuple[bytes | None, bytes]]
+) -> list[tuple[str, int, int]]:
+    """Produce raw (key, value) pairs; returns their (topic, partition, offset) positions."""
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 20_000_000}
+    )
+    positions: list[tuple[str, int, int]] = []
+    errors: list[str] = []
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+        else:
+            positions.append((msg.topic(), msg.partition(), msg.offset()))
+
+    for key, value in values:
+        producer.produce(topic, value, key=key, on_delivery=delivered)
+        producer.poll(0)
+    assert producer.flush(60) == 0, "broker did not acknowledge"
+    assert not errors, errors
+    return positions
+
+
+def source_of(topic_schema: str, record: dict[str, Any]) -> tuple[str, int, int]:
+    if topic_schema == "dead-letter":
+        return (record["source_topic"], record["source_partition"], record["source_offset"])
+    src = record["source"]
+    return (src["topic"], src["partition"], src["offset"])
+
+
+def collect(
+    bootstrap: str,
+    topics: dict[str, str],
+    done: Callable[[dict[str, list[dict[str, Any]]]], bool],
+    timeout: float,
+) -> dict[str, list[dict[str, Any]]]:
+    """Read `topics` (name → schema) from the start until `done(records)` or the timeout."""
+    codecs = Codecs()
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe(list(topics))
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in topics}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not done(records):
+            for message in consumer.consume(500, timeout=0.5):
+                if message.error():
+                    continue
+                schema = topics[message.topic()]
+                records[message.topic()].append(codecs.for_schema(schema).decode(message.value()))
+    finally:
+        consumer.close()
+    return records
