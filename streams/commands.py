@@ -73,14 +73,18 @@ def register_commands(app: faust.App, settings: Settings) -> None:
         )
         self.say(f"wrote {path}")
 
-    @app.command(argument("sql"))
-    async def query(self: AppCommand, sql: str) -> None:
-        """Run SQL against the analytics database and print a table."""
-        from processors.reports import format_table, run_query
+    @app.command(
+        argument("sql"),
+        option("--json", "as_json", is_flag=True, default=False, help="print JSON"),
+    )
+    async def query(self: AppCommand, sql: str, as_json: bool) -> None:
+        """Run one read-only SQL statement against the analytics database."""
+        from processors.reports import format_table, run_query, to_json
         from processors.sink import open_client
 
         client = open_client(settings.effective_clickhouse_dsn)
-        self.say(format_table(await _in_thread(run_query, client, sql)))
+        result = await _in_thread(run_query, client, sql)
+        self.say(to_json(result) if as_json else format_table(result))
 
     @app.command(
         argument("name", required=False),

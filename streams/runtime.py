@@ -164,6 +164,18 @@ class InferenceRuntime:
         await self.gatherer.close()
 
 
+async def _retry_while(error: type[BaseException], call: Any, what: str) -> Any:
+    """Run `call` off the loop until it stops raising `error`, backing off up to 30 s."""
+    delay = 0.5
+    while True:
+        try:
+            return await asyncio.to_thread(call)
+        except error as exc:
+            log.warning("%s (%s); retrying in %.1fs, nothing acknowledged", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
 class SinkRuntime:
     """The analytics sink's resources: codecs and the ClickHouse sink.
 
@@ -187,7 +199,8 @@ class SinkRuntime:
         return self._sink
 
     async def start(self) -> None:
-        from processors.sink import AnalyticsSink, SinkTopics
+        """Open ClickHouse and apply migrations; while it is unreachable, wait and retry."""
+        from processors.sink import AnalyticsSink, SinkTopics, SinkUnavailable
 
         try:
             if self._sink is None:
@@ -205,10 +218,11 @@ class SinkRuntime:
                     max_rows=self.settings.sink_max_rows,
                     max_interval_s=self.settings.sink_max_interval_s,
                 )
-            await asyncio.to_thread(self._sink.setup)
+            await _retry_while(SinkUnavailable, self._sink.setup, "ClickHouse unavailable at start")
         except BaseException as exc:
             self.failed = exc
             raise
+        log.info("analytics sink ready: %s", self._sink.dsn)
         self.ready.set()
 
     async def store(self, messages: Sequence[RawMessage]) -> None:
@@ -234,19 +248,7 @@ class SinkRuntime:
             self.sink.add(
                 SinkRecord(message.topic, message.partition, message.offset, value, now_ms())
             )
-        delay = 0.5
-        while True:
-            try:
-                await asyncio.to_thread(self.sink.flush)
-                return
-            except SinkUnavailable as exc:
-                log.warning(
-                    "ClickHouse unavailable (%s); retrying in %.1fs, nothing acknowledged",
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        await _retry_while(SinkUnavailable, self.sink.flush, "ClickHouse unavailable")
 
     async def stop(self) -> None:
         if self._sink is not None:

@@ -47,6 +47,20 @@ def unique() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def streams_cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+    """Run `python -m streams ARGS` with `env`; returns stdout, fails the test on error."""
+    done = subprocess.run(
+        [sys.executable, "-m", "streams", *args],
+        env={**os.environ, **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"streams {args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
 def topic_env(suffix: str) -> dict[str, str]:
     """VS_TOPIC_* variables giving a test its own set of topics."""
     names = [
@@ -63,11 +77,11 @@ def topic_env(suffix: str) -> dict[str, str]:
 class WorkerProcess:
     """`python -m streams worker` in a subprocess, logging to a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, module: str = "streams") -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "-l", "info"],
+            [sys.executable, "-m", module, "worker", "-l", "info"],
             env={**os.environ, **env},
             cwd=REPO,
             stdout=self._log,
