@@ -13,17 +13,25 @@ acknowledge the inputs. A worker killed mid-batch therefore re-reads the batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import fields
 from typing import Any, cast
 
 import faust
 from faust.streams import Stream
 
+from streams import __version__
 from streams.handlers import BatchHandler, RawMessage
+from streams.health import GracefulWorker, WorkerHealth
+from streams.kafka_admin import bootstrap_servers, group_lag
+from streams.logs import logging_config
+from streams.metrics import Metrics
 from streams.publishing import EventWriter
-from streams.runtime import InferenceRuntime, SinkRuntime
+from streams.runtime import InferenceRuntime, SinkReports, SinkRuntime
 from streams.settings import Settings
+from streams.web import register_views
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +74,19 @@ def to_raw(events: Sequence[Any]) -> list[RawMessage]:
     ]
 
 
-async def process_batch(handler: BatchHandler, events: Sequence[Any], writer: EventWriter) -> None:
+async def process_batch(
+    handler: BatchHandler, events: Sequence[Any], writer: EventWriter, metrics: Metrics
+) -> None:
     """Handle one micro-batch; acknowledge its inputs only after every output is stored."""
-    await handler.handle(to_raw(events), writer)
-    await writer.flush()
+    messages = to_raw(events)
+    metrics.observe_batch(getattr(handler, "agent", type(handler).__name__), len(messages))
+    for message in messages:
+        metrics.count_in(message.topic)
+    await handler.handle(messages, writer)
+    with metrics.time_phase("publish"):
+        await writer.flush()
+    for topic, sent in writer.sent.items():
+        metrics.count_out(topic, sent)
     for event in events:
         event.ack()
 
@@ -80,6 +97,9 @@ def create_app(settings: Settings, **runtime_overrides: Any) -> faust.App:
     app_id = settings.sink_app_id if is_sink else settings.app_id
     datadir = settings.state_dir / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
+    worker_class = type(
+        "Worker", (GracefulWorker,), {"shutdown_timeout_s": settings.shutdown_timeout_s}
+    )
     app = faust.App(
         app_id,
         broker=settings.broker,
@@ -97,22 +117,65 @@ def create_app(settings: Settings, **runtime_overrides: Any) -> faust.App:
         datadir=str(datadir),
         store="memory://",
         stream_wait_empty=True,
+        # What a clean stop must still process: a bounded in-memory backlog.
+        stream_buffer_maxsize=max(2 * settings.batch_size, 32),
+        Worker=worker_class,
+        logging_config=logging_config(settings.log_format),
     )
     publisher = FaustPublisher(app)
+    metrics = Metrics()
     if is_sink:
-        _register_sink(app, settings, publisher, runtime_overrides)
+        runtime: Any = _register_sink(app, settings, metrics, runtime_overrides)
     else:
-        _register_inference(app, settings, publisher, runtime_overrides)
+        runtime = _register_inference(app, settings, publisher, metrics, runtime_overrides)
+    _register_operations(app, settings, app_id, runtime, metrics)
     from streams.commands import register_commands
 
     register_commands(app, settings)
     return app
 
 
-def _register_inference(
-    app: faust.App, settings: Settings, publisher: FaustPublisher, overrides: dict[str, Any]
+def _register_operations(
+    app: faust.App, settings: Settings, app_id: str, runtime: Any, metrics: Metrics
 ) -> None:
-    runtime = InferenceRuntime(settings, **overrides)
+    """Health, readiness, info, metrics and (sink role) report views, plus the lag probe."""
+    health = WorkerHealth(
+        app, runtime, role=settings.role, broker_timeout_s=3 * settings.lag_refresh_s + 5
+    )
+    topics = settings.topics
+    consumed = (
+        [getattr(topics, f.name) for f in fields(topics)]
+        if settings.role == "sink"
+        else [topics.pickup_completed, topics.product_listed]
+    )
+    lag = functools.partial(group_lag, bootstrap_servers(settings.broker), app_id, consumed)
+
+    def info() -> dict[str, Any]:
+        return {
+            "service": "visionstream",
+            "version": __version__,
+            "role": settings.role,
+            "consumer_group": app_id,
+            "models": dict(getattr(runtime, "model_versions", {})),
+            "settings": settings.public(),
+        }
+
+    reports = SinkReports(settings.effective_clickhouse_dsn) if settings.role == "sink" else None
+    register_views(app, health, metrics, info, reports)
+
+    @app.timer(interval=settings.lag_refresh_s)
+    async def refresh_consumer_lag() -> None:
+        health.broker_answered(await metrics.refresh_lag(app_id, lag))
+
+
+def _register_inference(
+    app: faust.App,
+    settings: Settings,
+    publisher: FaustPublisher,
+    metrics: Metrics,
+    overrides: dict[str, Any],
+) -> InferenceRuntime:
+    runtime = InferenceRuntime(settings, metrics, **overrides)
     app.conf.runtime = runtime  # the web views and tests reach it through the app
     topics = settings.topics
     pickups = app.topic(topics.pickup_completed, partitions=settings.topic_partitions)
@@ -136,7 +199,7 @@ def _register_inference(
         assert runtime.verification is not None
         async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
             writer = runtime.new_writer(publisher)
-            await process_batch(runtime.verification, events, writer)
+            await process_batch(runtime.verification, events, writer, metrics)
 
     @app.agent(listings, name="categorize-listings")
     async def categorize_listings(stream: faust.StreamT) -> None:
@@ -144,13 +207,15 @@ def _register_inference(
         assert runtime.categorization is not None
         async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
             writer = runtime.new_writer(publisher)
-            await process_batch(runtime.categorization, events, writer)
+            await process_batch(runtime.categorization, events, writer, metrics)
+
+    return runtime
 
 
 def _register_sink(
-    app: faust.App, settings: Settings, publisher: FaustPublisher, overrides: dict[str, Any]
-) -> None:
-    runtime = SinkRuntime(settings, **overrides)
+    app: faust.App, settings: Settings, metrics: Metrics, overrides: dict[str, Any]
+) -> SinkRuntime:
+    runtime = SinkRuntime(settings, metrics, **overrides)
     app.conf.runtime = runtime
     topics = settings.topics
     everything = app.topic(
@@ -180,6 +245,12 @@ def _register_sink(
         async for events in micro_batches(
             stream, settings.sink_max_rows, settings.sink_max_interval_s
         ):
-            await runtime.store(to_raw(events))
+            messages = to_raw(events)
+            metrics.observe_batch("analytics-sink", len(messages))
+            for message in messages:
+                metrics.count_in(message.topic)
+            await runtime.store(messages)
             for event in events:
                 event.ack()
+
+    return runtime

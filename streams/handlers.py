@@ -1,16 +1,20 @@
 """Micro-batch handlers: decode, run the processors, publish, then acknowledge.
 
-A handler receives the raw messages of one micro-batch and returns only after every
-output of the batch was acknowledged by the broker; the agent acknowledges the
-inputs after that (at-least-once). Per-event failures become dead letters and never
-block the rest of the batch. If publishing fails, the exception propagates and no
-input is acknowledged, so the whole batch is redelivered: duplicates are possible,
-and every output carries the input's idempotency key to collapse them.
+A handler receives the raw messages of one micro-batch and returns once every output
+of the batch is handed to the producer; the agent then waits for the broker's
+acknowledgements and only after that acknowledges the inputs (at-least-once).
+Per-event failures become dead letters and never block the rest of the batch. If
+publishing fails, the exception propagates and no input is acknowledged, so the
+batch is redelivered: duplicates are possible, and every output carries the input's
+idempotency key to collapse them.
+
+Each event's outcome is logged as one structured line and counted in the metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,10 +30,13 @@ from processors.records import (
 )
 from processors.verification import VerificationInput, VerificationOutcome, VerificationPipeline
 from streams.codecs import Codecs, now_ms
+from streams.logs import log_outcome
+from streams.metrics import Metrics
 from streams.publishing import EventWriter
 from streams.settings import Topics
 
 log = logging.getLogger(__name__)
+outcomes_log = logging.getLogger("visionstream.outcomes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +75,76 @@ def dead_letter(message: RawMessage, failure: Failure, **context: Any) -> DeadLe
     )
 
 
+class _Outputs:
+    """Shared by both handlers: dead letters with their metrics and outcome log lines."""
+
+    def __init__(self, topics: Topics, metrics: Metrics) -> None:
+        self.topics = topics
+        self.metrics = metrics
+
+    async def dead_letter(
+        self,
+        writer: EventWriter,
+        message: RawMessage,
+        failure: Failure,
+        *,
+        request_uuid: str | None = None,
+        shippingid: str | None = None,
+        **context: Any,
+    ) -> None:
+        record = dead_letter(
+            message, failure, request_uuid=request_uuid, shippingid=shippingid, **context
+        )
+        await writer.write(self.topics.dead_letter, message.key, record.to_event())
+        self.metrics.count_dead_letter(int(failure.code), failure.code.name, failure.stage)
+        if 1200 <= int(failure.code) < 1300:
+            self.metrics.count_image_error(failure.code)
+        elif 1300 <= int(failure.code) < 1400:
+            self.metrics.count_model_failure(failure.code)
+        self.outcome(message, "dead_letter", request_uuid, shippingid, code=int(failure.code))
+
+    def outcome(
+        self,
+        message: RawMessage,
+        outcome: str,
+        request_uuid: str | None,
+        shippingid: str | None,
+        *,
+        code: int | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        log_outcome(
+            outcomes_log,
+            request_uuid=request_uuid,
+            shippingid=shippingid,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            outcome=outcome,
+            code=code,
+            timings=timings,
+        )
+
+
 class VerificationHandler:
     """`pickup-completed` → `verification-decision` (+ attempts, + dead letters)."""
 
+    agent = "verify-pickups"
+
     def __init__(
-        self, pipeline: VerificationPipeline, codecs: Codecs, topics: Topics, max_message_bytes: int
+        self,
+        pipeline: VerificationPipeline,
+        codecs: Codecs,
+        topics: Topics,
+        max_message_bytes: int,
+        metrics: Metrics,
     ) -> None:
         self._pipeline = pipeline
         self._codec = codecs.for_schema("pickup-completed")
         self._topics = topics
         self._max_bytes = max_message_bytes
+        self._metrics = metrics
+        self._out = _Outputs(topics, metrics)
 
     async def handle(self, messages: Sequence[RawMessage], writer: EventWriter) -> None:
         inputs: list[VerificationInput] = []
@@ -87,10 +154,7 @@ class VerificationHandler:
                 event = self._codec.decode(message.value, max_bytes=self._max_bytes)
                 request = PickupRequest.from_event(event)
             except Exception as exc:
-                failure = failure_from_exception(exc, "decode")
-                await writer.write(
-                    self._topics.dead_letter, message.key, dead_letter(message, failure).to_event()
-                )
+                await self._out.dead_letter(writer, message, failure_from_exception(exc, "decode"))
                 continue
             inputs.append(VerificationInput(request=request, source=message.position))
             by_input.append(message)
@@ -127,40 +191,64 @@ class VerificationHandler:
         self, message: RawMessage, outcome: VerificationOutcome | Failure, writer: EventWriter
     ) -> None:
         if isinstance(outcome, Failure):
-            await writer.write(
-                self._topics.dead_letter, message.key, dead_letter(message, outcome).to_event()
-            )
+            await self._out.dead_letter(writer, message, outcome)
             return
         request = outcome.input.request
+        timings: dict[str, float] = {}
         for attempt in outcome.attempts:
             await writer.write(self._topics.verification_attempts, request.uuid, attempt.to_event())
+            self._metrics.observe_phase("model", attempt.model_ms / 1000)
+            timings[f"model_attempt_{attempt.attempt}"] = attempt.model_ms
+            if attempt.attempt == 1:
+                self._metrics.observe_phase("gather", attempt.gather_ms / 1000)
+                timings["gather"] = attempt.gather_ms
+            else:
+                self._metrics.count_retry()
         if outcome.decision is not None:
+            decision = outcome.decision
             await writer.write(
-                self._topics.verification_decision, request.shippingid, outcome.decision.to_event()
+                self._topics.verification_decision, request.shippingid, decision.to_event()
+            )
+            timings["total"] = decision.total_time * 1000
+            self._out.outcome(
+                message, decision.ai_decision, request.uuid, request.shippingid, timings=timings
             )
             return
         failure = outcome.failure or failure_from_exception(RuntimeError("no decision"), "verify")
-        context: dict[str, Any] = {"request_uuid": request.uuid, "shippingid": request.shippingid}
-        for number, raw in enumerate(outcome.raw_outputs, start=1):
-            context[f"raw_output_{number}"] = raw[:20_000]
-        await writer.write(
-            self._topics.dead_letter,
-            message.key,
-            dead_letter(message, failure, **context).to_event(),
+        raw_outputs = {
+            f"raw_output_{number}": raw[:20_000]
+            for number, raw in enumerate(outcome.raw_outputs, start=1)
+        }
+        await self._out.dead_letter(
+            writer,
+            message,
+            failure,
+            request_uuid=request.uuid,
+            shippingid=request.shippingid,
+            **raw_outputs,
         )
 
 
 class CategorizationHandler:
     """`product-listed` → `category-tag` (+ dead letters)."""
 
+    agent = "categorize-listings"
+
     def __init__(
-        self, categorize: Any, codecs: Codecs, topics: Topics, max_message_bytes: int
+        self,
+        categorize: Any,
+        codecs: Codecs,
+        topics: Topics,
+        max_message_bytes: int,
+        metrics: Metrics,
     ) -> None:
-        # `categorize` is processors.categorization's batch service (see streams.runtime).
+        # `categorize` is the runtime's CategorizationService: fetch images, then predict.
         self._categorize = categorize
         self._codec = codecs.for_schema("product-listed")
         self._topics = topics
         self._max_bytes = max_message_bytes
+        self._metrics = metrics
+        self._out = _Outputs(topics, metrics)
 
     async def handle(self, messages: Sequence[RawMessage], writer: EventWriter) -> None:
         listings: list[ProductListing] = []
@@ -171,25 +259,21 @@ class CategorizationHandler:
                 listings.append(ProductListing.from_event(event))
                 kept.append(message)
             except Exception as exc:
-                failure = failure_from_exception(exc, "decode")
-                await writer.write(
-                    self._topics.dead_letter, message.key, dead_letter(message, failure).to_event()
-                )
+                await self._out.dead_letter(writer, message, failure_from_exception(exc, "decode"))
         if not listings:
             return
-        keys = [
-            idempotency_key(self._topics.product_listed, listing.event_id) for listing in listings
-        ]
+        keys = [idempotency_key(self._topics.product_listed, item.event_id) for item in listings]
         sources = [message.position for message in kept]
+        started = time.perf_counter()
         try:
             results = await self._categorize(listings, keys, sources)
         except Exception as exc:
             log.exception("categorization batch of %d raised", len(listings))
             results = [failure_from_exception(exc, "categorize")] * len(listings)
+        self._metrics.observe_phase("categorize", time.perf_counter() - started)
         for message, listing, result in zip(kept, listings, results, strict=True):
             if isinstance(result, Failure):
-                await writer.write(
-                    self._topics.dead_letter, message.key, dead_letter(message, result).to_event()
-                )
+                await self._out.dead_letter(writer, message, result)
             else:
                 await writer.write(self._topics.category_tag, listing.product_id, result.to_event())
+                self._out.outcome(message, "categorized", None, None)

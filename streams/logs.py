@@ -148,3 +148,25 @@ def _code_name(code: int) -> str | None:
         return ErrorCode(code).name
     except ValueError:
         return None
+
+
+def logging_config(log_format: str, level: str = "INFO") -> dict[str, Any]:
+    """A `logging.config.dictConfig` dict for the worker (faust's `logging_config`).
+
+    `json` (one object per line), `text`, or `auto`: text on a terminal, JSON otherwise.
+    """
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    formatter = "streams.logs.JsonFormatter" if use_json else "streams.logs.TextFormatter"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"visionstream": {"()": formatter}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "visionstream",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": level, "handlers": ["stderr"]},
+    }

@@ -22,6 +22,7 @@ from processors.tiling import TilingConfig
 from processors.verification import VerificationPipeline
 from streams.codecs import Codecs, now_ms
 from streams.handlers import CategorizationHandler, RawMessage, VerificationHandler
+from streams.metrics import Metrics
 from streams.publishing import EventWriter, Publisher
 from streams.settings import Settings
 
@@ -103,8 +104,11 @@ class CategorizationService:
 class InferenceRuntime:
     """Everything the inference role needs, loaded once in `start()`."""
 
-    def __init__(self, settings: Settings, *, engine: InferenceEngine | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, engine: InferenceEngine | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.codecs = Codecs(settings.schema_registry_url)
         self.gatherer = ImageGatherer(settings.gather)
         self._engine = engine
@@ -132,7 +136,7 @@ class InferenceRuntime:
         images = None if isinstance(engine, ReplayEngine) else self.gatherer
         pipeline = VerificationPipeline(engine, images=images, tiling=TilingConfig())
         self.verification = VerificationHandler(
-            pipeline, self.codecs, settings.topics, settings.max_message_bytes
+            pipeline, self.codecs, settings.topics, settings.max_message_bytes, self.metrics
         )
         categorizer = await asyncio.to_thread(self._load_categorizer)
         self.model_versions["categorization"] = categorizer.model_version
@@ -141,6 +145,7 @@ class InferenceRuntime:
             self.codecs,
             settings.topics,
             settings.max_message_bytes,
+            self.metrics,
         )
         log.info("models loaded: %s", self.model_versions)
 
@@ -164,16 +169,25 @@ class InferenceRuntime:
         await self.gatherer.close()
 
 
-async def _retry_while(error: type[BaseException], call: Any, what: str) -> Any:
-    """Run `call` off the loop until it stops raising `error`, backing off up to 30 s."""
+async def _retry_while(error: type[BaseException], call: Any, what: str, mark: Any = None) -> Any:
+    """Run `call` off the loop until it stops raising `error`, backing off up to 30 s.
+
+    `mark(ok)` is told the outcome of each try (readiness follows it).
+    """
     delay = 0.5
     while True:
         try:
-            return await asyncio.to_thread(call)
+            result = await asyncio.to_thread(call)
         except error as exc:
+            if mark is not None:
+                mark(False)
             log.warning("%s (%s); retrying in %.1fs, nothing acknowledged", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+        else:
+            if mark is not None:
+                mark(True)
+            return result
 
 
 class SinkRuntime:
@@ -184,10 +198,12 @@ class SinkRuntime:
     acknowledges nothing, the consumer lag grows and nothing is dropped.
     """
 
-    def __init__(self, settings: Settings, *, sink: Any | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, *, sink: Any | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.codecs = Codecs(settings.schema_registry_url)
         self._sink = sink
+        self._reachable = False
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
         self.undecodable = 0
@@ -218,7 +234,9 @@ class SinkRuntime:
                     max_rows=self.settings.sink_max_rows,
                     max_interval_s=self.settings.sink_max_interval_s,
                 )
-            await _retry_while(SinkUnavailable, self._sink.setup, "ClickHouse unavailable at start")
+            await _retry_while(
+                SinkUnavailable, self._sink.setup, "ClickHouse unavailable at start", self._mark
+            )
         except BaseException as exc:
             self.failed = exc
             raise
@@ -248,8 +266,41 @@ class SinkRuntime:
             self.sink.add(
                 SinkRecord(message.topic, message.partition, message.offset, value, now_ms())
             )
-        await _retry_while(SinkUnavailable, self.sink.flush, "ClickHouse unavailable")
+        with self.metrics.time_phase("sink"):
+            await _retry_while(
+                SinkUnavailable, self.sink.flush, "ClickHouse unavailable", self._mark
+            )
+
+    def _mark(self, reachable: bool) -> None:
+        self._reachable = reachable
+
+    def sink_reachable(self) -> bool:
+        """Whether the last ClickHouse call (setup or flush) succeeded."""
+        return self._reachable
 
     async def stop(self) -> None:
         if self._sink is not None:
             await asyncio.to_thread(self._sink.close)
+
+
+class SinkReports:
+    """`ReportSource` for the sink's web server: the process that owns the database."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._client: Any = None
+
+    def list_reports(self) -> list[str]:
+        from processors.reports import list_reports
+
+        return list(list_reports())
+
+    def run(self, name: str, since: str) -> dict[str, Any]:
+        from processors.reports import parse_since, run_report, to_json
+        from processors.sink import open_client
+
+        if self._client is None:
+            self._client = open_client(self._dsn)
+        result = run_report(self._client, name, parse_since(since))
+        loaded: dict[str, Any] = json.loads(to_json(result))
+        return {"report": name, "since": since, **loaded}

@@ -80,6 +80,8 @@ class Settings:
     resnet50_weights: Path | None = None
     gather: GatherLimits = field(default_factory=GatherLimits)
     log_format: str = "auto"  # "json", "text" or "auto" (text on a terminal)
+    shutdown_timeout_s: float = 30.0
+    lag_refresh_s: float = 10.0
 
     @property
     def sink_app_id(self) -> str:
@@ -181,6 +183,8 @@ class Settings:
                 url_rewrites=reader.rewrites("VS_IMAGE_URL_REWRITES"),
             ),
             log_format=reader.text("VS_LOG_FORMAT", default.log_format),
+            shutdown_timeout_s=reader.number("VS_SHUTDOWN_TIMEOUT_S", default.shutdown_timeout_s),
+            lag_refresh_s=reader.number("VS_LAG_REFRESH_S", default.lag_refresh_s),
         )
 
 

@@ -36,7 +36,7 @@ def worker_env(
         "VS_CATEGORIZER_ARTIFACTS": str(artifacts),
         "VS_BATCH_SIZE": "16",
         "VS_BATCH_WAIT_S": "0.2",
-        "VS_LOG_FORMAT": "text",
+        "VS_LOG_FORMAT": "json",
         **topic_env(unique),
         **extra,
     }
