@@ -1,0 +1,285 @@
+"""InternVL engines on tiny random checkpoints (CPU): native, converted original, remote code.
+
+All three checkpoint layouts hold the same seeded weights (see
+`tests.support.tiny_internvl`), so greedy token ids must agree across engines, and a
+batched call must agree with one-at-a-time calls (left padding). Everything is read from
+local folders (`local_files_only=True`); no test touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from processors.errors import ErrorCode, ProcessingError
+from processors.inference import InferenceEngine, PreparedRequest
+from processors.internvl import (
+    INTERNVL25_SYSTEM_MESSAGE,
+    EngineConfig,
+    NativeInternVLEngine,
+    RemoteCodeInternVLEngine,
+    build_chat_prompt,
+    convert_original_state_dict,
+    create_engine,
+    expand_image_placeholders,
+    load_engine,
+)
+from tests.support.tiny_internvl import (
+    build_tiny_internvl,
+    build_tiny_original_internvl,
+    original_config,
+)
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("internvl")
+    return {
+        "native": build_tiny_internvl(root / "native"),
+        "original": build_tiny_original_internvl(root / "original"),
+        "remote": build_tiny_original_internvl(root / "remote", with_remote_code=True),
+    }
+
+
+def _load(config: EngineConfig) -> NativeInternVLEngine | RemoteCodeInternVLEngine:
+    engine = create_engine(config)
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def native(checkpoints: dict[str, Path]) -> NativeInternVLEngine:
+    engine = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=MAX_NEW))
+    assert isinstance(engine, NativeInternVLEngine)
+    return engine
+
+
+def _request(name: str, prompt: str, patches: tuple[int, ...], seed: int) -> PreparedRequest:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(sum(patches), 3, 448, 448, generator=generator) if patches else None
+    return PreparedRequest(name, 1, prompt, patches, pixels)
+
+
+@pytest.fixture(scope="module")
+def batch() -> list[PreparedRequest]:
+    """Three requests of different prompt lengths and tile counts (so rows get padded)."""
+    return [
+        _request("short", "<image>\nDescribe the product.", (1,), seed=1),
+        _request(
+            "long",
+            "Vendor image: <image>\nPickup images: <image>\n"
+            "Compare the pickup with the vendor listing and answer in JSON with the fields "
+            "image_analysis, verification_results and pickup_confidence.",
+            (1, 2),
+            seed=2,
+        ),
+        _request("three", "<image><image><image> Same item?", (1, 1, 1), seed=3),
+    ]
+
+
+@pytest.fixture(scope="module")
+def batched_ids(native: NativeInternVLEngine, batch: list[PreparedRequest]) -> list[list[int]]:
+    return native.generate_token_ids(batch)
+
+
+def test_factory_loads_native_checkpoint(native: InferenceEngine) -> None:
+    assert isinstance(native, NativeInternVLEngine)
+    assert isinstance(native, InferenceEngine)
+    assert native.converted_from_original is False
+    assert native.device == "cpu" and native.dtype == torch.float32
+    assert native.attn_implementation == "sdpa"
+    assert native.tokens_per_tile == 256  # (448 // 14)^2 * 0.5^2
+    assert native.model_version.startswith("internvl-native:native:")
+    assert native.model_version != "internvl-native:native:not-loaded"
+
+
+def test_generate_returns_one_text_per_request(
+    native: NativeInternVLEngine, batch: list[PreparedRequest], batched_ids: list[list[int]]
+) -> None:
+    texts = native.generate(batch)
+    assert len(texts) == 3
+    assert all(isinstance(text, str) and text for text in texts)
+    assert all(0 < len(ids) <= MAX_NEW for ids in batched_ids)
+    assert len({tuple(ids) for ids in batched_ids}) == 3, "outputs must depend on the input"
+    assert native.generate([]) == []
+
+
+def test_batched_equals_one_at_a_time(
+    native: NativeInternVLEngine, batch: list[PreparedRequest], batched_ids: list[list[int]]
+) -> None:
+    singles = [native.generate_token_ids([request])[0] for request in batch]
+    assert batched_ids == singles
+
+
+def test_images_change_the_answer(
+    native: NativeInternVLEngine, batch: list[PreparedRequest], batched_ids: list[list[int]]
+) -> None:
+    first = batch[0]
+    other = _request(first.request_id, first.prompt, first.num_patches, seed=99)
+    assert native.generate_token_ids([other])[0] != batched_ids[0]
+
+
+def test_budget_and_chunking(
+    checkpoints: dict[str, Path], batch: list[PreparedRequest], batched_ids: list[list[int]]
+) -> None:
+    """Three new tokens, model batches of 2: greedy prefixes of the 8-token answers, in order."""
+    engine = _load(EngineConfig(checkpoints["native"], max_new_tokens=3, max_batch_size=2))
+    short = engine.generate_token_ids(batch)
+    assert short == [ids[:3] for ids in batched_ids]
+    assert all(len(ids) == 3 for ids in short)
+
+
+def test_converted_original_checkpoint_matches_native(
+    checkpoints: dict[str, Path], batch: list[PreparedRequest], batched_ids: list[list[int]]
+) -> None:
+    engine = _load(EngineConfig(checkpoints["original"], max_new_tokens=MAX_NEW))
+    assert isinstance(engine, NativeInternVLEngine)
+    assert engine.converted_from_original is True
+    assert engine.generate_token_ids(batch) == batched_ids
+
+
+def test_remote_code_engine_matches_native(
+    checkpoints: dict[str, Path],
+    native: NativeInternVLEngine,
+    batch: list[PreparedRequest],
+    batched_ids: list[list[int]],
+) -> None:
+    """The original-format forward (stand-in remote code) agrees with the converted native one."""
+    config = EngineConfig(checkpoints["remote"], max_new_tokens=MAX_NEW, format="remote-code")
+    engine = _load(config)
+    assert isinstance(engine, RemoteCodeInternVLEngine)
+    assert engine.model_version.startswith("internvl-remote-code:remote:")
+    assert engine.generate_token_ids(batch) == batched_ids
+    assert engine.generate(batch[:1]) == native.generate(batch[:1])
+
+
+def test_auto_prefers_native_conversion_for_original_with_code(
+    checkpoints: dict[str, Path],
+) -> None:
+    """A convertible original checkpoint is served natively even when it carries code."""
+    engine = create_engine(EngineConfig(checkpoints["remote"]))
+    assert isinstance(engine, NativeInternVLEngine)
+    assert not engine.loaded
+
+
+def test_placeholder_count_mismatch_is_rejected(native: NativeInternVLEngine) -> None:
+    bad = _request("bad", "<image>\nonly one placeholder", (1, 1), seed=4)
+    with pytest.raises(ProcessingError) as caught:
+        native.generate([bad])
+    assert caught.value.code == ErrorCode.INVALID_REQUEST
+    assert "1 <image> placeholders" in caught.value.message
+    assert "2 images" in caught.value.message
+
+
+def test_pixel_values_must_match_tiles(native: NativeInternVLEngine) -> None:
+    good = _request("pix", "<image><image>", (1, 1), seed=5)
+    wrong = PreparedRequest("pix", 1, good.prompt, (1, 2), good.pixel_values)
+    with pytest.raises(ProcessingError) as caught:
+        native.generate([wrong])
+    assert caught.value.code == ErrorCode.INVALID_REQUEST
+    assert "(3, 3, 448, 448)" in caught.value.message
+
+
+def test_reserved_tokens_in_prompt_are_rejected() -> None:
+    with pytest.raises(ProcessingError) as caught:
+        expand_image_placeholders("<image> and <IMG_CONTEXT>", (1,), 4)
+    assert caught.value.code == ErrorCode.INVALID_REQUEST
+
+
+def test_placeholder_expansion_and_template() -> None:
+    expanded = expand_image_placeholders("a<image>b<image>c", (2, 1), 2, context_token="C")
+    assert expanded == "a<img>CCCC</img>b<img>CC</img>c"
+    assert build_chat_prompt("q?") == (
+        f"<|im_start|>system\n{INTERNVL25_SYSTEM_MESSAGE}<|im_end|>\n"
+        "<|im_start|>user\nq?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_tokenized_prompt_holds_256_context_tokens_per_tile(native: NativeInternVLEngine) -> None:
+    tokenizer = native._tokenizer
+    text = build_chat_prompt(expand_image_placeholders("<image> x <image>", (2, 3), 256))
+    ids = tokenizer(text)["input_ids"]
+    context_id = native._model.config.image_token_id
+    assert ids.count(context_id) == 256 * 5
+
+
+def test_missing_folder_is_model_not_loaded(tmp_path: Path) -> None:
+    with pytest.raises(ProcessingError) as caught:
+        load_engine(EngineConfig(tmp_path / "nowhere"))
+    assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+    assert "does not exist" in caught.value.message
+
+
+def test_missing_weights_is_model_not_loaded(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    for kind in ("native", "original"):
+        folder = tmp_path / kind
+        shutil.copytree(checkpoints[kind], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        with pytest.raises(ProcessingError) as caught:
+            load_engine(EngineConfig(folder))
+        assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+
+
+def test_unsupported_checkpoints_are_model_not_loaded(tmp_path: Path) -> None:
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}), encoding="utf-8")
+    with pytest.raises(ProcessingError) as caught:
+        load_engine(EngineConfig(other))
+    assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+    assert "unsupported checkpoint" in caught.value.message
+
+    internlm = tmp_path / "internlm"
+    internlm.mkdir()
+    config = original_config(vocab_size=100, with_remote_code=False)
+    config["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
+    (internlm / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ProcessingError) as caught:
+        load_engine(EngineConfig(internlm))
+    assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+    assert "no modeling code" in caught.value.message
+
+
+def test_remote_code_format_needs_code(checkpoints: dict[str, Path]) -> None:
+    for kind in ("native", "original"):
+        with pytest.raises(ProcessingError) as caught:
+            load_engine(EngineConfig(checkpoints[kind], format="remote-code"))
+        assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+
+
+def test_unknown_original_weight_is_refused() -> None:
+    tensor = torch.zeros(2)
+    assert set(convert_original_state_dict({"mlp1.1.bias": tensor})) == {
+        "model.multi_modal_projector.linear_1.bias"
+    }
+    with pytest.raises(ProcessingError) as caught:
+        convert_original_state_dict({"language_model.base_model.lora_A.weight": tensor})
+    assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+
+
+def test_qkv_is_split_in_row_order() -> None:
+    qkv = torch.arange(12.0).reshape(6, 2)
+    out = convert_original_state_dict({"vision_model.encoder.layers.3.attn.qkv.weight": qkv})
+    prefix = "model.vision_tower.encoder.layer.3.attention."
+    assert torch.equal(out[prefix + "q_proj.weight"], qkv[0:2])
+    assert torch.equal(out[prefix + "k_proj.weight"], qkv[2:4])
+    assert torch.equal(out[prefix + "v_proj.weight"], qkv[4:6])
+
+
+def test_not_loaded_and_config_validation(tmp_path: Path) -> None:
+    engine = NativeInternVLEngine(EngineConfig(tmp_path))
+    assert engine.model_version.endswith(":not-loaded")
+    with pytest.raises(ProcessingError) as caught:
+        engine.generate([_request("x", "<image>", (1,), seed=6)])
+    assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+    with pytest.raises(ValueError):
+        EngineConfig(tmp_path, format="onnx")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        EngineConfig(tmp_path, max_batch_size=0)
+    with pytest.raises(ValueError):
+        EngineConfig(tmp_path, device="tpu")
