@@ -16,7 +16,7 @@ from enum import IntEnum
 
 
 class ErrorCode(IntEnum):
-    """Documented error codes; the README's table is generated from these docstrings."""
+    """Documented error codes; a test keeps the README's table in step with this enum."""
 
     # 10xx: the message itself (decoding, contract)
     EMPTY_MESSAGE = 1001

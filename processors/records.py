@@ -328,7 +328,9 @@ class CategoryTag:
             "product_id": self.product_id,
             "category": self.category,
             "score": self.score,
-            "top_categories": [{"category": c.category, "prob": c.prob} for c in self.top_categories],
+            "top_categories": [
+                {"category": c.category, "prob": c.prob} for c in self.top_categories
+            ],
             "tags": list(self.tags),
             "used_text": self.used_text,
             "used_image": self.used_image,

@@ -59,7 +59,11 @@ def register_commands(app: faust.App, settings: Settings) -> None:
         option("--out", required=True, help="folder for PNGs and CSV"),
         option("--split", default="train", help="train or test"),
         option("--limit", type=int, default=None, help="at most this many images"),
-        option("--text-mode", default="empty", help="empty or template (see the README)"),
+        option(
+            "--text-mode",
+            default="empty",
+            help="empty, template (label-free) or catalog (names the class: demos only)",
+        ),
         option("--source", default="/usr/share/datasets/fashion-mnist", help="dataset folder"),
     )
     async def convert_fashion_mnist(

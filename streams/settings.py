@@ -77,6 +77,7 @@ class Settings:
     model_max_batch: int = 32
     categorizer_artifacts: Path | None = None
     image_encoder: str = "efficientnet-lite0"
+    image_input_size: int = 224
     resnet50_weights: Path | None = None
     gather: GatherLimits = field(default_factory=GatherLimits)
     log_format: str = "auto"  # "json", "text" or "auto" (text on a terminal)
@@ -161,6 +162,7 @@ class Settings:
             if env.get("VS_CATEGORIZER_ARTIFACTS")
             else state_dir / "categorizer",
             image_encoder=reader.text("VS_IMAGE_ENCODER", default.image_encoder),
+            image_input_size=reader.integer("VS_IMAGE_INPUT_SIZE", default.image_input_size),
             resnet50_weights=Path(env["VS_RESNET50_WEIGHTS"])
             if env.get("VS_RESNET50_WEIGHTS")
             else None,

@@ -8,7 +8,7 @@ from typing import Any
 
 from streams.settings import SAMPLES_DIR, Settings
 
-SAMPLE_TRAINING_CSV = SAMPLES_DIR / "categorization" / "train.csv"
+SAMPLE_TRAINING_CSV = SAMPLES_DIR / "categorization" / "listings.csv"
 
 
 def build_encoders(settings: Settings, image_encoder: str | None = None) -> tuple[Any, Any]:
@@ -23,6 +23,7 @@ def build_encoders(settings: Settings, image_encoder: str | None = None) -> tupl
         ImageEncoderSettings(
             name=image_encoder or settings.image_encoder,
             weights_path=settings.resnet50_weights,
+            input_size=settings.image_input_size,
         )
     )
     return TextEncoder(), image
