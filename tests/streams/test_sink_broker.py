@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,13 @@ def test_every_table_gets_its_rows(
         assert wait_for_lag_zero(kafka_bootstrap, f"test-{unique}-sink", all_topics(env), 90), (
             workers[1].log_tail()
         )
+        # While the sink owns the embedded database, reports come from its web server.
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{sink['VS_WEB_PORT']}/reports/decisions_per_day?since=3650d",
+            timeout=30,
+        ) as response:
+            served = json.loads(response.read())
+        assert sum(int(row["decisions"]) for row in served["rows"]) == 2, served
     finally:
         for worker in workers:
             worker.stop()

@@ -185,3 +185,20 @@ def test_sigkill_mid_stream_loses_nothing(
     # Redelivered inputs repeat their idempotency key rather than inventing a new one.
     keys = Counter(r["idempotency_key"] for r in records[decisions_topic])
     assert len(keys) == count
+
+
+def test_artifacts_from_other_encoders_stop_the_worker_at_start(
+    kafka_bootstrap: str, unique: str, tmp_path: Path, categorizer_artifacts: Path
+) -> None:
+    env = worker_env(
+        kafka_bootstrap, unique, tmp_path, categorizer_artifacts, VS_IMAGE_INPUT_SIZE="112"
+    )
+    (tmp_path / "outputs.jsonl").write_text("")
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        code = worker.process.wait(120)
+    finally:
+        worker.stop()
+    assert code != 0
+    log = worker.log_path.read_text(errors="replace")
+    assert "start-up failed" in log and "112" in log and "224" in log, worker.log_tail()
