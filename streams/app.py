@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import fields
 from typing import Any, cast
 
 import faust
@@ -144,7 +143,7 @@ def _register_operations(
     )
     topics = settings.topics
     consumed = (
-        [getattr(topics, f.name) for f in fields(topics)]
+        list(topics.all())
         if settings.role == "sink"
         else [topics.pickup_completed, topics.product_listed]
     )

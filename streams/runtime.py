@@ -190,6 +190,19 @@ async def _retry_while(error: type[BaseException], call: Any, what: str, mark: A
             return result
 
 
+def build_sink(settings: Settings, **options: Any) -> Any:
+    """The analytics sink the settings describe (not set up yet); `options` go to it."""
+    from processors.sink import AnalyticsSink
+
+    return AnalyticsSink(
+        settings.effective_clickhouse_dsn,
+        topics=settings.topics,
+        max_rows=settings.sink_max_rows,
+        max_interval_s=settings.sink_max_interval_s,
+        **options,
+    )
+
+
 class SinkRuntime:
     """The analytics sink's resources: codecs and the ClickHouse sink.
 
@@ -216,24 +229,11 @@ class SinkRuntime:
 
     async def start(self) -> None:
         """Open ClickHouse and apply migrations; while it is unreachable, wait and retry."""
-        from processors.sink import AnalyticsSink, SinkTopics, SinkUnavailable
+        from processors.sink import SinkUnavailable
 
         try:
             if self._sink is None:
-                topics = self.settings.topics
-                self._sink = AnalyticsSink(
-                    self.settings.effective_clickhouse_dsn,
-                    topics=SinkTopics(
-                        pickup_completed=topics.pickup_completed,
-                        product_listed=topics.product_listed,
-                        verification_decision=topics.verification_decision,
-                        category_tag=topics.category_tag,
-                        verification_attempts=topics.verification_attempts,
-                        dead_letter=topics.dead_letter,
-                    ),
-                    max_rows=self.settings.sink_max_rows,
-                    max_interval_s=self.settings.sink_max_interval_s,
-                )
+                self._sink = build_sink(self.settings)
             await _retry_while(
                 SinkUnavailable, self._sink.setup, "ClickHouse unavailable at start", self._mark
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from processors.gathering import GatherLimits
+from processors.sink import SinkTopics
 
 DEFAULT_STATE_DIR = ".cache/visionstream"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -26,15 +27,8 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Topics:
-    """Topic names; each defaults to the contract's name."""
-
-    pickup_completed: str = "pickup-completed"
-    product_listed: str = "product-listed"
-    verification_decision: str = "verification-decision"
-    category_tag: str = "category-tag"
-    verification_attempts: str = "verification-attempts"
-    dead_letter: str = "dead-letter"
+class Topics(SinkTopics):
+    """Topic names; each defaults to the contract's name (the sink reads all six)."""
 
     def schema_of(self, topic: str) -> str:
         """The contract (schema folder name) of a configured topic name."""

@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from processors.sink import AnalyticsSink, SinkTopics, open_client
+from processors.sink import open_client
 from streams.app import create_app
+from streams.runtime import build_sink
 from streams.settings import Settings
 
 
@@ -35,21 +36,7 @@ class OutageClient:
 def main() -> None:
     settings = Settings.from_env(os.environ)
     flag = Path(os.environ["VS_TEST_OUTAGE_FLAG"])
-    topics = settings.topics
-    sink = AnalyticsSink(
-        settings.effective_clickhouse_dsn,
-        topics=SinkTopics(
-            pickup_completed=topics.pickup_completed,
-            product_listed=topics.product_listed,
-            verification_decision=topics.verification_decision,
-            category_tag=topics.category_tag,
-            verification_attempts=topics.verification_attempts,
-            dead_letter=topics.dead_letter,
-        ),
-        max_rows=settings.sink_max_rows,
-        max_interval_s=settings.sink_max_interval_s,
-        client_factory=lambda dsn: OutageClient(open_client(dsn), flag),
-    )
+    sink = build_sink(settings, client_factory=lambda dsn: OutageClient(open_client(dsn), flag))
     create_app(settings, sink=sink).main()
 
 
