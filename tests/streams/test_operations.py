@@ -210,6 +210,51 @@ def test_graceful_shutdown_acknowledges_the_batch_in_flight(
     assert max(per_input.values()) == 1, "an input was redelivered after a clean stop"
 
 
+def test_a_second_sigterm_exits_at_once(
+    kafka_bootstrap: str, unique: str, tmp_path: Path, categorizer_artifacts: Path
+) -> None:
+    env = worker_env(
+        kafka_bootstrap,
+        unique,
+        tmp_path,
+        categorizer_artifacts,
+        VS_BATCH_SIZE="4",
+        VS_REPLAY_LATENCY_S="30",
+        VS_SHUTDOWN_TIMEOUT_S="120",
+    )
+    ensure_topics(kafka_bootstrap, all_topics(env), 4)
+    events = [pickup_event(n) for n in range(4)]
+    record_outputs(tmp_path / "outputs.jsonl", [e["uuid"] for e in events], [valid_answer()] * 4)
+    codec = Codecs().for_schema("pickup-completed")
+    produce(
+        kafka_bootstrap, env["VS_TOPIC_PICKUP_COMPLETED"], [(None, codec.encode(e)) for e in events]
+    )
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        # A batch is in flight for 30 s (simulated model latency) once the agent has it.
+        wait_until(
+            lambda: (
+                "batch_size" in http_get(env["VS_WEB_PORT"], "/metrics")[1]
+                and samples(
+                    http_get(env["VS_WEB_PORT"], "/metrics")[1], "visionstream_batch_size_count"
+                )
+                != {}
+            ),
+            120,
+            "a batch in flight",
+        )
+        worker.process.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert worker.process.poll() is None, "the first SIGTERM must wait for the batch in flight"
+        started = time.monotonic()
+        worker.process.send_signal(signal.SIGTERM)
+        code = worker.process.wait(15)
+        assert time.monotonic() - started < 10
+        assert code == 128 + signal.SIGTERM
+    finally:
+        worker.stop()
+
+
 @pytest.mark.slow
 def test_two_workers_share_partitions_and_one_takes_over(
     kafka_bootstrap: str, unique: str, tmp_path: Path, categorizer_artifacts: Path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ def sink_env(base: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "VS_SINK_MAX_INTERVAL_S": "0.3",
         "VS_WEB_PORT": str(int(base["VS_WEB_PORT"]) + 1),
     }
+
+
+def readyz(port: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def decision_event(n: int, topic: str) -> dict[str, Any]:
@@ -213,7 +222,7 @@ def test_outage_stops_acks_while_decisions_flow_then_recovers_exactly_once(
     events = [pickup_event(n) for n in range(40)]
     record_outputs(tmp_path / "outputs.jsonl", [e["uuid"] for e in events], [valid_answer()] * 40)
     flag = tmp_path / "clickhouse-down"
-    sink = {**sink_env(env, tmp_path), "VS_TEST_OUTAGE_FLAG": str(flag)}
+    sink = {**sink_env(env, tmp_path), "VS_TEST_OUTAGE_FLAG": str(flag), "VS_LAG_REFRESH_S": "1"}
     sink_worker = WorkerProcess(
         sink, tmp_path / "sink.log", module="tests.support.outage_sink_worker"
     )
@@ -241,10 +250,16 @@ def test_outage_stops_acks_while_decisions_flow_then_recovers_exactly_once(
             f"the sink acknowledged during the outage (lag {lag})\n{sink_worker.log_tail()}"
         )
         assert "ClickHouse unavailable" in sink_worker.log_path.read_text()
+        status, body = readyz(sink["VS_WEB_PORT"])
+        assert status == 503 and json.loads(body)["checks"]["sink_reachable"] is False, body
         flag.unlink()
         assert wait_for_lag_zero(kafka_bootstrap, f"test-{unique}-sink", all_topics(env), 120), (
             sink_worker.log_tail()
         )
+        deadline = time.monotonic() + 60
+        while readyz(sink["VS_WEB_PORT"])[0] != 200:
+            assert time.monotonic() < deadline, readyz(sink["VS_WEB_PORT"])
+            time.sleep(0.5)
     finally:
         inference.stop()
         sink_worker.stop()
