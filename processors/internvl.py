@@ -24,18 +24,34 @@ tiles) + `</img>`, inside the InternVL 2.5 chat template (ChatML with the Intern
 system message), exactly as the original `model.chat`/`batch_chat` build it. Generation
 is greedy (`do_sample=False`), stops at `<|im_end|>`, and decodes only the new tokens.
 
+The native engine's default decode path (`EngineConfig.decode="static"`) does not call
+`generate`: the vision tower runs over all tiles of a batch in fixed-size tile batches
+(pinned host memory; the first image of each request, the vendor image, goes through a
+content-addressed, memory-bounded feature cache), the language model prefills in
+sub-batches of right-padded, length-sorted prompts, and `StaticGreedyDecoder` decodes
+greedily over a static KV cache whose step is replayed as a CUDA graph (optionally
+`torch.compile`d first). When one call holds several batches, the next batch's vision
+work is queued while the current one decodes. Greedy ids equal `generate`'s in float32
+(tests on CPU; checked on an H100 at the full 1B shape); in bfloat16 the different kernel
+choice makes long answers drift, as batched `generate` does. `decode="generate"` keeps the
+original path.
+
 Nothing here reads the environment or touches CUDA at import time; weights are loaded
 in `load()`, never in `__init__`. Only local files are read (`local_files_only=True`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,12 +78,16 @@ DeviceName = str
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 AttnName = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 FormatName = Literal["auto", "native", "remote-code"]
+DecodeName = Literal["auto", "static", "generate"]
 CheckpointKind = Literal["native", "original"]
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _ATTNS = ("auto", "sdpa", "eager", "flash_attention_2")
 _FORMATS = ("auto", "native", "remote-code")
+_DECODES = ("auto", "static", "generate")
 _CONVERTIBLE_LLMS = ("Qwen2ForCausalLM",)
+TIMING_STAGES = ("tokenize", "transfer", "vision", "prefill", "decode", "generate")
+"""Keys of `engine.timings` (seconds; "generate" is the whole `generate` path's model time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +106,29 @@ class EngineConfig:
             original Qwen2-based checkpoint) or "remote-code" (the checkpoint's own code).
         system_message: system message of the chat template; the default is the one the
             original `internvl2_5` template (and so the fine-tuning) used.
+        decode: "auto" (the native engine's own static-cache greedy loop, "static"; the
+            remote-code engine always uses "generate"), "static", or "generate" (the
+            checkpoint's `generate`, dynamic cache: the original one-call-per-batch path).
+        min_new_tokens: `<|im_end|>` is suppressed before this many new tokens (0 in
+            production; benchmarks force a fixed answer length with it).
+        cuda_graphs: on CUDA, replay each decode step of the static path as a CUDA graph
+            (one graph per batch size and cache length).
+        prefill_batch_size: rows per language-model prefill call of the static path.
+        vision_batch_tiles: tiles per vision-tower call of the static path.
+        cache_length_bucket: the static KV cache length (prompt + max_new_tokens) is
+            rounded up to a multiple of this, so few graph shapes exist.
+        feature_cache_mb: memory bound of the content-addressed cache of projected image
+            features (0 disables it); least recently used entries are evicted first.
+        feature_cache_images: the first N images of each request are cache candidates (the
+            vendor images, which repeat across returns, come first in the prompt).
+        compile_vision: on CUDA, `torch.compile` each vision-tower layer (fuses the norms,
+            activations and layer scales around the matrix products; one compilation is
+            shared by the identical layers). Off by default: it costs a compilation at
+            the first batch and changes the model object in place.
+        compile_decode: on CUDA, `torch.compile` the static path's decode step (fusing its
+            many small element-wise kernels; dynamic shapes, so one compilation serves every
+            batch size and cache length) before it is captured as a CUDA graph. Off by
+            default (the first batch pays the compilation).
 
     Raises `ValueError` on construction when a value is out of its domain.
     """
@@ -98,10 +141,31 @@ class EngineConfig:
     max_batch_size: int = 32
     format: FormatName = "auto"
     system_message: str = INTERNVL25_SYSTEM_MESSAGE
+    decode: DecodeName = "auto"
+    min_new_tokens: int = 0
+    cuda_graphs: bool = True
+    prefill_batch_size: int = 16
+    vision_batch_tiles: int = 128
+    cache_length_bucket: int = 128
+    feature_cache_mb: int = 512
+    feature_cache_images: int = 1
+    compile_vision: bool = False
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}"
+            )
+        if self.decode not in _DECODES:
+            raise ValueError(f"decode must be one of {_DECODES}, got {self.decode!r}")
+        for name in ("prefill_batch_size", "vision_batch_tiles", "cache_length_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.feature_cache_mb < 0 or self.feature_cache_images < 0:
+            raise ValueError("feature_cache_mb and feature_cache_images must be >= 0")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.dtype not in _DTYPES:
@@ -449,6 +513,364 @@ def resolve_attn_implementation(config: EngineConfig, device: str) -> str:
     return "sdpa"
 
 
+# ------------------------------------------------------------------ static fast path
+
+
+def content_key(tiles: Any) -> str:
+    """Content address of an image's tiles: sha256 over shape, dtype and raw bytes."""
+    import torch
+
+    array = tiles.detach().to("cpu").contiguous()
+    if array.dtype == torch.bfloat16:
+        array = array.view(torch.int16)
+    digest = hashlib.sha256(f"{tuple(array.shape)}:{array.dtype}".encode())
+    digest.update(memoryview(array.numpy()).cast("B"))
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Memory-bounded LRU of projected image features, keyed by `content_key`.
+
+    Vendor images repeat across the returns of a product; their vision-tower output is
+    reused instead of recomputed. Values stay on the model's device; `max_bytes` bounds
+    the sum of their sizes (an entry larger than the bound is not kept).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every entry and zero the counters."""
+        self._entries.clear()
+        self.bytes = self.hits = self.misses = 0
+
+    def get(self, key: str) -> Any:
+        value = self._entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        size = int(value.numel() * value.element_size())
+        if key in self._entries or size > self.max_bytes:
+            return
+        # A clone, so the entry does not pin the whole batch's feature tensor.
+        self._entries[key] = value.clone()
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= int(evicted.numel() * evicted.element_size())
+
+
+@dataclass
+class _DecodeSession:
+    """Static buffers of one (batch, cache length) shape, and its CUDA graph if any."""
+
+    batch: int
+    length: int
+    keys: list[Any]
+    values: list[Any]
+    tokens: Any  # (batch,) the token fed to the next step
+    pads: Any  # (batch,) right-padding columns of each row's prompt
+    prompt_end: Any  # () padded prompt length: generated tokens start at this column
+    column: Any  # () cache column the next step writes
+    step: Any  # () index of the token the next step produces
+    out: Any  # (batch, max_new_tokens) generated ids
+    graph: Any = None
+    prompt_length: int = 0  # padded prompt length of the rows now in the buffers
+
+
+class StaticGreedyDecoder:
+    """Greedy decoding of the InternVL language model (Qwen2) over a static KV cache.
+
+    Prefill runs the checkpoint's own language model (Hugging Face modules) on prompts
+    padded on the right: causal attention never looks at a later pad, so no mask is
+    needed and the fused causal kernel runs; positions are 0..n-1 as with left padding.
+    Its key/value states are copied into preallocated per-layer buffers of shape (batch,
+    kv heads, length, head dim); generated tokens go to the columns after the padded
+    prompt. Each decode step reuses the same modules (norms, projections, MLP, rotary
+    embedding, lm_head) with the attention written here: the grouped query heads attend
+    to their key/value head through one `scaled_dot_product_attention` call, masked to
+    the row's real prompt and its generated tokens. The step only
+    touches static buffers, so on CUDA it is captured once per shape as a CUDA graph and
+    replayed (no host work per token). `min_new_tokens` suppresses `<|im_end|>` exactly as
+    `MinNewTokensLengthLogitsProcessor` does.
+    """
+
+    max_sessions = 2
+    launch_ahead = 128
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        eos_id: int,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        length_bucket: int = 256,
+        cuda_graphs: bool = True,
+        check_every: int = 16,
+        compile_step: bool = False,
+    ) -> None:
+        import torch
+
+        self.model = model
+        self.language_model = model.model.language_model
+        self.lm_head = model.lm_head
+        text = self.language_model.config
+        self.layers = list(self.language_model.layers[: text.num_hidden_layers])
+        self.heads = int(text.num_attention_heads)
+        self.kv_heads = int(text.num_key_value_heads)
+        self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // self.heads)
+        self.image_token_id = int(model.config.image_token_id)
+        self.eos_id = eos_id
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.length_bucket = length_bucket
+        self.cuda_graphs = cuda_graphs
+        self.check_every = check_every
+        parameter = next(model.parameters())
+        self.device = parameter.device
+        self.dtype = parameter.dtype
+        self._sessions: OrderedDict[tuple[int, int], _DecodeSession] = OrderedDict()
+        self._run_step: Any = self._step
+        if compile_step:
+            self._run_step = torch.compile(self._step, dynamic=True)
+        self.compile_error: str | None = None
+
+    # ----------------------------------------------------------------- sessions
+
+    def cache_length(self, prompt_length: int) -> int:
+        needed = prompt_length + self.max_new_tokens
+        return -(-needed // self.length_bucket) * self.length_bucket
+
+    def session(self, batch: int, prompt_length: int) -> _DecodeSession:
+        """The static buffers (and graph) for this batch size and bucketed length."""
+        import torch
+
+        length = self.cache_length(prompt_length)
+        key = (batch, length)
+        found = self._sessions.get(key)
+        if found is not None:
+            self._sessions.move_to_end(key)
+            return found
+        while len(self._sessions) >= self.max_sessions:
+            self._sessions.popitem(last=False)
+        shape = (batch, self.kv_heads, length, self.head_dim)
+        options = {"device": self.device, "dtype": self.dtype}
+        session = _DecodeSession(
+            batch=batch,
+            length=length,
+            keys=[torch.zeros(shape, **options) for _ in self.layers],
+            values=[torch.zeros(shape, **options) for _ in self.layers],
+            tokens=torch.zeros(batch, dtype=torch.long, device=self.device),
+            pads=torch.zeros(batch, dtype=torch.long, device=self.device),
+            prompt_end=torch.zeros((), dtype=torch.long, device=self.device),
+            column=torch.zeros((), dtype=torch.long, device=self.device),
+            step=torch.zeros((), dtype=torch.long, device=self.device),
+            out=torch.zeros((batch, self.max_new_tokens), dtype=torch.long, device=self.device),
+        )
+        if self.cuda_graphs:
+            try:
+                session.graph = self._capture(session)
+            except Exception as exc:  # a compiled step that cannot be captured: run eagerly
+                if self._run_step is self._step:
+                    raise
+                self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
+                self._run_step = self._step
+                session.graph = self._capture(session)
+        self._sessions[key] = session
+        return session
+
+    def _capture(self, session: _DecodeSession) -> Any:
+        import torch
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: kernel selection and workspaces outside the graph
+                session.column.zero_()
+                session.step.zero_()
+                self._run_step(session)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        session.column.zero_()
+        session.step.zero_()
+        with torch.cuda.graph(graph):
+            self._run_step(session)
+        return graph
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill(
+        self,
+        session: _DecodeSession,
+        first_row: int,
+        input_ids: Any,
+        lengths: Any,
+        image_features: Any,
+    ) -> Any:
+        """Prefill rows [first_row, first_row + len(input_ids)) of `session`.
+
+        `input_ids` are right-padded to the chunk's prompt length; `lengths` holds each
+        row's real length. Returns the first generated token of each row (greedy,
+        `<|im_end|>` suppressed while min_new_tokens is not reached).
+        """
+        import torch
+
+        language_model = self.language_model
+        embeds = language_model.embed_tokens(input_ids)
+        if image_features is not None:
+            image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
+            if int(image_mask.sum()) * embeds.shape[-1] != image_features.numel():
+                raise ProcessingError(
+                    ErrorCode.INVALID_REQUEST,
+                    "image features and image tokens do not match",
+                    STAGE,
+                )
+            embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
+        batch, prompt_length = int(input_ids.shape[0]), int(input_ids.shape[1])
+        position_ids = torch.arange(prompt_length, device=input_ids.device)[None, :]
+        output = language_model(
+            inputs_embeds=embeds, position_ids=position_ids.expand(batch, -1), use_cache=True
+        )
+        rows = slice(first_row, first_row + batch)
+        if prompt_length + self.max_new_tokens > session.length:
+            raise ValueError(f"prompt of {prompt_length} tokens does not fit the session")
+        session.prompt_length = prompt_length
+        session.prompt_end.fill_(prompt_length)
+        cache = output.past_key_values
+        for index, layer in enumerate(cache.layers[: len(self.layers)]):
+            session.keys[index][rows, :, :prompt_length] = layer.keys
+            session.values[index][rows, :, :prompt_length] = layer.values
+        session.pads[rows] = prompt_length - lengths
+        last = output.last_hidden_state[torch.arange(batch, device=lengths.device), lengths - 1]
+        logits = self.lm_head(last[:, None, :])[:, -1, :].float()
+        if self.min_new_tokens > 0:
+            logits[:, self.eos_id] = -float("inf")
+        return logits.argmax(-1)
+
+    # ------------------------------------------------------------------- decode
+
+    def decode(
+        self,
+        session: _DecodeSession,
+        first_tokens: Any,
+        while_running: Callable[[], None] | None = None,
+    ) -> list[list[int]]:
+        """Greedy tokens of every row (max_new_tokens each, early exit once all ended).
+
+        `while_running` is called once the first `launch_ahead` steps are queued on the
+        GPU (before any wait), so host work for the next batch overlaps this decode.
+        """
+        session.tokens.copy_(first_tokens)
+        session.out[:, 0] = first_tokens
+        session.step.fill_(1)
+        session.column.fill_(session.prompt_length)
+        produced = 1
+        pending = while_running
+        while produced < self.max_new_tokens:
+            if session.graph is not None:
+                session.graph.replay()
+            else:
+                self._run_step(session)
+            produced += 1
+            if pending is not None:
+                if produced < min(self.launch_ahead, self.max_new_tokens):
+                    continue  # no early-exit checks (they wait for the GPU) until it ran
+                pending()
+                pending = None
+            if produced % self.check_every == 0 and self._all_ended(session, produced):
+                break
+        if pending is not None:
+            pending()
+        rows: list[list[int]] = session.out[:, :produced].tolist()
+        return rows
+
+    def _all_ended(self, session: _DecodeSession, produced: int) -> bool:
+        if produced < self.min_new_tokens:
+            return False
+        return bool((session.out[:, :produced] == self.eos_id).any(-1).all())
+
+    def _step(self, session: _DecodeSession) -> None:
+        """One greedy step for every row, on static buffers only (graph-capturable)."""
+        import torch
+        import torch.nn.functional as functional
+
+        # Sizes from tensor shapes (not the session's ints): a compiled step with dynamic
+        # shapes then serves every batch size and cache length without recompiling.
+        batch, length = session.tokens.shape[0], session.keys[0].shape[2]
+        language_model = self.language_model
+        hidden = language_model.embed_tokens(session.tokens[:, None])  # (batch, 1, hidden)
+        positions = (session.column - session.pads)[:, None]  # real length + generated
+        cos, sin = language_model.rotary_emb(hidden, positions)
+        cos, sin = cos[:, None], sin[:, None]  # (batch, 1, 1, head_dim)
+        columns = torch.arange(length, device=session.tokens.device)[None, :]
+        prompt = columns < (session.prompt_end - session.pads)[:, None]
+        generated = (columns >= session.prompt_end) & (columns <= session.column)
+        visible = prompt | generated
+        mask = visible[:, None, None, :]  # (batch, 1, 1, length)
+        where = session.column.view(1)
+        group = self.heads // self.kv_heads
+        for index, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            residual = hidden
+            normed = layer.input_layernorm(hidden)
+            query = attention.q_proj(normed).view(batch, 1, self.heads, self.head_dim)
+            key = attention.k_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
+            value = attention.v_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
+            query = query.transpose(1, 2)
+            key = key.transpose(1, 2)
+            query = query * cos + _rotate_half(query) * sin
+            key = key * cos + _rotate_half(key) * sin
+            session.keys[index].index_copy_(2, where, key)
+            session.values[index].index_copy_(2, where, value.transpose(1, 2))
+            # Query heads h*group .. h*group+group-1 share key/value head h (repeat_kv order).
+            grouped = query.reshape(batch, self.kv_heads, group, self.head_dim)
+            attended = functional.scaled_dot_product_attention(
+                grouped,
+                session.keys[index],
+                session.values[index],
+                attn_mask=mask,
+                scale=attention.scaling,
+            )
+            attended = attended.reshape(batch, 1, self.heads * self.head_dim)
+            hidden = residual + attention.o_proj(attended)
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = language_model.norm(hidden)
+        logits = self.lm_head(hidden)[:, -1, :].float()
+        if self.min_new_tokens > 0:
+            suppress = session.step < self.min_new_tokens
+            logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
+        chosen = logits.argmax(-1)
+        session.out.index_copy_(1, session.step.view(1), chosen[:, None])
+        session.tokens.copy_(chosen)
+        session.column.add_(1)
+        session.step.add_(1)
+
+
+def _append_call(out: list[Any], function: Callable[[int], Any], argument: int) -> None:
+    out.append(function(argument))
+
+
+def _rotate_half(x: Any) -> Any:
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 # -------------------------------------------------------------------------- engines
 
 
@@ -477,6 +899,22 @@ class _InternVLEngineBase:
         self.image_size = 0
         self._im_end_id = -1
         self._pad_id = -1
+        self._context_id = -1
+        self.timings: dict[str, float] = dict.fromkeys(TIMING_STAGES, 0.0)
+        # Seconds from the start of the last `generate_token_ids` call until each request's
+        # chunk was done (per request, in call order).
+        self.last_completion_s: list[float] = []
+
+    def reset_timings(self) -> None:
+        """Zero the per-stage seconds accumulated by `generate_token_ids`."""
+        self.timings = dict.fromkeys(TIMING_STAGES, 0.0)
+
+    def _sync(self) -> None:
+        """Wait for the work queued on the current CUDA stream (no-op on CPU)."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.current_stream(self.device).synchronize()
 
     @property
     def model_version(self) -> str:
@@ -524,6 +962,11 @@ class _InternVLEngineBase:
             local_files_only=True,
             trust_remote_code=self._trust_remote_code_tokenizer(),
         )
+        self._adopt_tokenizer(tokenizer)
+        return tokenizer
+
+    def _adopt_tokenizer(self, tokenizer: Any) -> None:
+        """Check that the InternVL tokens are single tokens; note `<|im_end|>` and pad ids."""
         ids = {}
         for token in (
             IMG_START_TOKEN,
@@ -541,9 +984,9 @@ class _InternVLEngineBase:
                 )
             ids[token] = encoded[0]
         self._im_end_id = ids[IM_END_TOKEN]
+        self._context_id = ids[IMG_CONTEXT_TOKEN]
         pad = tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else self._im_end_id
-        return tokenizer
 
     def _trust_remote_code_tokenizer(self) -> bool:
         return False
@@ -589,18 +1032,70 @@ class _InternVLEngineBase:
         size = self.config.max_batch_size
         results: list[list[int]] = [[] for _ in batch]
         with self._lock:  # the tokenizer and the model are not safe to share across threads
-            encoded = [self._encode(request) for request in batch]
+            started = time.perf_counter()
+            encoded = self._encode_all(batch)
+            self.timings["tokenize"] += time.perf_counter() - started
             order = sorted(range(len(batch)), key=lambda index: len(encoded[index]))
-            for start in range(0, len(order), size):
-                chunk = order[start : start + size]
-                outputs = self._run_chunk([encoded[i] for i in chunk], [batch[i] for i in chunk])
+            chunks = [order[start : start + size] for start in range(0, len(order), size)]
+            self.last_completion_s = [0.0] * len(batch)
+            for chunk, outputs in zip(
+                chunks, self._run_chunks(encoded, batch, chunks), strict=True
+            ):
+                finished = time.perf_counter() - started
                 for index, ids in zip(chunk, outputs, strict=True):
                     results[index] = ids
+                    self.last_completion_s[index] = finished
         return results
 
+    def _run_chunks(
+        self,
+        encoded: list[list[int]],
+        batch: Sequence[PreparedRequest],
+        chunks: list[list[int]],
+    ) -> Iterator[list[list[int]]]:
+        """Outputs of each chunk (indices into `batch`), in chunk order, as they finish."""
+        for chunk in chunks:
+            yield self._run_chunk([encoded[i] for i in chunk], [batch[i] for i in chunk])
+
     def _encode(self, request: PreparedRequest) -> list[int]:
+        """Token ids of one request's full prompt (image tokens expanded)."""
+        return self._encode_all([request])[0]
+
+    def _encode_all(self, batch: Sequence[PreparedRequest]) -> list[list[int]]:
+        """Token ids of every request's prompt, tokenized in one batched call.
+
+        The text is tokenized with one `<IMG_CONTEXT>` per tile; each is then widened to
+        `tokens_per_tile` ids. `<IMG_CONTEXT>` is a special token, split out before the
+        text is tokenized, so the ids equal those of the fully expanded prompt (which is
+        tokenized instead should the count not add up).
+        """
+        texts = [self._compact_text(request) for request in batch]
+        compact: list[list[int]] = self._tokenizer(texts)["input_ids"]
+        context_id = self._context_id
+        out: list[list[int]] = []
+        for request, ids in zip(batch, compact, strict=True):
+            if ids.count(context_id) != sum(request.num_patches):
+                full = build_chat_prompt(
+                    expand_image_placeholders(
+                        request.prompt, request.num_patches, self.tokens_per_tile
+                    ),
+                    self.config.system_message,
+                )
+                out.append(list(self._tokenizer(full)["input_ids"]))
+                continue
+            widened: list[int] = []
+            for token in ids:
+                if token == context_id:
+                    widened.extend([context_id] * self.tokens_per_tile)
+                else:
+                    widened.append(token)
+            out.append(widened)
+        return out
+
+    def _compact_text(self, request: PreparedRequest) -> str:
+        """The chat prompt with one `<IMG_CONTEXT>` per tile; validates the request."""
         text = build_chat_prompt(
-            expand_image_placeholders(request.prompt, request.num_patches, self.tokens_per_tile),
+            expand_image_placeholders(request.prompt, request.num_patches, 1),
             self.config.system_message,
         )
         tiles = sum(request.num_patches)
@@ -620,8 +1115,7 @@ class _InternVLEngineBase:
                     f"expected {expected}",
                     STAGE,
                 )
-        ids: list[int] = self._tokenizer(text)["input_ids"]
-        return ids
+        return text
 
     def _run_chunk(
         self, encoded: list[list[int]], requests: list[PreparedRequest]
@@ -638,9 +1132,12 @@ class _InternVLEngineBase:
         pixel_values = torch.cat(tiles).to(device=self.device, dtype=self.dtype) if tiles else None
         try:
             with torch.inference_mode():
+                started = time.perf_counter()
                 new_ids = self._generate_new_ids(
                     input_ids.to(self.device), attention_mask.to(self.device), pixel_values
                 )
+                self._sync()
+                self.timings["generate"] += time.perf_counter() - started
         except ProcessingError:
             raise
         except Exception as exc:
@@ -649,8 +1146,11 @@ class _InternVLEngineBase:
                 f"generation failed: {type(exc).__name__}: {exc}"[:2000],
                 STAGE,
             ) from exc
+        return self._cut_outputs(new_ids.tolist())
+
+    def _cut_outputs(self, rows: list[list[int]]) -> list[list[int]]:
         outputs: list[list[int]] = []
-        for row in new_ids.tolist():
+        for row in rows:
             ids = row[: self.config.max_new_tokens]
             if self._im_end_id in ids:
                 ids = ids[: ids.index(self._im_end_id)]
@@ -658,7 +1158,9 @@ class _InternVLEngineBase:
         return outputs
 
     def _generation_kwargs(self) -> dict[str, Any]:
+        extra = {"min_new_tokens": self.config.min_new_tokens} if self.config.min_new_tokens else {}
         return {
+            **extra,
             "max_new_tokens": self.config.max_new_tokens,
             "do_sample": False,
             "eos_token_id": self._im_end_id,
@@ -680,6 +1182,11 @@ class NativeInternVLEngine(_InternVLEngineBase):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self.converted_from_original = False
+        self._decoder: StaticGreedyDecoder | None = None
+        self._feature_cache: FeatureCache | None = None
+        self._pinned: Any = None
+        self._vision_stream: Any = None
+        self._hash_pool: ThreadPoolExecutor | None = None
 
     def _load_model(self, raw_config: Mapping[str, Any], tokenizer: Any) -> Any:
         from transformers import InternVLForConditionalGeneration
@@ -715,7 +1222,10 @@ class NativeInternVLEngine(_InternVLEngineBase):
                 f"weights of {self.model_path} do not fit the native model: {problems}",
                 STAGE,
             )
-        model = model.to(self.device).eval()
+        return self._adopt_model(model.to(self.device).eval(), tokenizer)
+
+    def _adopt_model(self, model: Any, tokenizer: Any) -> Any:
+        """Check the image token, read the tile geometry, set up the static decode path."""
         context_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
         if context_token != IMG_CONTEXT_TOKEN:
             raise ProcessingError(
@@ -728,7 +1238,264 @@ class NativeInternVLEngine(_InternVLEngineBase):
         self.image_size = int(vision.image_size[0])
         grid = self.image_size // int(vision.patch_size[0])
         self.tokens_per_tile = round(grid**2 * model.config.downsample_ratio**2)
+        self._decoder = None
+        self._feature_cache = None
+        if self.config.decode in ("auto", "static"):
+            self._decoder = StaticGreedyDecoder(
+                model,
+                eos_id=self._im_end_id,
+                max_new_tokens=self.config.max_new_tokens,
+                min_new_tokens=self.config.min_new_tokens,
+                length_bucket=self.config.cache_length_bucket,
+                cuda_graphs=self.config.cuda_graphs and self.device.startswith("cuda"),
+                compile_step=self.config.compile_decode and self.device.startswith("cuda"),
+            )
+            if self.config.feature_cache_mb and self.config.feature_cache_images:
+                self._feature_cache = FeatureCache(self.config.feature_cache_mb * 2**20)
+            if self.config.compile_vision and self.device.startswith("cuda"):
+                for layer in model.model.vision_tower.encoder.layer:
+                    layer.compile(dynamic=False)
         return model
+
+    @classmethod
+    def from_model(cls, config: EngineConfig, model: Any, tokenizer: Any) -> NativeInternVLEngine:
+        """An engine around an in-memory model and tokenizer (benchmarks, tests).
+
+        `config.model_path` only names the engine; the model's own device and dtype are
+        used. Several engines may share one model (e.g. to compare decode paths).
+        """
+        engine = cls(config)
+        parameter = next(model.parameters())
+        engine.device = str(parameter.device)
+        engine.dtype = parameter.dtype
+        engine.attn_implementation = str(model.config._attn_implementation)
+        engine._adopt_tokenizer(tokenizer)
+        engine._model = engine._adopt_model(model.eval(), tokenizer)
+        engine._tokenizer = tokenizer
+        engine._version = f"{cls._prefix}:{engine.model_path.name}:in-memory"
+        return engine
+
+    @property
+    def feature_cache(self) -> FeatureCache | None:
+        """The image-feature cache of the static path (None when disabled)."""
+        return self._feature_cache
+
+    def _run_chunks(
+        self,
+        encoded: list[list[int]],
+        batch: Sequence[PreparedRequest],
+        chunks: list[list[int]],
+    ) -> Iterator[list[list[int]]]:
+        """The static path, pipelined: the next chunk's images are encoded while this one decodes.
+
+        Per chunk: wait for its image features, prefill, then queue the next chunk's vision
+        work (hashing and pinned copies on the host, the vision tower on a second CUDA
+        stream) before decoding, so the compute-bound vision tower fills the GPU while the
+        latency-bound decode steps run.
+        """
+        if self._decoder is None:
+            yield from super()._run_chunks(encoded, batch, chunks)
+            return
+        import torch
+
+        def wrapped(step: Any, *args: Any) -> Any:
+            try:
+                with torch.inference_mode():
+                    return step(*args)
+            except ProcessingError:
+                raise
+            except Exception as exc:
+                raise ProcessingError(
+                    ErrorCode.MODEL_FAILED,
+                    f"generation failed: {type(exc).__name__}: {exc}"[:2000],
+                    STAGE,
+                ) from exc
+
+        def requests_of(number: int) -> list[PreparedRequest]:
+            return [batch[i] for i in chunks[number]]
+
+        def start_vision(number: int) -> tuple[list[list[Any]], Any]:
+            began = time.perf_counter()
+            queued: tuple[list[list[Any]], Any] = wrapped(self._start_vision, requests_of(number))
+            spent = time.perf_counter() - began  # hashing, copies, queueing (all of it on CPU)
+            self.timings["vision"] += spent
+            self.timings["generate"] += spent
+            return queued
+
+        pending = start_vision(0)
+        for number, chunk in enumerate(chunks):
+            started = time.perf_counter()
+            features, ready = pending
+            if ready is not None:
+                ready.synchronize()  # exposed (not overlapped) vision time
+            vision_done = time.perf_counter()
+            self.timings["vision"] += vision_done - started
+            rows = [encoded[i] for i in chunk]
+            session, first = wrapped(self._prefill, rows, features)
+            self._sync()
+            prefill_done = time.perf_counter()
+            self.timings["prefill"] += prefill_done - vision_done
+            self.timings["generate"] += prefill_done - started
+            upcoming: list[tuple[list[list[Any]], Any]] = []
+            queue_next = None
+            if number + 1 < len(chunks):
+                queue_next = functools.partial(_append_call, upcoming, start_vision, number + 1)
+            vision_before = self.timings["vision"]
+            decode_started = time.perf_counter()
+            tokens = wrapped(self._decoder.decode, session, first, queue_next)
+            # The next batch's host-side vision work ran inside; it is counted as vision.
+            spent = time.perf_counter() - decode_started
+            spent -= self.timings["vision"] - vision_before
+            self.timings["decode"] += spent
+            self.timings["generate"] += spent
+            if upcoming:
+                pending = upcoming[0]
+            del features
+            yield self._cut_outputs(tokens)
+
+    def _start_vision(self, requests: list[PreparedRequest]) -> tuple[list[list[Any]], Any]:
+        """Queue the image features of `requests`; returns (features, CUDA event or None)."""
+        if not self.device.startswith("cuda"):
+            return self._image_features(requests), None
+        import torch
+
+        if self._vision_stream is None:
+            self._vision_stream = torch.cuda.Stream(self.device)
+        stream = self._vision_stream
+        # The vision stream may reuse memory the main stream freed: order it after it.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            features = self._image_features(requests)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return features, ready
+
+    def _prefill(self, encoded: list[list[int]], features: list[list[Any]]) -> tuple[Any, Any]:
+        """Prefill every row of a chunk (sub-batches); returns (session, first tokens)."""
+        import torch
+
+        assert self._decoder is not None
+        longest = max(len(ids) for ids in encoded)
+        session = self._decoder.session(len(encoded), longest)
+        first_tokens = []
+        step = self.config.prefill_batch_size
+        for begin in range(0, len(encoded), step):
+            rows = encoded[begin : begin + step]
+            input_ids = torch.full((len(rows), longest), self._pad_id, dtype=torch.long)
+            for row, ids in enumerate(rows):  # right padding: see StaticGreedyDecoder
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            lengths = torch.tensor([len(ids) for ids in rows], dtype=torch.long)
+            row_features = [f for feats in features[begin : begin + step] for f in feats]
+            image_features = torch.cat(row_features) if row_features else None
+            first_tokens.append(
+                self._decoder.prefill(
+                    session,
+                    begin,
+                    input_ids.to(self.device, non_blocking=True),
+                    lengths.to(self.device, non_blocking=True),
+                    image_features,
+                )
+            )
+        return session, torch.cat(first_tokens)
+
+    def _image_features(self, requests: list[PreparedRequest]) -> list[list[Any]]:
+        """Projected features per request, one (tiles, tokens, hidden) tensor per image.
+
+        The first `feature_cache_images` images of a request are looked up in the feature
+        cache by content (sha256 of their tiles); every other tile goes through the vision
+        tower in batches of `vision_batch_tiles`, moved to the device from pinned memory.
+        """
+        cache = self._feature_cache
+        candidates = self.config.feature_cache_images if cache is not None else 0
+        # "cached": a feature tensor; "todo": an index into `todo`.
+        plan: list[list[tuple[str, Any]]] = []  # per image: ("cached", tensor) | ("todo", index)
+        todo: list[Any] = []
+        todo_keys: list[str | None] = []
+        pending: dict[str, int] = {}
+        split = [
+            (
+                list(request.pixel_values.split(list(request.num_patches)))
+                if request.pixel_values is not None and request.num_patches
+                else []
+            )
+            for request in requests
+        ]
+        hashed = [tiles for images in split for tiles in images[:candidates]]
+        if len(hashed) > 1:  # sha256 releases the GIL: hash the candidates in parallel
+            if self._hash_pool is None:
+                self._hash_pool = ThreadPoolExecutor(8, thread_name_prefix="feature-key")
+            keys = iter(list(self._hash_pool.map(content_key, hashed)))
+        else:
+            keys = iter([content_key(tiles) for tiles in hashed])
+        for images_of_request in split:
+            images: list[tuple[str, Any]] = []
+            if images_of_request:
+                for number, tiles in enumerate(images_of_request):
+                    key = next(keys) if number < candidates else None
+                    hit = cache.get(key) if cache is not None and key is not None else None
+                    if hit is not None:
+                        images.append(("cached", hit))
+                    elif key is not None and key in pending:
+                        images.append(("todo", pending[key]))
+                    else:
+                        if key is not None:
+                            pending[key] = len(todo)
+                        images.append(("todo", len(todo)))
+                        todo.append(tiles)
+                        todo_keys.append(key)
+            plan.append(images)
+        computed = self._encode_images(todo)
+        if cache is not None:
+            for key, value in zip(todo_keys, computed, strict=True):
+                if key is not None:
+                    cache.put(key, value)
+        return [
+            [value if kind == "cached" else computed[value] for kind, value in images]
+            for images in plan
+        ]
+
+    def _encode_images(self, images: list[Any]) -> list[Any]:
+        """Vision tower + projector over all tiles of `images`, in fixed-size tile batches."""
+        import torch
+
+        if not images:
+            return []
+        counts = [int(image.shape[0]) for image in images]
+        total = sum(counts)
+        started = time.perf_counter()
+        host = self._host_buffer(total, tuple(images[0].shape[1:]))
+        torch.cat(images, out=host)
+        pixels = host.to(self.device, non_blocking=True).to(self.dtype)
+        self.timings["transfer"] += time.perf_counter() - started
+        model = self._model.model
+        config = self._model.config
+        step = self.config.vision_batch_tiles
+        parts = []
+        for begin in range(0, total, step):
+            parts.append(
+                model.get_image_features(
+                    pixel_values=pixels[begin : begin + step],
+                    vision_feature_layer=config.vision_feature_layer,
+                    vision_feature_select_strategy=config.vision_feature_select_strategy,
+                    return_dict=True,
+                ).pooler_output
+            )
+        features = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return list(features.split(counts))
+
+    def _host_buffer(self, tiles: int, tile_shape: tuple[int, ...]) -> Any:
+        """A reusable host buffer for the tiles (pinned when the model is on CUDA)."""
+        import torch
+
+        buffer = self._pinned
+        if buffer is None or buffer.shape[0] < tiles or tuple(buffer.shape[1:]) != tile_shape:
+            buffer = torch.empty(
+                (max(tiles, 2 * (buffer.shape[0] if buffer is not None else 0)), *tile_shape),
+                dtype=torch.float32,
+                pin_memory=self.device.startswith("cuda"),
+            )
+            self._pinned = buffer
+        return buffer[:tiles]
 
     def _generate_new_ids(self, input_ids: Any, attention_mask: Any, pixel_values: Any) -> Any:
         output = self._model.generate(

