@@ -199,6 +199,7 @@ def _register_inference(
         async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
             writer = runtime.new_writer(publisher)
             await process_batch(runtime.verification, events, writer, metrics)
+            runtime.sync_engine_metrics()
 
     @app.agent(listings, name="categorize-listings")
     async def categorize_listings(stream: faust.StreamT) -> None:

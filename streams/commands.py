@@ -110,6 +110,15 @@ def register_commands(app: faust.App, settings: Settings) -> None:
             else:
                 self.say(f"\n== {report_name} (since {since})\n{format_table(result)}")
 
+    @app.command(argument("args", nargs=-1))
+    async def bench_vlm(self: AppCommand, args: tuple[str, ...]) -> None:
+        """GPU throughput benchmark (bench/bench_vlm.py); `bench-vlm -- --help` lists options."""
+        from bench.bench_vlm import main as bench_main
+
+        code = await _in_thread(bench_main, list(args))
+        if code:
+            sys.exit(code)
+
     @app.command(
         option("--timeout", type=float, default=180.0, help="seconds to wait for the outputs"),
         option("--keep-running", is_flag=True, default=False, help="leave the workers running"),

@@ -117,6 +117,7 @@ class InferenceRuntime:
         self.model_versions: dict[str, str] = {}
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
+        self._cache_seen = (0, 0)
 
     async def start(self) -> None:
         try:
@@ -130,6 +131,7 @@ class InferenceRuntime:
         settings = self.settings
         await self.gatherer.start()
         engine = self._engine or build_engine(settings)
+        self._engine = engine
         await asyncio.to_thread(engine.load)
         self.model_versions["verification"] = engine.model_version
         # The replay engine never looks at pixels, so images are not fetched for it.
@@ -161,6 +163,19 @@ class InferenceRuntime:
                 "startup",
             )
         return load_categorizer(settings)
+
+    def sync_engine_metrics(self) -> None:
+        """Forward the engine's vendor-image feature-cache counters to the metrics."""
+        cache = getattr(self._engine, "feature_cache", None)
+        if cache is None:
+            return
+        hits, misses = int(cache.hits), int(cache.misses)
+        seen_hits, seen_misses = self._cache_seen
+        if hits < seen_hits or misses < seen_misses:  # the cache was cleared
+            seen_hits = seen_misses = 0
+        self.metrics.count_cache_hit(hits - seen_hits)
+        self.metrics.count_cache_miss(misses - seen_misses)
+        self._cache_seen = (hits, misses)
 
     def new_writer(self, publisher: Publisher) -> EventWriter:
         return EventWriter(publisher, self.codecs, self.settings.topics)
