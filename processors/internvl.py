@@ -52,6 +52,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,18 @@ from processors.errors import ErrorCode, ProcessingError
 from processors.inference import IMAGE_PLACEHOLDER, InferenceEngine, PreparedRequest
 
 STAGE = "model"
+
+
+@contextmanager
+def coded_failure(code: ErrorCode, what: str) -> Iterator[None]:
+    """Let `ProcessingError` through; turn any other exception into `code`, prefixed by `what`."""
+    try:
+        yield
+    except ProcessingError:
+        raise
+    except Exception as exc:
+        raise ProcessingError(code, f"{what}: {type(exc).__name__}: {exc}"[:2000], STAGE) from exc
+
 
 INTERNVL25_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多个合作单位"
@@ -939,17 +952,9 @@ class _InternVLEngineBase:
         self.device = resolve_device(self.config)
         self.dtype = resolve_dtype(self.config, self.device)
         self.attn_implementation = resolve_attn_implementation(self.config, self.device)
-        try:
+        with coded_failure(ErrorCode.MODEL_NOT_LOADED, f"loading {self.model_path} failed"):
             tokenizer = self._load_tokenizer()
             model = self._load_model(raw_config, tokenizer)
-        except ProcessingError:
-            raise
-        except Exception as exc:
-            raise ProcessingError(
-                ErrorCode.MODEL_NOT_LOADED,
-                f"loading {self.model_path} failed: {type(exc).__name__}: {exc}"[:2000],
-                STAGE,
-            ) from exc
         self._tokenizer = tokenizer
         self._model = model
         self._version = model_version_id(self._prefix, self.model_path)
@@ -1130,22 +1135,13 @@ class _InternVLEngineBase:
             attention_mask[row, longest - len(ids) :] = 1
         tiles = [r.pixel_values for r in requests if r.pixel_values is not None and r.num_patches]
         pixel_values = torch.cat(tiles).to(device=self.device, dtype=self.dtype) if tiles else None
-        try:
-            with torch.inference_mode():
-                started = time.perf_counter()
-                new_ids = self._generate_new_ids(
-                    input_ids.to(self.device), attention_mask.to(self.device), pixel_values
-                )
-                self._sync()
-                self.timings["generate"] += time.perf_counter() - started
-        except ProcessingError:
-            raise
-        except Exception as exc:
-            raise ProcessingError(
-                ErrorCode.MODEL_FAILED,
-                f"generation failed: {type(exc).__name__}: {exc}"[:2000],
-                STAGE,
-            ) from exc
+        with coded_failure(ErrorCode.MODEL_FAILED, "generation failed"), torch.inference_mode():
+            started = time.perf_counter()
+            new_ids = self._generate_new_ids(
+                input_ids.to(self.device), attention_mask.to(self.device), pixel_values
+            )
+            self._sync()
+            self.timings["generate"] += time.perf_counter() - started
         return self._cut_outputs(new_ids.tolist())
 
     def _cut_outputs(self, rows: list[list[int]]) -> list[list[int]]:
@@ -1299,17 +1295,8 @@ class NativeInternVLEngine(_InternVLEngineBase):
         import torch
 
         def wrapped(step: Any, *args: Any) -> Any:
-            try:
-                with torch.inference_mode():
-                    return step(*args)
-            except ProcessingError:
-                raise
-            except Exception as exc:
-                raise ProcessingError(
-                    ErrorCode.MODEL_FAILED,
-                    f"generation failed: {type(exc).__name__}: {exc}"[:2000],
-                    STAGE,
-                ) from exc
+            with coded_failure(ErrorCode.MODEL_FAILED, "generation failed"), torch.inference_mode():
+                return step(*args)
 
         def requests_of(number: int) -> list[PreparedRequest]:
             return [batch[i] for i in chunks[number]]
