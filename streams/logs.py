@@ -27,13 +27,18 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 #: Longer runs of base64 characters than this are replaced.
 MAX_BASE64_RUN: Final = 200
 _BASE64_RUN = re.compile("[A-Za-z0-9+/=]{" + str(MAX_BASE64_RUN + 1) + ",}")
-# Same rule as `streams.settings.redact`: the password between `user:` and `@`.
+# The password between `scheme://user:` and `@`.
 _URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]*)@")
+
+
+def redact_passwords(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@host` replaced by `***`."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def redact_text(text: str) -> str:
     """`text` with URL passwords replaced by `***` and long base64 runs by a marker."""
-    text = _URL_PASSWORD.sub(r"\1:***@", text)
+    text = redact_passwords(text)
     return _BASE64_RUN.sub(lambda m: f"<redacted {len(m.group())} base64 chars>", text)
 
 

@@ -8,7 +8,6 @@ Secrets (passwords inside DSNs and URLs) never appear in `repr()` or `public()`.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from processors.gathering import GatherLimits
 from processors.sink import SinkTopics
+from streams.logs import redact_passwords
 
 DEFAULT_STATE_DIR = ".cache/visionstream"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -36,14 +36,6 @@ class Topics(SinkTopics):
             if getattr(self, item.name) == topic:
                 return item.name.replace("_", "-")
         raise KeyError(f"unknown topic {topic!r}")
-
-
-_SECRET_IN_URL = re.compile(r"(?<=://)([^:/@]+):([^@/]*)@")
-
-
-def redact(url: str) -> str:
-    """Hide the password of `scheme://user:password@host` URLs."""
-    return _SECRET_IN_URL.sub(r"\1:***@", url)
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ class Settings:
     def public(self) -> dict[str, Any]:
         """Settings as plain data with secrets redacted, for logs and the info page."""
         return {
-            "broker": redact(self.broker),
+            "broker": redact_passwords(self.broker),
             "app_id": self.app_id,
             "role": self.role,
             "web_port": self.web_port,
@@ -97,8 +89,8 @@ class Settings:
             "batch_size": self.batch_size,
             "batch_wait_s": self.batch_wait_s,
             "max_message_bytes": self.max_message_bytes,
-            "schema_registry_url": redact(self.schema_registry_url or ""),
-            "clickhouse_dsn": redact(self.effective_clickhouse_dsn),
+            "schema_registry_url": redact_passwords(self.schema_registry_url or ""),
+            "clickhouse_dsn": redact_passwords(self.effective_clickhouse_dsn),
             "model_path": str(self.model_path) if self.model_path else None,
             "replay_outputs": str(self.replay_outputs) if self.replay_outputs else None,
             "categorizer_artifacts": str(self.categorizer_artifacts or ""),
