@@ -24,7 +24,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 
 from streams.codecs import Codecs
-from streams.kafka_admin import bootstrap_servers, ensure_topics, wait_for_lag_zero
+from streams.kafka_admin import bootstrap_servers, ensure_topics, source_of, wait_for_lag_zero
 from streams.settings import SAMPLES_DIR, Settings
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -131,15 +131,7 @@ def _collect(
                 continue
             topic = str(message.topic())
             record = codecs.for_schema(topics.schema_of(topic)).decode(message.value())
-            if topic == topics.dead_letter:
-                source = (
-                    record["source_topic"],
-                    record["source_partition"],
-                    record["source_offset"],
-                )
-            else:
-                src = record.get("source") or {}
-                source = (src.get("topic"), src.get("partition"), src.get("offset"))
+            source = source_of(topics.schema_of(topic), record)
             if source in remaining:
                 remaining.discard(source)
                 seen[topic].append(record)

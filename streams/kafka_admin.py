@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+
+
+def source_of(schema: str, record: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    """The input position an output record points back to (None if it carries none).
+
+    Dead letters keep it in `source_topic/partition/offset`; decisions and tags in `source`.
+    """
+    if schema == "dead-letter":
+        return (record["source_topic"], record["source_partition"], record["source_offset"])
+    source = record.get("source")
+    if not source:
+        return None
+    return (source["topic"], source["partition"], source["offset"])
 
 
 def bootstrap_servers(broker_url: str) -> str:

@@ -10,6 +10,9 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 
 from streams.codecs import Codecs
+from streams.kafka_admin import source_of
+
+__all__ = ["collect", "produce", "source_of"]
 
 
 def produce(
@@ -34,13 +37,6 @@ def produce(
     assert producer.flush(60) == 0, "broker did not acknowledge"
     assert not errors, errors
     return positions
-
-
-def source_of(topic_schema: str, record: dict[str, Any]) -> tuple[str, int, int]:
-    if topic_schema == "dead-letter":
-        return (record["source_topic"], record["source_partition"], record["source_offset"])
-    src = record["source"]
-    return (src["topic"], src["partition"], src["offset"])
 
 
 def collect(
