@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from processors.errors import Failure, failure_from_exception
 from processors.records import (
@@ -29,12 +29,13 @@ from processors.records import (
     idempotency_key,
 )
 from processors.verification import VerificationInput, VerificationOutcome, VerificationPipeline
-from streams.codecs import Codecs, now_ms
+from streams.codecs import Codecs, TopicCodec, now_ms
 from streams.logs import log_outcome
 from streams.metrics import Metrics
 from streams.publishing import EventWriter
 from streams.settings import Topics
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 outcomes_log = logging.getLogger("visionstream.outcomes")
 
@@ -76,11 +77,28 @@ def dead_letter(message: RawMessage, failure: Failure, **context: Any) -> DeadLe
 
 
 class _Outputs:
-    """Shared by both handlers: dead letters with their metrics and outcome log lines."""
+    """Shared by both handlers: decoding inputs, dead letters with their metrics, outcome lines."""
 
     def __init__(self, topics: Topics, metrics: Metrics) -> None:
         self.topics = topics
         self.metrics = metrics
+
+    async def decode_all(
+        self,
+        writer: EventWriter,
+        messages: Sequence[RawMessage],
+        codec: TopicCodec,
+        max_bytes: int,
+        parse: Callable[[dict[str, Any]], T],
+    ) -> list[tuple[RawMessage, T]]:
+        """Decode and validate each message; one that fails becomes a dead letter (stage decode)."""
+        decoded: list[tuple[RawMessage, T]] = []
+        for message in messages:
+            try:
+                decoded.append((message, parse(codec.decode(message.value, max_bytes=max_bytes))))
+            except Exception as exc:
+                await self.dead_letter(writer, message, failure_from_exception(exc, "decode"))
+        return decoded
 
     async def dead_letter(
         self,
@@ -147,19 +165,13 @@ class VerificationHandler:
         self._out = _Outputs(topics, metrics)
 
     async def handle(self, messages: Sequence[RawMessage], writer: EventWriter) -> None:
-        inputs: list[VerificationInput] = []
-        by_input: list[RawMessage] = []
-        for message in messages:
-            try:
-                event = self._codec.decode(message.value, max_bytes=self._max_bytes)
-                request = PickupRequest.from_event(event)
-            except Exception as exc:
-                await self._out.dead_letter(writer, message, failure_from_exception(exc, "decode"))
-                continue
-            inputs.append(VerificationInput(request=request, source=message.position))
-            by_input.append(message)
-        if not inputs:
+        decoded = await self._out.decode_all(
+            writer, messages, self._codec, self._max_bytes, PickupRequest.from_event
+        )
+        if not decoded:
             return
+        by_input = [message for message, _ in decoded]
+        inputs = [VerificationInput(request=r, source=m.position) for m, r in decoded]
         batch_id = uuid.uuid4().hex[:16]
         outcomes = await self._run_isolated(inputs, batch_id)
         for message, outcome in zip(by_input, outcomes, strict=True):
@@ -251,17 +263,13 @@ class CategorizationHandler:
         self._out = _Outputs(topics, metrics)
 
     async def handle(self, messages: Sequence[RawMessage], writer: EventWriter) -> None:
-        listings: list[ProductListing] = []
-        kept: list[RawMessage] = []
-        for message in messages:
-            try:
-                event = self._codec.decode(message.value, max_bytes=self._max_bytes)
-                listings.append(ProductListing.from_event(event))
-                kept.append(message)
-            except Exception as exc:
-                await self._out.dead_letter(writer, message, failure_from_exception(exc, "decode"))
-        if not listings:
+        decoded = await self._out.decode_all(
+            writer, messages, self._codec, self._max_bytes, ProductListing.from_event
+        )
+        if not decoded:
             return
+        kept = [message for message, _ in decoded]
+        listings = [listing for _, listing in decoded]
         keys = [idempotency_key(self._topics.product_listed, item.event_id) for item in listings]
         sources = [message.position for message in kept]
         started = time.perf_counter()
