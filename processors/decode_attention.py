@@ -1,0 +1,185 @@
+"""Attention of one greedy decode step over the static KV cache, split along the keys.
+
+The static decode path keeps, per row, the prompt in columns [0, prompt_length) and the
+generated tokens in columns [prompt_end, column]; the columns between (right padding of
+shorter prompts) and after `column` (not generated yet) are never attended to. A dense
+`scaled_dot_product_attention` call with a mask reads every column of the cache; this
+kernel reads only the visible ones, and splits them across several programs per
+(row, key/value head) so that even one row's long cache is read by many multiprocessors
+at once ("flash decoding"). The query heads of one group share each key/value load.
+
+`SplitKeyAttention` is what the decoder calls. It needs Triton and CUDA tensors
+(or `TRITON_INTERPRET=1`, which runs the same kernel on the CPU for tests); callers keep
+their dense path for other devices. Shapes are not checked beyond what the kernel needs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+GROUP_PAD = 16  # the smallest row count of a Triton matrix product
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The Triton kernel, imported on first use: Triton is only needed on a GPU."""
+    from processors.decode_attention_kernels import partial_attention
+
+    return partial_attention
+
+
+def split_key_attention(
+    query: Any,
+    keys: Any,
+    values: Any,
+    prompt_lengths: Any,
+    prompt_end: Any,
+    column: Any,
+    scale: float,
+    splits: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> Any:
+    """The kernel launch and the merge of its splits (see `SplitKeyAttention`)."""
+    import torch
+
+    batch, kv_heads, group, head_dim = query.shape
+    programs = batch * kv_heads
+    out = torch.empty((batch, kv_heads, group, head_dim), device=query.device, dtype=query.dtype)
+    partial_rows = programs * splits if splits > 1 else 1
+    options = {"device": query.device, "dtype": torch.float32}
+    acc = torch.empty((partial_rows, GROUP_PAD, head_dim), **options)
+    best = torch.empty((partial_rows, GROUP_PAD), **options)
+    weight = torch.empty((partial_rows, GROUP_PAD), **options)
+    _kernel()[(programs, splits)](
+        query,
+        keys,
+        values,
+        prompt_lengths,
+        prompt_end,
+        column,
+        out,
+        acc,
+        best,
+        weight,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        scale,
+        KV_HEADS=kv_heads,
+        GROUP=group,
+        GROUP_PAD=GROUP_PAD,
+        HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
+        SPLITS=splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if splits == 1:
+        return out
+    # Merge the splits: each holds an unnormalised sum and its running maximum.
+    acc = acc.view(programs, splits, GROUP_PAD, head_dim)[:, :, :group]
+    best = best.view(programs, splits, GROUP_PAD)[:, :, :group]
+    weight = weight.view(programs, splits, GROUP_PAD)[:, :, :group]
+    overall = best.amax(1, keepdim=True)
+    factor = torch.exp(best - overall)  # empty splits: exp(-inf) = 0
+    merged = (acc * factor[..., None]).sum(1) / (weight * factor).sum(1)[..., None]
+    out.copy_(merged.view(batch, kv_heads, group, head_dim))
+    return out
+
+
+@functools.cache
+def _custom_op() -> Any:
+    """`split_key_attention` as an opaque torch operator, so `torch.compile` keeps it whole."""
+    import torch
+
+    # An explicit schema: this module's annotations are strings (postponed evaluation).
+    schema = (
+        "(Tensor query, Tensor keys, Tensor values, Tensor prompt_lengths, Tensor prompt_end, "
+        "Tensor column, float scale, int splits, int block_n, int num_warps, int num_stages) "
+        "-> Tensor"
+    )
+
+    @torch.library.custom_op("visionstream::split_key_attention", mutates_args=(), schema=schema)
+    def operator(
+        query: Any,
+        keys: Any,
+        values: Any,
+        prompt_lengths: Any,
+        prompt_end: Any,
+        column: Any,
+        scale: float,
+        splits: int,
+        block_n: int,
+        num_warps: int,
+        num_stages: int,
+    ) -> Any:
+        return split_key_attention(
+            query, keys, values, prompt_lengths, prompt_end, column, scale,
+            splits, block_n, num_warps, num_stages,
+        )  # fmt: skip
+
+    @operator.register_fake
+    def _(query: Any, *args: Any) -> Any:
+        return torch.empty_like(query)
+
+    return operator
+
+
+class SplitKeyAttention:
+    """`__call__`: attention output (batch, kv heads, group, head dim) of one decode step.
+
+    Args of a call:
+        query: (batch, kv heads, group, head dim); the query heads of each key/value head.
+        keys, values: the cache, (batch, kv heads, length, head dim), last dim contiguous.
+        prompt_lengths: (batch,) integer tensor, each row's real prompt length.
+        prompt_end: () integer tensor, the first column of generated tokens.
+        column: () integer tensor, the last column to attend to (this step's token).
+        scale: the softmax scale.
+
+    Every row must see at least one column. The integer tensors stay on the device, so a
+    call needs no host synchronisation and can be captured in a CUDA graph; it is one
+    opaque operator to `torch.compile`. `splits` programs share each (row, key/value
+    head) (1: no merge step); `block_n` columns are read per iteration.
+    """
+
+    def __init__(
+        self, *, splits: int = 1, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
+    ) -> None:
+        if splits < 1 or block_n < 16 or block_n & (block_n - 1):
+            raise ValueError("splits must be >= 1 and block_n a power of two >= 16")
+        self.operator = _custom_op()
+        self.splits = splits
+        self.block_n = block_n
+        self.num_warps = num_warps
+        self.num_stages = num_stages
+
+    @staticmethod
+    def supports(head_dim: int, group: int) -> bool:
+        """Whether the kernel handles this head size and query heads per key/value head."""
+        return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and group <= GROUP_PAD
+
+    def __call__(
+        self,
+        query: Any,
+        keys: Any,
+        values: Any,
+        prompt_lengths: Any,
+        prompt_end: Any,
+        column: Any,
+        scale: float,
+    ) -> Any:
+        if not self.supports(query.shape[3], query.shape[2]):
+            raise ValueError(f"unsupported query shape {tuple(query.shape)}")
+        return self.operator(
+            query, keys, values, prompt_lengths, prompt_end, column, float(scale),
+            self.splits, self.block_n, self.num_warps, self.num_stages,
+        )  # fmt: skip

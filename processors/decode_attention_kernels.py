@@ -1,0 +1,122 @@
+"""Triton kernels of `processors.decode_attention` (imported only where Triton runs)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_range(
+    q,
+    key_base,
+    value_base,
+    lo,
+    hi,
+    shift,
+    best,
+    total_weight,
+    acc,
+    stride_kl,
+    stride_vl,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Visible columns [lo, hi) live at cache columns [lo + shift, hi + shift): affine
+    # addresses, so the loads vectorise and pipeline.
+    dims = tl.arange(0, HEAD_DIM)
+    for block in range(lo, hi, BLOCK_N):
+        visible = block + tl.arange(0, BLOCK_N)
+        valid = visible < hi
+        k = tl.load(
+            key_base + (visible + shift)[:, None] * stride_kl + dims[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
+        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        rescale = tl.exp(best - new_best)
+        weights = tl.exp(scores - new_best[:, None])
+        total_weight = total_weight * rescale + tl.sum(weights, 1)
+        v = tl.load(
+            value_base + (visible + shift)[:, None] * stride_vl + dims[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
+        best = new_best
+    return best, total_weight, acc
+
+
+@triton.jit
+def partial_attention(
+    query,
+    keys,
+    values,
+    prompt_lengths,
+    prompt_end_ptr,
+    column_ptr,
+    out,
+    out_acc,
+    out_max,
+    out_sum,
+    stride_qb,
+    stride_qh,
+    stride_qg,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    scale,
+    KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    row_head = tl.program_id(0)
+    split = tl.program_id(1)
+    row = row_head // KV_HEADS
+    head = row_head % KV_HEADS
+    prompt_length = tl.load(prompt_lengths + row)
+    prompt_end = tl.load(prompt_end_ptr)
+    column = tl.load(column_ptr)
+    # Visible columns, numbered 0..total-1: the prompt, then the generated tokens.
+    total = prompt_length + column + 1 - prompt_end
+    per_split = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    stop = tl.minimum(start + per_split, total)
+
+    groups = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        query + row * stride_qb + head * stride_qh + groups[:, None] * stride_qg + dims[None, :],
+        mask=groups[:, None] < GROUP,
+        other=0.0,
+    )
+    best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total_weight = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    key_base = keys + row * stride_kb + head * stride_kh
+    value_base = values + row * stride_vb + head * stride_vh
+    best, total_weight, acc = attend_range(
+        q, key_base, value_base, start, tl.minimum(stop, prompt_length), 0,
+        best, total_weight, acc, stride_kl, stride_vl, scale, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
+    best, total_weight, acc = attend_range(
+        q, key_base, value_base, tl.maximum(start, prompt_length), stop,
+        prompt_end - prompt_length, best, total_weight, acc, stride_kl, stride_vl, scale,
+        HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
+    if SPLITS == 1:  # one program saw every column: normalise and write the output
+        result = acc / total_weight[:, None]
+        offsets = (row_head * GROUP + groups[:, None]) * HEAD_DIM + dims[None, :]
+        tl.store(out + offsets, result.to(out.dtype.element_ty), mask=groups[:, None] < GROUP)
+    else:
+        slot = row_head * SPLITS + split
+        tl.store(out_acc + (slot * GROUP_PAD + groups[:, None]) * HEAD_DIM + dims[None, :], acc)
+        tl.store(out_max + slot * GROUP_PAD + groups, best)
+        tl.store(out_sum + slot * GROUP_PAD + groups, total_weight)

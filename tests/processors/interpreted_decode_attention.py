@@ -1,0 +1,83 @@
+"""Checks of the split-key decode attention kernel under Triton's interpreter (CPU).
+
+Not collected by default (no `test_` prefix): `test_decode_attention.py` runs this file
+in a child pytest with `TRITON_INTERPRET=1` set before Triton is imported, which makes
+every `triton.jit` function (Triton's own library functions too) run on the CPU. So the
+very kernel the GPU runs is checked against a masked `scaled_dot_product_attention`
+reference and, through the decoder, against the dense decode path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from processors.decode_attention import SplitKeyAttention
+
+pytest.importorskip("triton")
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("run with TRITON_INTERPRET=1 (see test_decode_attention.py)")
+
+
+def _case(
+    batch: int, kv_heads: int, group: int, head_dim: int, length: int, seed: int
+) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads, group, head_dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
+    values = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
+    return query, keys, values
+
+
+def _visible(lengths: torch.Tensor, prompt_end: int, column: int, length: int) -> torch.Tensor:
+    columns = torch.arange(length)[None, :]
+    return (columns < lengths[:, None]) | ((columns >= prompt_end) & (columns <= column))
+
+
+def _reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    mask = visible[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=scale
+    )
+
+
+@pytest.mark.parametrize(("splits", "block_n"), [(1, 16), (2, 16), (4, 32), (8, 16)])
+@pytest.mark.parametrize("column", [64, 81])
+def test_matches_masked_sdpa(splits: int, block_n: int, column: int) -> None:
+    """Rows of full, partial and one-token prompts; first and later generated columns."""
+    query, keys, values = _case(3, 2, 7, 16, 96, seed=splits * 100 + column)
+    lengths = torch.tensor([64, 30, 1])
+    prompt_end = 64
+    expected = _reference(query, keys, values, _visible(lengths, prompt_end, column, 96), 0.3)
+    attention = SplitKeyAttention(splits=splits, block_n=block_n)
+    out = attention(
+        query, keys, values, lengths, torch.tensor(prompt_end), torch.tensor(column), 0.3
+    )
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reads_only_the_visible_columns() -> None:
+    """Padding and not-yet-generated columns hold NaN: the output must not see them."""
+    query, keys, values = _case(2, 2, 3, 32, 80, seed=7)
+    lengths = torch.tensor([40, 17])
+    visible = _visible(lengths, 48, 55, 80)
+    expected = _reference(query, keys, values, visible, 0.2)
+    hidden = ~visible[:, None, :, None]
+    poisoned_keys = keys.masked_fill(hidden, float("nan"))
+    poisoned_values = values.masked_fill(hidden, float("nan"))
+    for splits in (1, 3):
+        out = SplitKeyAttention(splits=splits, block_n=16)(
+            query, poisoned_keys, poisoned_values, lengths, torch.tensor(48), torch.tensor(55), 0.2
+        )
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
