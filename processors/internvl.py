@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from processors.decode_attention import SplitKeyAttention
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import IMAGE_PLACEHOLDER, InferenceEngine, PreparedRequest
 
@@ -92,12 +93,14 @@ DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 AttnName = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 FormatName = Literal["auto", "native", "remote-code"]
 DecodeName = Literal["auto", "static", "generate"]
+DecodeAttentionName = Literal["auto", "split", "sdpa"]
 CheckpointKind = Literal["native", "original"]
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _ATTNS = ("auto", "sdpa", "eager", "flash_attention_2")
 _FORMATS = ("auto", "native", "remote-code")
 _DECODES = ("auto", "static", "generate")
+_DECODE_ATTENTIONS = ("auto", "split", "sdpa")
 _CONVERTIBLE_LLMS = ("Qwen2ForCausalLM",)
 TIMING_STAGES = ("tokenize", "transfer", "vision", "prefill", "decode", "generate")
 """Keys of `engine.timings` (seconds; "generate" is the whole `generate` path's model time)."""
@@ -136,12 +139,23 @@ class EngineConfig:
             vendor images, which repeat across returns, come first in the prompt).
         compile_vision: on CUDA, `torch.compile` each vision-tower layer (fuses the norms,
             activations and layer scales around the matrix products; one compilation is
-            shared by the identical layers). Off by default: it costs a compilation at
+            shared by the identical layers) and run the patch embedding as a matrix product
+            (`patch_projection_as_matmul`). Off by default: it costs a compilation at
             the first batch and changes the model object in place.
-        compile_decode: on CUDA, `torch.compile` the static path's decode step (fusing its
+        compile_decode: on CUDA, `torch.compile` the static path's decode layer (fusing its
             many small element-wise kernels; dynamic shapes, so one compilation serves every
-            batch size and cache length) before it is captured as a CUDA graph. Off by
+            layer, batch size and cache length) before the step is captured as a CUDA graph. Off by
             default (the first batch pays the compilation).
+        compile_prefill: on CUDA, `torch.compile` the static path's prefill layer (norms,
+            rotary embedding, residuals and the gated MLP fused around the matrix products
+            and attention; dynamic shapes, one compilation for every layer, row count and
+            prompt length). Off by default (the first batch pays the compilation).
+        decode_attention: attention of the static path's decode steps. "split" reads only
+            each row's prompt and generated columns of the KV cache, split across
+            `attention_splits` programs per row and key/value head (Triton; CUDA only);
+            "sdpa" is one masked `scaled_dot_product_attention` over the whole cache;
+            "auto" is "split" on CUDA when Triton is installed, else "sdpa".
+        attention_splits: programs per (row, key/value head) of the "split" attention.
 
     Raises `ValueError` on construction when a value is out of its domain.
     """
@@ -164,6 +178,9 @@ class EngineConfig:
     feature_cache_images: int = 1
     compile_vision: bool = False
     compile_decode: bool = False
+    compile_prefill: bool = False
+    decode_attention: DecodeAttentionName = "auto"
+    attention_splits: int = 1
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -174,7 +191,17 @@ class EngineConfig:
             )
         if self.decode not in _DECODES:
             raise ValueError(f"decode must be one of {_DECODES}, got {self.decode!r}")
-        for name in ("prefill_batch_size", "vision_batch_tiles", "cache_length_bucket"):
+        if self.decode_attention not in _DECODE_ATTENTIONS:
+            raise ValueError(
+                f"decode_attention must be one of {_DECODE_ATTENTIONS}, "
+                f"got {self.decode_attention!r}"
+            )
+        for name in (
+            "prefill_batch_size",
+            "vision_batch_tiles",
+            "cache_length_bucket",
+            "attention_splits",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.feature_cache_mb < 0 or self.feature_cache_images < 0:
@@ -585,6 +612,41 @@ class FeatureCache:
             self.bytes -= int(evicted.numel() * evicted.element_size())
 
 
+def patch_projection_as_matmul(conv: Any) -> bool:
+    """Run a patch-embedding convolution (kernel == stride, no padding) as one matmul.
+
+    The same function as the convolution (each output pixel is one patch times the
+    flattened kernel), but cuDNN runs this convolution shape on a slow non-tensor-core
+    path on H100 (about 17 ms for 256 tiles against well under 1 ms as a matrix product).
+    Replaces `conv.forward` on this instance; parameters and state dict are unchanged.
+    Returns False, and changes nothing, when the convolution is not of that form.
+    """
+    if (
+        tuple(conv.kernel_size) != tuple(conv.stride)
+        or any(conv.padding)
+        or any(d != 1 for d in conv.dilation)
+        or conv.groups != 1
+    ):
+        return False
+
+    def forward(pixels: Any) -> Any:
+        import torch
+
+        batch, channels, height, width = pixels.shape
+        kernel_h, kernel_w = conv.kernel_size
+        rows, cols = height // kernel_h, width // kernel_w
+        patches = pixels[:, :, : rows * kernel_h, : cols * kernel_w]
+        patches = patches.reshape(batch, channels, rows, kernel_h, cols, kernel_w)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch * rows * cols, -1)
+        weight = conv.weight.reshape(conv.out_channels, -1)
+        bias = conv.bias
+        out = patches @ weight.t() if bias is None else torch.addmm(bias, patches, weight.t())
+        return out.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
+
+    conv.forward = forward
+    return True
+
+
 @dataclass
 class _DecodeSession:
     """Static buffers of one (batch, cache length) shape, and its CUDA graph if any."""
@@ -606,17 +668,20 @@ class _DecodeSession:
 class StaticGreedyDecoder:
     """Greedy decoding of the InternVL language model (Qwen2) over a static KV cache.
 
-    Prefill runs the checkpoint's own language model (Hugging Face modules) on prompts
-    padded on the right: causal attention never looks at a later pad, so no mask is
-    needed and the fused causal kernel runs; positions are 0..n-1 as with left padding.
-    Its key/value states are copied into preallocated per-layer buffers of shape (batch,
-    kv heads, length, head dim); generated tokens go to the columns after the padded
-    prompt. Each decode step reuses the same modules (norms, projections, MLP, rotary
-    embedding, lm_head) with the attention written here: the grouped query heads attend
-    to their key/value head through one `scaled_dot_product_attention` call, masked to
-    the row's real prompt and its generated tokens. The step only
-    touches static buffers, so on CUDA it is captured once per shape as a CUDA graph and
-    replayed (no host work per token). `min_new_tokens` suppresses `<|im_end|>` exactly as
+    Prefill runs the checkpoint's own modules (norms, projections, MLP, rotary embedding)
+    layer by layer, as `Qwen2DecoderLayer` does, on prompts padded on the right: causal
+    attention never looks at a later pad, so no mask is needed and the fused causal kernel
+    runs; positions are 0..n-1 as with left padding. Each layer's key/value states go
+    straight into preallocated per-layer buffers of shape (batch, kv heads, length, head
+    dim); generated tokens go to the columns after the padded prompt. Each decode step
+    reuses the same modules (norms, projections, MLP, rotary embedding, lm_head) with the
+    attention written here: the grouped query heads of a key/value head attend together
+    to the row's real prompt and its generated tokens, through the split-key kernel
+    (`processors.decode_attention`, CUDA) or one masked `scaled_dot_product_attention`
+    call. The step only touches static buffers, so on CUDA it is captured once per shape
+    as a CUDA graph and replayed (no host work per token). `compile_step` and
+    `compile_prefill` compile the per-layer functions (one compilation for all layers).
+    `min_new_tokens` suppresses `<|im_end|>` exactly as
     `MinNewTokensLengthLogitsProcessor` does.
     """
 
@@ -634,6 +699,9 @@ class StaticGreedyDecoder:
         cuda_graphs: bool = True,
         check_every: int = 16,
         compile_step: bool = False,
+        compile_prefill: bool = False,
+        split_attention: bool = False,
+        attention_splits: int = 1,
     ) -> None:
         import torch
 
@@ -656,10 +724,26 @@ class StaticGreedyDecoder:
         self.device = parameter.device
         self.dtype = parameter.dtype
         self._sessions: OrderedDict[tuple[int, int], _DecodeSession] = OrderedDict()
-        self._run_step: Any = self._step
+        self._split_attention: SplitKeyAttention | None = None
+        if split_attention:
+            if not SplitKeyAttention.supports(self.head_dim, self.heads // self.kv_heads):
+                raise ValueError(
+                    f"the split-key attention does not support head_dim {self.head_dim} with "
+                    f"{self.heads // self.kv_heads} query heads per key/value head"
+                )
+            self._split_attention = SplitKeyAttention(splits=attention_splits)
+        self._run_decode_layer: Any = self._decode_layer
         if compile_step:
-            self._run_step = torch.compile(self._step, dynamic=True)
+            self._run_decode_layer = torch.compile(self._decode_layer, dynamic=True)
+        self._run_prefill_layer: Any = self._prefill_layer
+        if compile_prefill:
+            self._run_prefill_layer = torch.compile(self._prefill_layer, dynamic=True)
         self.compile_error: str | None = None
+
+    @property
+    def split_attention(self) -> bool:
+        """Whether decode steps use the split-key kernel (else masked SDPA)."""
+        return self._split_attention is not None
 
     # ----------------------------------------------------------------- sessions
 
@@ -668,10 +752,19 @@ class StaticGreedyDecoder:
         return -(-needed // self.length_bucket) * self.length_bucket
 
     def session(self, batch: int, prompt_length: int) -> _DecodeSession:
-        """The static buffers (and graph) for this batch size and bucketed length."""
+        """The static buffers (and graph) for this batch size and bucketed length.
+
+        `prompt_length` is the chunk's longest prompt: generated tokens go to the columns
+        from there on, whatever the padded width of each prefill call.
+        """
+        found = self._session(batch, self.cache_length(prompt_length))
+        found.prompt_length = prompt_length
+        found.prompt_end.fill_(prompt_length)
+        return found
+
+    def _session(self, batch: int, length: int) -> _DecodeSession:
         import torch
 
-        length = self.cache_length(prompt_length)
         key = (batch, length)
         found = self._sessions.get(key)
         if found is not None:
@@ -697,10 +790,10 @@ class StaticGreedyDecoder:
             try:
                 session.graph = self._capture(session)
             except Exception as exc:  # a compiled step that cannot be captured: run eagerly
-                if self._run_step is self._step:
+                if self._run_decode_layer == self._decode_layer:
                     raise
                 self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
-                self._run_step = self._step
+                self._run_decode_layer = self._decode_layer
                 session.graph = self._capture(session)
         self._sessions[key] = session
         return session
@@ -714,13 +807,13 @@ class StaticGreedyDecoder:
             for _ in range(2):  # warm-up: kernel selection and workspaces outside the graph
                 session.column.zero_()
                 session.step.zero_()
-                self._run_step(session)
+                self._step(session)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         session.column.zero_()
         session.step.zero_()
         with torch.cuda.graph(graph):
-            self._run_step(session)
+            self._step(session)
         return graph
 
     # ------------------------------------------------------------------ prefill
@@ -735,9 +828,11 @@ class StaticGreedyDecoder:
     ) -> Any:
         """Prefill rows [first_row, first_row + len(input_ids)) of `session`.
 
-        `input_ids` are right-padded to the chunk's prompt length; `lengths` holds each
-        row's real length. Returns the first generated token of each row (greedy,
-        `<|im_end|>` suppressed while min_new_tokens is not reached).
+        `input_ids` are right-padded to their own longest prompt (at most the session's
+        `prompt_length`: a call of short prompts computes no padding up to the chunk's
+        longest); `lengths` holds each row's real length. Returns the first generated
+        token of each row (greedy, `<|im_end|>` suppressed while min_new_tokens is not
+        reached).
         """
         import torch
 
@@ -752,26 +847,57 @@ class StaticGreedyDecoder:
                     STAGE,
                 )
             embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
-        batch, prompt_length = int(input_ids.shape[0]), int(input_ids.shape[1])
-        position_ids = torch.arange(prompt_length, device=input_ids.device)[None, :]
-        output = language_model(
-            inputs_embeds=embeds, position_ids=position_ids.expand(batch, -1), use_cache=True
-        )
+        batch, width = int(input_ids.shape[0]), int(input_ids.shape[1])
+        if width > session.prompt_length:
+            raise ValueError(
+                f"prompt of {width} tokens is longer than the session's {session.prompt_length}"
+            )
+        position_ids = torch.arange(width, device=input_ids.device)[None, :]
+        cos, sin = language_model.rotary_emb(embeds, position_ids)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (1, width, 1, head_dim): rows alike
         rows = slice(first_row, first_row + batch)
-        if prompt_length + self.max_new_tokens > session.length:
-            raise ValueError(f"prompt of {prompt_length} tokens does not fit the session")
-        session.prompt_length = prompt_length
-        session.prompt_end.fill_(prompt_length)
-        cache = output.past_key_values
-        for index, layer in enumerate(cache.layers[: len(self.layers)]):
-            session.keys[index][rows, :, :prompt_length] = layer.keys
-            session.values[index][rows, :, :prompt_length] = layer.values
-        session.pads[rows] = prompt_length - lengths
-        last = output.last_hidden_state[torch.arange(batch, device=lengths.device), lengths - 1]
+        hidden = embeds
+        for index, layer in enumerate(self.layers):
+            hidden, key, value = self._run_prefill_layer(layer, hidden, cos, sin)
+            session.keys[index][rows, :, :width] = key
+            session.values[index][rows, :, :width] = value
+        session.pads[rows] = session.prompt_length - lengths
+        # The final norm is per token: normalise only each row's last real token.
+        last = hidden[torch.arange(batch, device=lengths.device), lengths - 1]
+        last = language_model.norm(last)
         logits = self.lm_head(last[:, None, :])[:, -1, :].float()
         if self.min_new_tokens > 0:
             logits[:, self.eos_id] = -float("inf")
         return logits.argmax(-1)
+
+    def _prefill_layer(self, layer: Any, hidden: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+        """One decoder layer over whole prompts: (hidden out, rotated keys, values).
+
+        The computation of `Qwen2DecoderLayer` with causal attention and no cache object
+        (the caller writes keys and values straight into the static buffers); a free
+        function of its tensors, so one compilation serves every layer and shape.
+        """
+        import torch.nn.functional as functional
+
+        batch, length = hidden.shape[0], hidden.shape[1]
+        attention = layer.self_attn
+        residual = hidden
+        normed = layer.input_layernorm(hidden)
+        query = attention.q_proj(normed).view(batch, length, self.heads, self.head_dim)
+        key = attention.k_proj(normed).view(batch, length, self.kv_heads, self.head_dim)
+        value = attention.v_proj(normed).view(batch, length, self.kv_heads, self.head_dim)
+        # Rotary embedding in the projections' own (batch, length, heads, dim) layout: a
+        # transposed copy costs several times as much; attention takes transposed views.
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        attended = functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=attention.scaling, enable_gqa=True
+        )
+        attended = attended.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+        hidden = residual + attention.o_proj(attended)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden, key, value
 
     # ------------------------------------------------------------------- decode
 
@@ -796,7 +922,7 @@ class StaticGreedyDecoder:
             if session.graph is not None:
                 session.graph.replay()
             else:
-                self._run_step(session)
+                self._step(session)
             produced += 1
             if pending is not None:
                 if produced < min(self.launch_ahead, self.max_new_tokens):
@@ -818,49 +944,35 @@ class StaticGreedyDecoder:
     def _step(self, session: _DecodeSession) -> None:
         """One greedy step for every row, on static buffers only (graph-capturable)."""
         import torch
-        import torch.nn.functional as functional
 
-        # Sizes from tensor shapes (not the session's ints): a compiled step with dynamic
+        # Sizes from tensor shapes (not the session's ints): a compiled layer with dynamic
         # shapes then serves every batch size and cache length without recompiling.
-        batch, length = session.tokens.shape[0], session.keys[0].shape[2]
+        length = session.keys[0].shape[2]
         language_model = self.language_model
         hidden = language_model.embed_tokens(session.tokens[:, None])  # (batch, 1, hidden)
+        prompt_lengths = session.prompt_end - session.pads
         positions = (session.column - session.pads)[:, None]  # real length + generated
         cos, sin = language_model.rotary_emb(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]  # (batch, 1, 1, head_dim)
-        columns = torch.arange(length, device=session.tokens.device)[None, :]
-        prompt = columns < (session.prompt_end - session.pads)[:, None]
-        generated = (columns >= session.prompt_end) & (columns <= session.column)
-        visible = prompt | generated
-        mask = visible[:, None, None, :]  # (batch, 1, 1, length)
-        where = session.column.view(1)
-        group = self.heads // self.kv_heads
+        mask = None
+        if self._split_attention is None:
+            columns = torch.arange(length, device=session.tokens.device)[None, :]
+            prompt = columns < prompt_lengths[:, None]
+            generated = (columns >= session.prompt_end) & (columns <= session.column)
+            mask = (prompt | generated)[:, None, None, :]  # (batch, 1, 1, length)
         for index, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            residual = hidden
-            normed = layer.input_layernorm(hidden)
-            query = attention.q_proj(normed).view(batch, 1, self.heads, self.head_dim)
-            key = attention.k_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
-            value = attention.v_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
-            query = query.transpose(1, 2)
-            key = key.transpose(1, 2)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
-            session.keys[index].index_copy_(2, where, key)
-            session.values[index].index_copy_(2, where, value.transpose(1, 2))
-            # Query heads h*group .. h*group+group-1 share key/value head h (repeat_kv order).
-            grouped = query.reshape(batch, self.kv_heads, group, self.head_dim)
-            attended = functional.scaled_dot_product_attention(
-                grouped,
+            hidden = self._run_decode_layer(
+                layer,
+                hidden,
+                cos,
+                sin,
                 session.keys[index],
                 session.values[index],
-                attn_mask=mask,
-                scale=attention.scaling,
+                session.column,
+                session.prompt_end,
+                prompt_lengths,
+                mask,
             )
-            attended = attended.reshape(batch, 1, self.heads * self.head_dim)
-            hidden = residual + attention.o_proj(attended)
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = language_model.norm(hidden)
         logits = self.lm_head(hidden)[:, -1, :].float()
         if self.min_new_tokens > 0:
@@ -871,6 +983,55 @@ class StaticGreedyDecoder:
         session.tokens.copy_(chosen)
         session.column.add_(1)
         session.step.add_(1)
+
+    def _decode_layer(
+        self,
+        layer: Any,
+        hidden: Any,
+        cos: Any,
+        sin: Any,
+        keys: Any,
+        values: Any,
+        column: Any,
+        prompt_end: Any,
+        prompt_lengths: Any,
+        mask: Any,
+    ) -> Any:
+        """One decoder layer for one new token per row; writes its key/value at `column`.
+
+        Attention covers each row's prompt and generated tokens: through the split-key
+        kernel on CUDA (reads only those columns), else one masked
+        `scaled_dot_product_attention` over the whole buffer (`mask` is then required).
+        """
+        import torch.nn.functional as functional
+
+        batch = hidden.shape[0]
+        attention = layer.self_attn
+        residual = hidden
+        normed = layer.input_layernorm(hidden)
+        query = attention.q_proj(normed).view(batch, 1, self.heads, self.head_dim)
+        key = attention.k_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
+        value = attention.v_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
+        query = query.transpose(1, 2)
+        key = key.transpose(1, 2)
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+        where = column.view(1)
+        keys.index_copy_(2, where, key)
+        values.index_copy_(2, where, value.transpose(1, 2))
+        # Query heads h*group .. h*group+group-1 share key/value head h (repeat_kv order).
+        grouped = query.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        if self._split_attention is not None:
+            attended = self._split_attention(
+                grouped, keys, values, prompt_lengths, prompt_end, column, attention.scaling
+            )
+        else:
+            attended = functional.scaled_dot_product_attention(
+                grouped, keys, values, attn_mask=mask, scale=attention.scaling
+            )
+        attended = attended.reshape(batch, 1, self.heads * self.head_dim)
+        hidden = residual + attention.o_proj(attended)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _append_call(out: list[Any], function: Callable[[int], Any], argument: int) -> None:
@@ -1245,13 +1406,49 @@ class NativeInternVLEngine(_InternVLEngineBase):
                 length_bucket=self.config.cache_length_bucket,
                 cuda_graphs=self.config.cuda_graphs and self.device.startswith("cuda"),
                 compile_step=self.config.compile_decode and self.device.startswith("cuda"),
+                compile_prefill=self.config.compile_prefill and self.device.startswith("cuda"),
+                split_attention=self._split_attention_wanted(model),
+                attention_splits=self.config.attention_splits,
             )
             if self.config.feature_cache_mb and self.config.feature_cache_images:
                 self._feature_cache = FeatureCache(self.config.feature_cache_mb * 2**20)
             if self.config.compile_vision and self.device.startswith("cuda"):
+                embeddings = model.model.vision_tower.embeddings.patch_embeddings
+                patch_projection_as_matmul(embeddings.projection)
                 for layer in model.model.vision_tower.encoder.layer:
                     layer.compile(dynamic=False)
         return model
+
+    def _split_attention_wanted(self, model: Any) -> bool:
+        choice = self.config.decode_attention
+        on_cuda = self.device.startswith("cuda")
+        if choice == "split" and not on_cuda:
+            raise ProcessingError(
+                ErrorCode.MODEL_NOT_LOADED,
+                f"decode_attention='split' needs a CUDA device, not {self.device}",
+                STAGE,
+            )
+        if choice == "split" and importlib.util.find_spec("triton") is None:
+            raise ProcessingError(
+                ErrorCode.MODEL_NOT_LOADED,
+                "decode_attention='split' needs the triton package",
+                STAGE,
+            )
+        text = model.config.text_config
+        heads, kv_heads = int(text.num_attention_heads), int(text.num_key_value_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        supported = SplitKeyAttention.supports(head_dim, heads // kv_heads)
+        if choice == "split" and not supported:
+            raise ProcessingError(
+                ErrorCode.MODEL_NOT_LOADED,
+                f"decode_attention='split' does not support head_dim {head_dim} with "
+                f"{heads // kv_heads} query heads per key/value head",
+                STAGE,
+            )
+        return supported and (
+            choice == "split"
+            or (choice == "auto" and on_cuda and importlib.util.find_spec("triton") is not None)
+        )
 
     @classmethod
     def from_model(cls, config: EngineConfig, model: Any, tokenizer: Any) -> NativeInternVLEngine:
@@ -1368,7 +1565,8 @@ class NativeInternVLEngine(_InternVLEngineBase):
         step = self.config.prefill_batch_size
         for begin in range(0, len(encoded), step):
             rows = encoded[begin : begin + step]
-            input_ids = torch.full((len(rows), longest), self._pad_id, dtype=torch.long)
+            width = max(len(ids) for ids in rows)  # rows come sorted by length: little padding
+            input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
             for row, ids in enumerate(rows):  # right padding: see StaticGreedyDecoder
                 input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             lengths = torch.tensor([len(ids) for ids in rows], dtype=torch.long)
@@ -1442,26 +1640,33 @@ class NativeInternVLEngine(_InternVLEngineBase):
         ]
 
     def _encode_images(self, images: list[Any]) -> list[Any]:
-        """Vision tower + projector over all tiles of `images`, in fixed-size tile batches."""
+        """Vision tower + projector over all tiles of `images`, in fixed-size tile batches.
+
+        Each batch is copied into pinned host memory, moved to the device and converted
+        to the model's dtype on its own, and its vision work queued before the next
+        batch is copied: the GPU starts after one batch of host copies, not all of them,
+        and the device holds one batch of float32 pixels at a time.
+        """
         import torch
 
         if not images:
             return []
         counts = [int(image.shape[0]) for image in images]
-        total = sum(counts)
-        started = time.perf_counter()
-        host = self._host_buffer(total, tuple(images[0].shape[1:]))
-        torch.cat(images, out=host)
-        pixels = host.to(self.device, non_blocking=True).to(self.dtype)
-        self.timings["transfer"] += time.perf_counter() - started
+        tiles = [tile for image in images for tile in image.unbind(0)]
+        host = self._host_buffer(len(tiles), tuple(images[0].shape[1:]))
         model = self._model.model
         config = self._model.config
         step = self.config.vision_batch_tiles
         parts = []
-        for begin in range(0, total, step):
+        for begin in range(0, len(tiles), step):
+            started = time.perf_counter()
+            batch = host[begin : begin + step]
+            torch.stack(tiles[begin : begin + step], out=batch)
+            pixels = batch.to(self.device, non_blocking=True).to(self.dtype)
+            self.timings["transfer"] += time.perf_counter() - started
             parts.append(
                 model.get_image_features(
-                    pixel_values=pixels[begin : begin + step],
+                    pixel_values=pixels,
                     vision_feature_layer=config.vision_feature_layer,
                     vision_feature_select_strategy=config.vision_feature_select_strategy,
                     return_dict=True,

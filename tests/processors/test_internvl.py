@@ -27,6 +27,7 @@ from processors.internvl import (
     create_engine,
     expand_image_placeholders,
     load_engine,
+    patch_projection_as_matmul,
 )
 from tests.support.tiny_internvl import (
     build_tiny_internvl,
@@ -283,6 +284,36 @@ def test_not_loaded_and_config_validation(tmp_path: Path) -> None:
         EngineConfig(tmp_path, max_batch_size=0)
     with pytest.raises(ValueError):
         EngineConfig(tmp_path, device="tpu")
+    with pytest.raises(ValueError, match="decode_attention"):
+        EngineConfig(tmp_path, decode_attention="flash")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attention_splits"):
+        EngineConfig(tmp_path, attention_splits=0)
+
+
+def test_split_attention_needs_cuda(checkpoints: dict[str, Path]) -> None:
+    """Asked for explicitly on a CPU, the split-key kernel is a start-up error; auto is SDPA."""
+    with pytest.raises(ProcessingError) as caught:
+        load_engine(EngineConfig(checkpoints["native"], decode_attention="split"))
+    assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+    assert "CUDA" in caught.value.message
+    engine = load_engine(EngineConfig(checkpoints["native"]))
+    assert isinstance(engine, NativeInternVLEngine) and engine._decoder is not None
+    assert not engine._decoder.split_attention
+
+
+def test_patch_projection_as_matmul_equals_the_convolution() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=14, stride=14)
+    pixels = torch.randn(2, 3, 56, 42)
+    expected = conv(pixels)
+    assert patch_projection_as_matmul(conv)
+    out = conv(pixels)
+    assert out.shape == expected.shape == (2, 8, 4, 3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert set(conv.state_dict()) == {"weight", "bias"}  # checkpoints still load
+    overlapping = torch.nn.Conv2d(3, 8, kernel_size=3, stride=1, padding=1)
+    assert not patch_projection_as_matmul(overlapping)
+    assert "forward" not in vars(overlapping)
 
 
 # ------------------------------------------------------------ static fast decode path

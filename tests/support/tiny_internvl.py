@@ -97,7 +97,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             param.copy_(value)
 
 
-def _native_model(tokenizer: Any) -> Any:
+def tiny_native_model(tokenizer: Any) -> Any:
+    """The tiny native InternVL, seeded random weights, in memory (eval mode)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     config = InternVLConfig(
@@ -125,7 +126,7 @@ def build_tiny_internvl(folder: Path) -> Path:
     """Save a tiny native InternVL (model + tokenizer) into `folder`; returns `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    _native_model(tokenizer).save_pretrained(folder)
+    tiny_native_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -250,7 +251,7 @@ def build_tiny_original_internvl(folder: Path, with_remote_code: bool = False) -
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    state = _native_model(tokenizer).state_dict()
+    state = tiny_native_model(tokenizer).state_dict()
     save_file(native_to_original_state_dict(state), str(folder / "model.safetensors"))
     config = original_config(len(tokenizer), with_remote_code)
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
