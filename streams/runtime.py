@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from processors.errors import ErrorCode, Failure, ProcessingError
 from processors.gathering import ImageGatherer
@@ -25,6 +25,9 @@ from streams.handlers import CategorizationHandler, RawMessage, VerificationHand
 from streams.metrics import Metrics
 from streams.publishing import EventWriter, Publisher
 from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from processors.internvl import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +47,26 @@ def load_replay_outputs(path: Path) -> dict[str, list[str]]:
     return table
 
 
+def engine_config(settings: Settings, model_path: Path) -> EngineConfig:
+    """The InternVL engine's configuration from the worker's settings."""
+    from processors.internvl import EngineConfig
+
+    return EngineConfig(
+        model_path=model_path,
+        max_new_tokens=settings.max_new_tokens,
+        max_batch_size=settings.model_max_batch,
+        compile_vision=settings.model_compile,
+        compile_prefill=settings.model_compile,
+        compile_decode=settings.model_compile,
+    )
+
+
 def build_engine(settings: Settings) -> InferenceEngine:
     """The real model when a model path is set, otherwise the replay engine."""
     if settings.model_path is not None:
-        from processors.internvl import EngineConfig, load_engine
+        from processors.internvl import load_engine
 
-        return load_engine(
-            EngineConfig(
-                model_path=settings.model_path,
-                max_new_tokens=settings.max_new_tokens,
-                max_batch_size=settings.model_max_batch,
-            )
-        )
+        return load_engine(engine_config(settings, settings.model_path))
     if settings.replay_outputs is None or not settings.replay_outputs.is_file():
         raise ProcessingError(
             ErrorCode.MODEL_NOT_LOADED,

@@ -61,6 +61,7 @@ class Settings:
     replay_latency_s: float = 0.0
     max_new_tokens: int = 2000
     model_max_batch: int = 32
+    model_compile: bool = False
     categorizer_artifacts: Path | None = None
     image_encoder: str = "efficientnet-lite0"
     image_input_size: int = 224
@@ -144,6 +145,7 @@ class Settings:
             replay_latency_s=reader.number("VS_REPLAY_LATENCY_S", 0.0),
             max_new_tokens=reader.integer("VS_MAX_NEW_TOKENS", default.max_new_tokens),
             model_max_batch=reader.integer("VS_MODEL_MAX_BATCH", default.model_max_batch),
+            model_compile=reader.flag("VS_MODEL_COMPILE", default.model_compile),
             categorizer_artifacts=Path(env["VS_CATEGORIZER_ARTIFACTS"])
             if env.get("VS_CATEGORIZER_ARTIFACTS")
             else state_dir / "categorizer",
