@@ -17,33 +17,38 @@ def attend_range(
     acc,
     stride_kl,
     stride_vl,
-    scale,
+    scale_log2,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     # Visible columns [lo, hi) live at cache columns [lo + shift, hi + shift): affine
-    # addresses, so the loads vectorise and pipeline.
+    # addresses, so the loads vectorise and pipeline. Unmasked calls cover whole blocks
+    # only (no bounds checks in the hot loop); the masked call takes the last partial one.
+    # Scores are in base 2 (exp2 is one instruction); `scale_log2` folds in log2(e).
     dims = tl.arange(0, HEAD_DIM)
     for block in range(lo, hi, BLOCK_N):
         visible = block + tl.arange(0, BLOCK_N)
-        valid = visible < hi
-        k = tl.load(
-            key_base + (visible + shift)[:, None] * stride_kl + dims[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        )
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+        key_pointers = key_base + (visible + shift)[:, None] * stride_kl + dims[None, :]
+        value_pointers = value_base + (visible + shift)[:, None] * stride_vl + dims[None, :]
+        if MASKED:
+            valid = visible < hi
+            k = tl.load(key_pointers, mask=valid[:, None], other=0.0)
+        else:
+            k = tl.load(key_pointers)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if MASKED:
+            scores = tl.where(valid[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 1))
-        rescale = tl.exp(best - new_best)
-        weights = tl.exp(scores - new_best[:, None])
+        rescale = tl.exp2(best - new_best)
+        weights = tl.exp2(scores - new_best[:, None])
         total_weight = total_weight * rescale + tl.sum(weights, 1)
-        v = tl.load(
-            value_base + (visible + shift)[:, None] * stride_vl + dims[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        )
-        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
+        if MASKED:  # noqa: SIM108 (a Triton constexpr branch, not a runtime one)
+            v = tl.load(value_pointers, mask=valid[:, None], other=0.0)
+        else:
+            v = tl.load(value_pointers)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         best = new_best
     return best, total_weight, acc
 
@@ -69,13 +74,14 @@ def partial_attention(
     stride_vb,
     stride_vh,
     stride_vl,
-    scale,
+    scale_log2,
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -102,14 +108,27 @@ def partial_attention(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     key_base = keys + row * stride_kb + head * stride_kh
     value_base = values + row * stride_vb + head * stride_vh
+    # The prompt's columns, then the generated ones (shifted past the padding).
+    prompt_stop = tl.minimum(stop, prompt_length)
+    whole = start + tl.maximum(prompt_stop - start, 0) // BLOCK_N * BLOCK_N
     best, total_weight, acc = attend_range(
-        q, key_base, value_base, start, tl.minimum(stop, prompt_length), 0,
-        best, total_weight, acc, stride_kl, stride_vl, scale, HEAD_DIM, BLOCK_N,
+        q, key_base, value_base, start, whole, 0, best, total_weight, acc,
+        stride_kl, stride_vl, scale_log2, HEAD_DIM, BLOCK_N, PRECISION, False,
     )  # fmt: skip
     best, total_weight, acc = attend_range(
-        q, key_base, value_base, tl.maximum(start, prompt_length), stop,
-        prompt_end - prompt_length, best, total_weight, acc, stride_kl, stride_vl, scale,
-        HEAD_DIM, BLOCK_N,
+        q, key_base, value_base, whole, prompt_stop, 0, best, total_weight, acc,
+        stride_kl, stride_vl, scale_log2, HEAD_DIM, BLOCK_N, PRECISION, True,
+    )  # fmt: skip
+    generated_start = tl.maximum(start, prompt_length)
+    shift = prompt_end - prompt_length
+    whole = generated_start + tl.maximum(stop - generated_start, 0) // BLOCK_N * BLOCK_N
+    best, total_weight, acc = attend_range(
+        q, key_base, value_base, generated_start, whole, shift, best, total_weight, acc,
+        stride_kl, stride_vl, scale_log2, HEAD_DIM, BLOCK_N, PRECISION, False,
+    )  # fmt: skip
+    best, total_weight, acc = attend_range(
+        q, key_base, value_base, whole, stop, shift, best, total_weight, acc,
+        stride_kl, stride_vl, scale_log2, HEAD_DIM, BLOCK_N, PRECISION, True,
     )  # fmt: skip
     if SPLITS == 1:  # one program saw every column: normalise and write the output
         result = acc / total_weight[:, None]

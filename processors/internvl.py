@@ -825,6 +825,7 @@ class StaticGreedyDecoder:
         input_ids: Any,
         lengths: Any,
         image_features: Any,
+        image_tokens: int | None = None,
     ) -> Any:
         """Prefill rows [first_row, first_row + len(input_ids)) of `session`.
 
@@ -832,7 +833,8 @@ class StaticGreedyDecoder:
         `prompt_length`: a call of short prompts computes no padding up to the chunk's
         longest); `lengths` holds each row's real length. Returns the first generated
         token of each row (greedy, `<|im_end|>` suppressed while min_new_tokens is not
-        reached).
+        reached). `image_tokens`, the count of image tokens in `input_ids` when the caller
+        knows it (from host memory), spares a device synchronisation to count them.
         """
         import torch
 
@@ -840,7 +842,9 @@ class StaticGreedyDecoder:
         embeds = language_model.embed_tokens(input_ids)
         if image_features is not None:
             image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
-            if int(image_mask.sum()) * embeds.shape[-1] != image_features.numel():
+            if image_tokens is None:
+                image_tokens = int(image_mask.sum())
+            if image_tokens * embeds.shape[-1] != image_features.numel():
                 raise ProcessingError(
                     ErrorCode.INVALID_REQUEST,
                     "image features and image tokens do not match",
@@ -1579,6 +1583,7 @@ class NativeInternVLEngine(_InternVLEngineBase):
                     input_ids.to(self.device, non_blocking=True),
                     lengths.to(self.device, non_blocking=True),
                     image_features,
+                    image_tokens=int((input_ids == self._decoder.image_token_id).sum()),
                 )
             )
         return session, torch.cat(first_tokens)
