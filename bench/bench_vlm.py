@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -148,21 +149,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "distinct vendor images (feature-cache hits); reported apart, never as `batched`",
     )
     parser.add_argument(
-        "--compile-decode",
+        "--compile",
         action="store_true",
-        help="one more batched run, at the best batch size, with compile_decode=True",
+        help="one more batched run, at the best batch size, with the engine's compile options "
+        "on (compile_vision, compile_prefill, compile_decode)",
     )
     parser.add_argument(
         "--calls-of",
         type=int,
         default=0,
-        help="also measure each batch size with engine calls of this many requests (several "
-        "batches per call: the engine overlaps the next batch's vision with this one's decode)",
+        help="engine calls of this many requests in the --compile and --tune runs (several "
+        "batches per call: the engine overlaps the next batch's vision with this one's "
+        "decode); the batch-size sweep always serves one batch per call",
     )
     parser.add_argument(
-        "--compile-vision",
-        action="store_true",
-        help="one more batched run, at the best batch size, with compile_vision=True",
+        "--decode-attention",
+        default="auto",
+        choices=("auto", "split", "sdpa"),
+        help="the engine's decode_attention (auto: the split-key kernel on CUDA)",
     )
     parser.add_argument("--prefill-batch-size", type=int, default=16)
     parser.add_argument("--vision-batch-tiles", type=int, default=128)
@@ -421,8 +425,9 @@ def batched_run(
     fast = make_engine(
         decode="static",
         max_batch_size=batch_size,
-        compile_vision=variant["compile_vision"],
-        compile_decode=variant["compile_decode"],
+        compile_vision=variant["compile"],
+        compile_prefill=variant["compile"],
+        compile_decode=variant["compile"],
         **tuning,
     )
     warm_started = time.perf_counter()
@@ -436,11 +441,13 @@ def batched_run(
         None if cache is None else {"hits": cache.hits, "misses": cache.misses}
     )
     result["variant"] = variant
-    result["compile_vision"] = variant["compile_vision"]
-    result["compile_decode"] = variant["compile_decode"]
+    result["compile"] = variant["compile"]
     result["prefill_batch_size"] = fast.config.prefill_batch_size
     result["vision_batch_tiles"] = fast.config.vision_batch_tiles
     decoder = fast._decoder
+    result["decode_attention"] = (
+        None if decoder is None else ("split" if decoder.split_attention else "sdpa")
+    )
     result["compile_error"] = None if decoder is None else decoder.compile_error
     result["warm_up_s"] = round(warm_s, 3)
     del fast, cache, decoder
@@ -474,6 +481,9 @@ def device_name(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Batches of different sizes and lengths fragment the caching allocator; expandable
+    # segments let freed blocks be reused across shapes (takes effect before CUDA starts).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     from processors.internvl import EngineConfig, NativeInternVLEngine
@@ -511,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda_graphs": not args.no_cuda_graphs,
             "prefill_batch_size": args.prefill_batch_size,
             "vision_batch_tiles": args.vision_batch_tiles,
+            "decode_attention": args.decode_attention,
             **overrides,
         }
         config = EngineConfig(f"{shape.name}-random", **settings)
@@ -530,22 +541,18 @@ def main(argv: list[str] | None = None) -> int:
     # ---- batched engine at each batch size (warm-up: one full batch, cache cleared after).
     runs: list[dict[str, Any]] = []
     batched_ids: list[list[int]] = []
-    # Each variant: batch size (None: the best so far), requests per call, compile flags.
+    # Each variant: batch size (None: the best so far), requests per call, compile options.
     variants: list[dict[str, Any]] = [
-        {"batch_size": size, "per_call": 0, "compile_vision": False, "compile_decode": False}
-        for size in batch_sizes
+        {"batch_size": size, "per_call": 0, "compile": False} for size in batch_sizes
     ]
-    if args.calls_of:
-        variants += [{**variant, "per_call": args.calls_of} for variant in list(variants)]
-    if args.compile_decode:
-        variants.append({**variants[-1], "batch_size": None, "compile_decode": True})
-    if args.compile_vision:
-        variants.append({**variants[-1], "batch_size": None, "compile_vision": True})
+    if args.compile:
+        variants.append({"batch_size": None, "per_call": args.calls_of, "compile": True})
     if args.tune:
         variants.append(
             {
                 **variants[-1],
                 "batch_size": None,
+                "per_call": args.calls_of,
                 "prefill_batch_size": 32,
                 "vision_batch_tiles": 256,
             }
@@ -570,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": device_name(device),
             "versions": versions(),
             "dtype": str(dtype).removeprefix("torch."),
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "attention": {
                 "vision": model.config.vision_config._attn_implementation,
                 "text": model.config.text_config._attn_implementation,
