@@ -4,9 +4,9 @@ The static decode path keeps, per row, the prompt in columns [0, prompt_length) 
 generated tokens in columns [prompt_end, column]; the columns between (right padding of
 shorter prompts) and after `column` (not generated yet) are never attended to. A dense
 `scaled_dot_product_attention` call with a mask reads every column of the cache; this
-kernel reads only the visible ones, and splits them across several programs per
-(row, key/value head) so that even one row's long cache is read by many multiprocessors
-at once ("flash decoding"). The query heads of one group share each key/value load.
+kernel reads only the visible ones, one program per (row, key/value head), or several
+that split the columns and merge their partial softmax sums ("flash decoding"). The
+query heads of one group share each key/value load.
 
 `SplitKeyAttention` is what the decoder calls. It needs Triton and CUDA tensors
 (or `TRITON_INTERPRET=1`, which runs the same kernel on the CPU for tests); callers keep
@@ -111,24 +111,9 @@ def _custom_op() -> Any:
         "-> Tensor"
     )
 
-    @torch.library.custom_op("visionstream::split_key_attention", mutates_args=(), schema=schema)
-    def operator(
-        query: Any,
-        keys: Any,
-        values: Any,
-        prompt_lengths: Any,
-        prompt_end: Any,
-        column: Any,
-        scale: float,
-        splits: int,
-        block_n: int,
-        num_warps: int,
-        num_stages: int,
-    ) -> Any:
-        return split_key_attention(
-            query, keys, values, prompt_lengths, prompt_end, column, scale,
-            splits, block_n, num_warps, num_stages,
-        )  # fmt: skip
+    operator = torch.library.custom_op(
+        "visionstream::split_key_attention", split_key_attention, mutates_args=(), schema=schema
+    )
 
     @operator.register_fake
     def _(query: Any, *args: Any) -> Any:

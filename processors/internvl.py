@@ -647,6 +647,13 @@ def patch_projection_as_matmul(conv: Any) -> bool:
     return True
 
 
+def attention_geometry(text_config: Any) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a Qwen2 text config."""
+    heads = int(text_config.num_attention_heads)
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return heads, int(text_config.num_key_value_heads), int(head_dim)
+
+
 @dataclass
 class _DecodeSession:
     """Static buffers of one (batch, cache length) shape, and its CUDA graph if any."""
@@ -710,9 +717,7 @@ class StaticGreedyDecoder:
         self.lm_head = model.lm_head
         text = self.language_model.config
         self.layers = list(self.language_model.layers[: text.num_hidden_layers])
-        self.heads = int(text.num_attention_heads)
-        self.kv_heads = int(text.num_key_value_heads)
-        self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // self.heads)
+        self.heads, self.kv_heads, self.head_dim = attention_geometry(text)
         self.image_token_id = int(model.config.image_token_id)
         self.eos_id = eos_id
         self.max_new_tokens = max_new_tokens
@@ -884,24 +889,37 @@ class StaticGreedyDecoder:
         import torch.nn.functional as functional
 
         batch, length = hidden.shape[0], hidden.shape[1]
+        query, key, value = self._rotated_projections(layer, hidden, cos, sin)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        attended = functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=layer.self_attn.scaling, enable_gqa=True
+        )
+        attended = attended.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+        return self._layer_output(layer, hidden, attended), key, value
+
+    def _rotated_projections(
+        self, layer: Any, hidden: Any, cos: Any, sin: Any
+    ) -> tuple[Any, Any, Any]:
+        """A layer's query, key and value, (batch, length, heads, dim), rotary applied.
+
+        The rotary embedding works in the projections' own layout: a transposed copy
+        would cost several times as much; attention then takes transposed views.
+        """
+        batch, length = hidden.shape[0], hidden.shape[1]
         attention = layer.self_attn
-        residual = hidden
         normed = layer.input_layernorm(hidden)
         query = attention.q_proj(normed).view(batch, length, self.heads, self.head_dim)
         key = attention.k_proj(normed).view(batch, length, self.kv_heads, self.head_dim)
         value = attention.v_proj(normed).view(batch, length, self.kv_heads, self.head_dim)
-        # Rotary embedding in the projections' own (batch, length, heads, dim) layout: a
-        # transposed copy costs several times as much; attention takes transposed views.
         query = query * cos + _rotate_half(query) * sin
         key = key * cos + _rotate_half(key) * sin
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        attended = functional.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=attention.scaling, enable_gqa=True
-        )
-        attended = attended.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
-        hidden = residual + attention.o_proj(attended)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden, key, value
+        return query, key, value
+
+    @staticmethod
+    def _layer_output(layer: Any, hidden: Any, attended: Any) -> Any:
+        """The rest of the layer after attention: output projection, residuals, MLP."""
+        hidden = hidden + layer.self_attn.o_proj(attended)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     # ------------------------------------------------------------------- decode
 
@@ -957,7 +975,7 @@ class StaticGreedyDecoder:
         prompt_lengths = session.prompt_end - session.pads
         positions = (session.column - session.pads)[:, None]  # real length + generated
         cos, sin = language_model.rotary_emb(hidden, positions)
-        cos, sin = cos[:, None], sin[:, None]  # (batch, 1, 1, head_dim)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (batch, 1, 1, head_dim): heads alike
         mask = None
         if self._split_attention is None:
             columns = torch.arange(length, device=session.tokens.device)[None, :]
@@ -1010,32 +1028,23 @@ class StaticGreedyDecoder:
         import torch.nn.functional as functional
 
         batch = hidden.shape[0]
-        attention = layer.self_attn
-        residual = hidden
-        normed = layer.input_layernorm(hidden)
-        query = attention.q_proj(normed).view(batch, 1, self.heads, self.head_dim)
-        key = attention.k_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
-        value = attention.v_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
-        query = query.transpose(1, 2)
-        key = key.transpose(1, 2)
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
+        scale = layer.self_attn.scaling
+        query, key, value = self._rotated_projections(layer, hidden, cos, sin)
         where = column.view(1)
-        keys.index_copy_(2, where, key)
+        keys.index_copy_(2, where, key.transpose(1, 2))
         values.index_copy_(2, where, value.transpose(1, 2))
         # Query heads h*group .. h*group+group-1 share key/value head h (repeat_kv order).
         grouped = query.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         if self._split_attention is not None:
             attended = self._split_attention(
-                grouped, keys, values, prompt_lengths, prompt_end, column, attention.scaling
+                grouped, keys, values, prompt_lengths, prompt_end, column, scale
             )
         else:
             attended = functional.scaled_dot_product_attention(
-                grouped, keys, values, attn_mask=mask, scale=attention.scaling
+                grouped, keys, values, attn_mask=mask, scale=scale
             )
         attended = attended.reshape(batch, 1, self.heads * self.head_dim)
-        hidden = residual + attention.o_proj(attended)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self._layer_output(layer, hidden, attended)
 
 
 def _append_call(out: list[Any], function: Callable[[int], Any], argument: int) -> None:
@@ -1424,35 +1433,30 @@ class NativeInternVLEngine(_InternVLEngineBase):
         return model
 
     def _split_attention_wanted(self, model: Any) -> bool:
+        """Whether the decode steps use the split-key kernel (see `decode_attention`).
+
+        "split" that cannot run here is a start-up error (MODEL_NOT_LOADED); "auto"
+        then falls back to SDPA.
+        """
         choice = self.config.decode_attention
-        on_cuda = self.device.startswith("cuda")
-        if choice == "split" and not on_cuda:
-            raise ProcessingError(
-                ErrorCode.MODEL_NOT_LOADED,
-                f"decode_attention='split' needs a CUDA device, not {self.device}",
-                STAGE,
+        if choice == "sdpa":
+            return False
+        heads, kv_heads, head_dim = attention_geometry(model.config.text_config)
+        problem = None
+        if not self.device.startswith("cuda"):
+            problem = f"needs a CUDA device, not {self.device}"
+        elif importlib.util.find_spec("triton") is None:
+            problem = "needs the triton package"
+        elif not SplitKeyAttention.supports(head_dim, heads // kv_heads):
+            problem = (
+                f"does not support head_dim {head_dim} with {heads // kv_heads} query heads "
+                "per key/value head"
             )
-        if choice == "split" and importlib.util.find_spec("triton") is None:
+        if problem is not None and choice == "split":
             raise ProcessingError(
-                ErrorCode.MODEL_NOT_LOADED,
-                "decode_attention='split' needs the triton package",
-                STAGE,
+                ErrorCode.MODEL_NOT_LOADED, f"decode_attention='split' {problem}", STAGE
             )
-        text = model.config.text_config
-        heads, kv_heads = int(text.num_attention_heads), int(text.num_key_value_heads)
-        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
-        supported = SplitKeyAttention.supports(head_dim, heads // kv_heads)
-        if choice == "split" and not supported:
-            raise ProcessingError(
-                ErrorCode.MODEL_NOT_LOADED,
-                f"decode_attention='split' does not support head_dim {head_dim} with "
-                f"{heads // kv_heads} query heads per key/value head",
-                STAGE,
-            )
-        return supported and (
-            choice == "split"
-            or (choice == "auto" and on_cuda and importlib.util.find_spec("triton") is not None)
-        )
+        return problem is None
 
     @classmethod
     def from_model(cls, config: EngineConfig, model: Any, tokenizer: Any) -> NativeInternVLEngine:
