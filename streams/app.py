@@ -217,15 +217,7 @@ def _register_sink(
 ) -> SinkRuntime:
     runtime = SinkRuntime(settings, metrics, **overrides)
     app.conf.runtime = runtime
-    topics = settings.topics
-    everything = app.topic(
-        topics.pickup_completed,
-        topics.product_listed,
-        topics.verification_decision,
-        topics.category_tag,
-        topics.verification_attempts,
-        topics.dead_letter,
-    )
+    everything = app.topic(*settings.topics.all())
 
     @app.task
     async def open_sink() -> None:

@@ -186,15 +186,7 @@ def run_demo(settings: Settings, *, timeout: float = 180.0, keep_running: bool =
         )
     _start_broker(settings)
     bootstrap = bootstrap_servers(settings.broker)
-    topics = settings.topics
-    all_topics = [
-        topics.pickup_completed,
-        topics.product_listed,
-        topics.verification_decision,
-        topics.category_tag,
-        topics.verification_attempts,
-        topics.dead_letter,
-    ]
+    all_topics = list(settings.topics.all())
     ensure_topics(bootstrap, all_topics, settings.topic_partitions)
     _ensure_categorizer(settings)
     log_dir = settings.state_dir / "logs"
