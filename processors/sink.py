@@ -568,14 +568,25 @@ def _is_url(text: str) -> bool:
 Rows = dict[str, list[tuple[Any, ...]]]
 
 
-def _pickup_rows(event: Mapping[str, Any], record: SinkRecord) -> Rows:
+def _input_event_columns(event: Mapping[str, Any], record: SinkRecord) -> tuple[Any, str, str]:
+    """(occurred at, event id, idempotency key) of an input event, the first columns of its row.
+
+    The key is the one the inference worker derives from the event id; an event without
+    one is keyed by its Kafka position.
+    """
     event_id = _text(event, "event_id")
-    previous = _text(event, "previousuuid")
-    pickup = _str_list(event.get("skupickdone"), "skupickdone")
-    row = (
+    return (
         _event_time(event.get("occurred_at"), record.timestamp_ms, "occurred_at"),
         event_id,
         idempotency_key(record.topic, event_id) if event_id else _key(None, record),
+    )
+
+
+def _pickup_rows(event: Mapping[str, Any], record: SinkRecord) -> Rows:
+    previous = _text(event, "previousuuid")
+    pickup = _str_list(event.get("skupickdone"), "skupickdone")
+    row = (
+        *_input_event_columns(event, record),
         _text(event, "shippingid"),
         _text(event, "uuid"),
         previous,
@@ -591,12 +602,9 @@ def _pickup_rows(event: Mapping[str, Any], record: SinkRecord) -> Rows:
 
 
 def _listing_rows(event: Mapping[str, Any], record: SinkRecord) -> Rows:
-    event_id = _text(event, "event_id")
     image = _text(event, "image")
     row = (
-        _event_time(event.get("occurred_at"), record.timestamp_ms, "occurred_at"),
-        event_id,
-        idempotency_key(record.topic, event_id) if event_id else _key(None, record),
+        *_input_event_columns(event, record),
         _text(event, "product_id"),
         _text(event, "title"),
         _text(event, "description"),
