@@ -24,7 +24,7 @@ TEST_KAFKA_PORT = int(os.environ.get("VS_TEST_KAFKA_PORT", "19192"))
 def kafka_bootstrap() -> Iterator[str]:
     env = {
         **os.environ,
-        "KAFKA_HOME_DIR": str(REPO / ".cache" / "kafka-test"),
+        "KAFKA_HOME_DIR": str(REPO / ".cache" / f"kafka-test-{TEST_KAFKA_PORT}"),
         "KAFKA_PORT": str(TEST_KAFKA_PORT),
         "KAFKA_CONTROLLER_PORT": str(TEST_KAFKA_PORT + 1),
         "KAFKA_NUM_PARTITIONS": "4",
