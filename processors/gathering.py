@@ -1,6 +1,6 @@
 """Image gathering: turn the image references of a request into decoded RGB images.
 
-The HTTP service this project replaces (seed 000, section 12) downloaded vendor
+The HTTP service this project replaces downloaded vendor
 images with aiohttp and pickup images with blocking `requests` calls, checked only
 the byte size and used one error code for everything. Here one shared aiohttp
 session fetches every image of a micro-batch concurrently, under an explicit
@@ -44,6 +44,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image, ImageOps
 from yarl import URL
 
+from processors.addresses import address_refusal, non_canonical_ipv4
 from processors.errors import ErrorCode, Failure, ProcessingError, failure_from_exception
 from processors.records import MAX_IMAGES_PER_KIND, PickupRequest
 
@@ -282,35 +283,6 @@ def redact_url(url: URL | str) -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-def address_refusal(address: str, limits: GatherLimits) -> str | None:
-    """Why `address` (an IP literal) may not be fetched from, or None when it may.
-
-    IPv4-mapped IPv6 addresses are judged as the IPv4 address they map. Loopback and
-    private ranges can be allowed by `limits`; link-local (cloud metadata services),
-    multicast, reserved and unspecified addresses never are. Anything else that is
-    not globally routable (e.g. carrier-grade NAT) counts as private.
-    """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return f"{address!r} is not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback:
-        return None if limits.allow_loopback else "loopback address"
-    if ip.is_unspecified:
-        return "unspecified address"
-    if ip.is_link_local:
-        return "link-local address"
-    if ip.is_multicast:
-        return "multicast address"
-    if ip.is_reserved:
-        return "reserved address"
-    if ip.is_private or not ip.is_global:
-        return None if limits.allow_private else "private address"
-    return None
-
-
 class _AddressRefusedError(OSError):
     """Raised inside the connector's resolver; an OSError so aiohttp wraps and passes it on."""
 
@@ -482,6 +454,13 @@ class ImageGatherer:
                 ErrorCode.IMAGE_ADDRESS_REFUSED, f"URL has no host: {redact_url(url)}", STAGE
             )
         literal = host.strip("[]")
+        if non_canonical_ipv4(literal):
+            raise ProcessingError(
+                ErrorCode.IMAGE_ADDRESS_REFUSED,
+                f"{redact_url(url)}: {literal!r} is an IPv4 address in a non-canonical "
+                "spelling (write it as a dotted quad)",
+                STAGE,
+            )
         try:
             ipaddress.ip_address(literal)
         except ValueError:

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
+from processors.addresses import non_canonical_ipv4
 from processors.errors import ErrorCode, Failure, ProcessingError
 from processors.gathering import (
     GatheredImages,
@@ -194,6 +195,7 @@ def build_app(site: Site) -> web.Application:
     app.router.add_get("/to-metadata", redirect_to("http://169.254.169.254/latest/meta-data"))
     app.router.add_get("/to-evil", redirect_to("http://evil.test/img.png"))
     app.router.add_get("/to-relative", redirect_to("/img.png"))
+    app.router.add_get("/to-decimal-loopback", redirect_to("http://2130706433/img.png"))
     app.router.add_get("/to-ftp", redirect_to("ftp://example.com/img.png"))
     app.router.add_get("/loop", loop)
     app.router.add_get("/bomb.png", bomb)
@@ -221,6 +223,8 @@ HOSTS = {
     "evil.test": ["10.0.0.1"],
     "metadata.test": ["169.254.169.254"],
     "mixed.test": ["127.0.0.1", "192.168.1.5"],
+    "sixtofour.test": ["2002:7f00:1::1"],  # 6to4 of 127.0.0.1
+    "nat64.test": ["64:ff9b::a9fe:a9fe"],  # NAT64 of 169.254.169.254
 }
 
 
@@ -416,6 +420,54 @@ async def test_private_and_special_addresses_refused(
 
 
 @pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("http://[2002:7f00:1::1]:{port}/img.png", "loopback address (6to4"),
+        ("http://[2002:a9fe:a9fe::1]/x.png", "link-local address (6to4"),
+        ("http://[64:ff9b::7f00:1]:{port}/img.png", "loopback address (NAT64"),
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/x.png", "loopback address (Teredo"),
+        ("http://[::7f00:1]:{port}/img.png", "loopback address (IPv4-compatible"),
+        ("http://sixtofour.test:{port}/img.png", "loopback address (6to4"),  # resolved
+        ("http://nat64.test/x.png", "link-local address (NAT64"),  # resolved
+    ],
+)
+async def test_ipv6_forms_embedding_ipv4_are_judged_as_that_address(
+    site: Site, make_gatherer: GathererFactory, source: str, reason: str
+) -> None:
+    gatherer = await make_gatherer(allow_loopback=False)
+    port = site.base.rsplit(":", 1)[1]
+    error = await expect_error(gatherer, source.format(port=port), ErrorCode.IMAGE_ADDRESS_REFUSED)
+    assert reason in error.message
+    assert sum(site.hits.values()) == 0
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0177.0.0.1", "0x7f.0.0.1", "0X7F.1"])
+@pytest.mark.parametrize("allow_loopback", [False, True])
+async def test_non_canonical_ipv4_spellings_are_refused_before_any_connection(
+    site: Site, make_gatherer: GathererFactory, host: str, allow_loopback: bool
+) -> None:
+    # The system resolver reads these as 127.0.0.1 (inet_aton); even where loopback is
+    # allowed, the spelling itself is refused and the local server is never reached.
+    gatherer = await make_gatherer(resolver=None, allow_loopback=allow_loopback)
+    port = site.base.rsplit(":", 1)[1]
+    source = f"http://{host}:{port}/img.png"
+    error = await expect_error(gatherer, source, ErrorCode.IMAGE_ADDRESS_REFUSED)
+    assert "non-canonical" in error.message
+    assert site.hits["/img.png"] == 0
+
+
+async def test_a_redirect_to_a_non_canonical_ipv4_spelling_is_refused(
+    site: Site, make_gatherer: GathererFactory
+) -> None:
+    gatherer = await make_gatherer(allow_loopback=True)
+    error = await expect_error(
+        gatherer, site.url("/to-decimal-loopback"), ErrorCode.IMAGE_ADDRESS_REFUSED
+    )
+    assert "non-canonical" in error.message
+    assert site.hits["/img.png"] == 0
+
+
+@pytest.mark.parametrize(
     "source", ["file:///etc/passwd", "ftp://example.com/a.png", "gopher://example.com/"]
 )
 async def test_other_schemes_refused(make_gatherer: GathererFactory, source: str) -> None:
@@ -608,6 +660,73 @@ def test_bomb_limit_does_not_touch_pillow_global() -> None:
 )
 def test_address_policy(address: str, allowed: bool) -> None:
     assert (address_refusal(address, GatherLimits()) is None) is allowed
+
+
+@pytest.mark.parametrize(
+    ("address", "refusal"),
+    [
+        # IPv4-mapped and SIIT-translated
+        ("::ffff:127.0.0.1", "loopback address (IPv4-mapped"),
+        ("::ffff:169.254.169.254", "link-local address (IPv4-mapped"),
+        ("::ffff:0:7f00:1", "loopback address (IPv4-translated"),
+        ("::ffff:93.184.216.34", None),
+        # 6to4 2002::/16: bits 16-48
+        ("2002:7f00:1::1", "loopback address (6to4"),
+        ("2002:a9fe:a9fe::1", "link-local address (6to4"),
+        ("2002:0a00:0001::1", "private address (6to4"),
+        ("2002:5db8:d822::1", None),  # 6to4 of 93.184.216.34
+        # NAT64 64:ff9b::/96: the last 32 bits
+        ("64:ff9b::7f00:1", "loopback address (NAT64"),
+        ("64:ff9b::a9fe:a9fe", "link-local address (NAT64"),
+        ("64:ff9b::c0a8:1", "private address (NAT64"),
+        ("64:ff9b::5db8:d822", None),
+        # Teredo 2001::/32: the client is the inverted last 32 bits
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback address (Teredo"),
+        ("2001:0:4136:e378:8000:63bf:5601:5601", "link-local address (Teredo"),
+        ("2001:0:4136:e378:8000:63bf:a247:27dd", None),  # client 93.184.216.34
+        # IPv4-compatible ::a.b.c.d (deprecated); :: and ::1 are themselves
+        ("::7f00:1", "loopback address (IPv4-compatible"),
+        ("::a9fe:a9fe", "link-local address (IPv4-compatible"),
+        ("::1", "loopback address"),
+        ("::", "unspecified address"),
+    ],
+)
+def test_ipv6_embedding_ipv4_is_judged_as_the_ipv4_address(
+    address: str, refusal: str | None
+) -> None:
+    got = address_refusal(address, GatherLimits())
+    if refusal is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(refusal), got
+
+
+def test_embedded_loopback_follows_the_loopback_switch_and_metadata_never_passes() -> None:
+    both = GatherLimits(allow_loopback=True, allow_private=True)
+    assert address_refusal("2002:7f00:1::1", GatherLimits(allow_loopback=True)) is None
+    for metadata in ("2002:a9fe:a9fe::1", "64:ff9b::a9fe:a9fe", "::ffff:169.254.169.254"):
+        assert address_refusal(metadata, both) is not None
+
+
+@pytest.mark.parametrize(
+    ("host", "non_canonical"),
+    [
+        ("127.1", True),
+        ("2130706433", True),
+        ("0177.0.0.1", True),
+        ("0x7f.0.0.1", True),
+        ("0x7f000001", True),
+        ("127.0.0.1.", True),
+        ("017700000001", True),
+        ("127.0.0.1", False),
+        ("93.184.216.34", False),
+        ("images.example.com", False),
+        ("1e100.net", False),
+        ("123.example", False),
+    ],
+)
+def test_non_canonical_ipv4_spellings(host: str, non_canonical: bool) -> None:
+    assert non_canonical_ipv4(host) is non_canonical
 
 
 def test_address_policy_switches() -> None:
