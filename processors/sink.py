@@ -349,6 +349,8 @@ class SinkTopics:
     category_tag: str = "category-tag"
     verification_attempts: str = "verification-attempts"
     dead_letter: str = "dead-letter"
+    verification_review: str = "verification-review"
+    review_image: str = "review-image"
 
     def all(self) -> tuple[str, ...]:
         return (
@@ -358,6 +360,8 @@ class SinkTopics:
             self.category_tag,
             self.verification_attempts,
             self.dead_letter,
+            self.verification_review,
+            self.review_image,
         )
 
 
@@ -453,6 +457,20 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "event_time", "original_topic", "original_partition", "original_offset", "original_key",
         "original_value", "original_size", "error_code", "error_name", "error_message", "stage",
         "request_uuid", "shippingid", "extra",
+    ),
+    # The review loop (0002_review.sql; rows built by processors/review/rows.py).
+    "reviews": (
+        "event_time", "review_id", "decision_key", "request_uuid", "shippingid", "product_id",
+        "model_version", "ai_decision", "reviewer_decision", "agrees", "answers_marked",
+        "answers_wrong", "reviewer", "note", "reviewed_ms",
+    ),
+    "review_answers": (
+        "event_time", "review_id", "decision_key", "question_index", "type", "label", "correct",
+        "product_id", "model_version", "reviewer", "reviewed_ms",
+    ),
+    "review_images": ("event_time", "sha256", "jpeg", "width", "height", "size_bytes"),
+    "review_image_refs": (
+        "event_time", "request_uuid", "decision_key", "role", "image_index", "sha256",
     ),
 }  # fmt: skip
 # Appended to every row by the sink, from the record's own position.
@@ -754,6 +772,9 @@ _Converter = Callable[[Mapping[str, Any], SinkRecord], Rows]
 
 
 def _converters(topics: SinkTopics) -> dict[str, _Converter]:
+    # Imported here: the review rows build on this module's value helpers.
+    from processors.review import rows as review_rows
+
     return {
         topics.pickup_completed: _pickup_rows,
         topics.product_listed: _listing_rows,
@@ -761,6 +782,8 @@ def _converters(topics: SinkTopics) -> dict[str, _Converter]:
         topics.category_tag: _tag_rows,
         topics.verification_attempts: _attempt_rows,
         topics.dead_letter: _dead_letter_rows,
+        topics.verification_review: review_rows.review_rows,
+        topics.review_image: review_rows.image_rows,
     }
 
 
@@ -792,7 +815,7 @@ def rows_for(record: SinkRecord, topics: SinkTopics = SinkTopics()) -> Rows | Fa
 
 
 class AnalyticsSink:
-    """Buffers decoded events from the six topics and writes them to ClickHouse.
+    """Buffers decoded events from the `SinkTopics` topics and writes them to ClickHouse.
 
     `add()` buffers, `should_flush()` says when (row count or interval), `flush()`
     writes and returns the offsets now safe to acknowledge. See the module docstring

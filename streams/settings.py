@@ -28,7 +28,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Topics(SinkTopics):
-    """Topic names; each defaults to the contract's name (the sink reads all six)."""
+    """Topic names; each defaults to the contract's name (the sink reads all of them)."""
 
     def schema_of(self, topic: str) -> str:
         """The contract (schema folder name) of a configured topic name."""

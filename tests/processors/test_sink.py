@@ -490,12 +490,12 @@ def test_migrations_applied_twice_are_a_no_op(module_client: Any, tmp_path: Path
     ch = module_client
     for table in [*COLUMNS, "schema_migrations"]:
         ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
-    assert apply_migrations(ch) == [1]
+    assert apply_migrations(ch) == [1, 2]
     tables = ch.query("SHOW TABLES").result_rows
     assert apply_migrations(ch) == []
     assert ch.query("SHOW TABLES").result_rows == tables
     assert {row[0] for row in tables} == {*COLUMNS, "schema_migrations"}
-    assert count(ch, "SELECT count() FROM schema_migrations") == 1
+    assert count(ch, "SELECT count() FROM schema_migrations") == 2
     # A released migration that was edited afterwards is refused.
     (tmp_path / "0001_init.sql").write_text(
         (MIGRATIONS_DIR / "0001_init.sql").read_text() + "\n-- edited\n"
@@ -516,7 +516,7 @@ def test_split_sql_ignores_semicolons_in_quotes_and_comments() -> None:
         "CREATE TABLE a (x String DEFAULT ';') ENGINE = Memory",
         "SELECT 'it''s;', \"b;\"",
     ]
-    assert [m.version for m in load_migrations()] == [1]
+    assert [m.version for m in load_migrations()] == [1, 2]
 
 
 def test_outage_keeps_the_buffer_and_a_later_flush_delivers_exactly_once(
@@ -614,7 +614,7 @@ def test_topics_are_configurable() -> None:
     )
     assert SinkTopics().all() == (
         "pickup-completed", "product-listed", "verification-decision", "category-tag",
-        "verification-attempts", "dead-letter",
+        "verification-attempts", "dead-letter", "verification-review", "review-image",
     )  # fmt: skip
 
 
