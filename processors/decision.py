@@ -67,7 +67,6 @@ from processors.records import (
     QuestionAnswer,
     SourcePosition,
     VerificationDecision,
-    idempotency_key,
 )
 
 PICK: Final = "Pick"
@@ -75,7 +74,6 @@ NOT_PICK: Final = "Not Pick"
 STATUS_PICK: Final = 200
 STATUS_NOT_PICK: Final = 202
 LABEL_MATCH_THRESHOLD: Final = 90.0
-DEFAULT_SOURCE_TOPIC: Final = "pickup-completed"
 
 RECOMMENDATION_ACTIONS: Final[Mapping[str, tuple[str, int]]] = {
     "Accept": (PICK, STATUS_PICK),
@@ -220,13 +218,12 @@ def decide(
     total_time: float,
     source: SourcePosition | None,
     now: datetime,
-    source_topic: str = DEFAULT_SOURCE_TOPIC,
 ) -> VerificationDecision:
     """The decision for one request from its parsed questions and validated answer.
 
     See the module docstring for the rules. `now` must be timezone-aware; the timestamp is
-    its ISO-8601 form in UTC. The idempotency key derives from `source_topic` and the
-    request's `event_id`, so a redelivered event yields the same key.
+    its ISO-8601 form in UTC. The idempotency key is the request's own
+    (`processors.records.input_key`), so a redelivered event yields the same key.
 
     Raises `ProcessingError(UNKNOWN_RECOMMENDATION, stage="decide")` and `ValueError` (naive
     `now`).
@@ -274,6 +271,6 @@ def decide(
         timestamp=now.astimezone(UTC).isoformat(),
         model_version=model_version,
         recommendation=recommendation,
-        idempotency_key=idempotency_key(source_topic, request.event_id),
+        idempotency_key=request.idempotency_key,
         source=source,
     )

@@ -4,22 +4,28 @@ Field names of the event-facing records follow the existing HTTP service's
 contract (seed 000, sections 10 and 17) where the refund service and the pickup
 app already depend on them; `to_event()` produces exactly the Avro record.
 
-Every output carries `idempotency_key`, derived from its input event, so that
-an input redelivered after a crash (at-least-once) yields an output with the same
-key and downstream consumers can collapse duplicates.
+Every output carries `idempotency_key`, computed once per input by `input_key()`,
+so that an input redelivered after a crash (at-least-once) yields outputs with the
+same key and downstream consumers can collapse duplicates, while a new request for
+the same shipment (a retake) gets a key of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid as uuid_module
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from processors.errors import ErrorCode, ProcessingError
 
 MAX_IMAGES_PER_KIND = 10
+PICKUP_CONTRACT: Final = "pickup-completed"
+LISTING_CONTRACT: Final = "product-listed"
+# Fields that do not identify a request's content: the ids themselves and the clock.
+_NOT_CONTENT: Final = frozenset({"event_id", "uuid", "occurred_at"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +40,44 @@ class SourcePosition:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
-def idempotency_key(source_topic: str, event_id: str) -> str:
-    """Stable key of an input: the same event always maps to the same key."""
-    return hashlib.sha256(f"{source_topic}\x00{event_id}".encode()).hexdigest()[:32]
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return str(value)
+
+
+def content_hash(event: Mapping[str, Any]) -> str:
+    """SHA-256 of every field of `event` except `event_id`, `uuid` and `occurred_at`.
+
+    Empty values (None, "") count as absent, so a legacy JSON message and its Avro
+    form, which fills in the defaults, hash alike.
+    """
+    content = {k: v for k, v in event.items() if k not in _NOT_CONTENT and v not in (None, "")}
+    canonical = json.dumps(
+        content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_jsonable
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def input_key(contract: str, event: Mapping[str, Any]) -> str:
+    """The idempotency key of one input event: the one rule, used by every output and table.
+
+    It identifies the request, not the shipment: the producer's `event_id` when present,
+    else the request `uuid` when the producer sent one, else a hash of the whole request
+    content (`content_hash`: photos, `previousuuid` and every other field). `contract` is
+    the schema's name (`PICKUP_CONTRACT`, `LISTING_CONTRACT`), never a configured topic
+    name, so renaming topics keeps the keys. A redelivery of a message maps to the same
+    key; a retake (new uuid or new photos) to a new one.
+    """
+    event_id = event.get("event_id")
+    request_uuid = event.get("uuid")
+    if isinstance(event_id, str) and event_id:
+        identity = event_id
+    elif isinstance(request_uuid, str) and request_uuid:
+        identity = f"uuid:{request_uuid}"
+    else:
+        identity = f"content:{content_hash(event)}"
+    return hashlib.sha256(f"{contract}\x00{identity}".encode()).hexdigest()[:32]
 
 
 def _require_str(event: Mapping[str, Any], name: str, *, max_len: int = 10_000) -> str:
@@ -68,12 +109,12 @@ def _str_list(event: Mapping[str, Any], name: str, *, low: int, high: int) -> tu
     return tuple(value)
 
 
-def _event_id(event: Mapping[str, Any], fallback_parts: tuple[str, ...]) -> str:
+def _event_id(event: Mapping[str, Any], key: str) -> str:
     value = event.get("event_id")
     if isinstance(value, str) and value:
         return value
-    # Legacy producers send no event id: derive one from the content so redeliveries match.
-    return hashlib.sha256("\x00".join(fallback_parts).encode()).hexdigest()[:32]
+    # Legacy producers send no event id: the input's key stands in for it.
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +131,13 @@ class PickupRequest:
     skupickdone: tuple[str, ...]
     productid: str | None = None
     previousuuid: str | None = None
+    idempotency_key: str = ""
+    """`input_key()` of the event; a request built directly is keyed by its `event_id`."""
+
+    def __post_init__(self) -> None:
+        if not self.idempotency_key:
+            key = input_key(PICKUP_CONTRACT, {"event_id": self.event_id})
+            object.__setattr__(self, "idempotency_key", key)
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> PickupRequest:
@@ -99,7 +147,8 @@ class PickupRequest:
         question = _require_str(event, "question", max_len=100_000)
         vendor = _str_list(event, "pickupproductimage", low=1, high=MAX_IMAGES_PER_KIND)
         pickup = _str_list(event, "skupickdone", low=1, high=MAX_IMAGES_PER_KIND)
-        event_id = _event_id(event, (shippingid, productname, question, *vendor))
+        key = input_key(PICKUP_CONTRACT, event)
+        event_id = _event_id(event, key)
         request_uuid = _optional_str(event, "uuid") or str(
             uuid_module.uuid5(uuid_module.NAMESPACE_URL, f"visionstream:{event_id}")
         )
@@ -115,6 +164,7 @@ class PickupRequest:
             skupickdone=pickup,
             productid=_optional_str(event, "productid"),
             previousuuid=_optional_str(event, "previousuuid"),
+            idempotency_key=key,
         )
 
     def to_event(self) -> dict[str, Any]:
@@ -143,6 +193,13 @@ class ProductListing:
     description: str
     image: str | None
     top_k_tags: int = 5
+    idempotency_key: str = ""
+    """`input_key()` of the event; a listing built directly is keyed by its `event_id`."""
+
+    def __post_init__(self) -> None:
+        if not self.idempotency_key:
+            key = input_key(LISTING_CONTRACT, {"event_id": self.event_id})
+            object.__setattr__(self, "idempotency_key", key)
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> ProductListing:
@@ -156,14 +213,16 @@ class ProductListing:
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 50:
             raise ProcessingError(ErrorCode.INVALID_EVENT, "top_k_tags must be an integer 0-50")
         occurred = event.get("occurred_at", 0)
+        key = input_key(LISTING_CONTRACT, event)
         return cls(
-            event_id=_event_id(event, (product_id, title, description)),
+            event_id=_event_id(event, key),
             occurred_at_ms=int(occurred) if isinstance(occurred, int | float) else 0,
             product_id=product_id,
             title=title,
             description=description,
             image=_optional_str(event, "image"),
             top_k_tags=top_k,
+            idempotency_key=key,
         )
 
     def to_event(self) -> dict[str, Any]:

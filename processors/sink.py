@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from processors.errors import ErrorCode, Failure
-from processors.records import idempotency_key
+from processors.records import LISTING_CONTRACT, PICKUP_CONTRACT, input_key
 from schemas import CLICKHOUSE_DIR
 
 if TYPE_CHECKING:
@@ -586,17 +586,17 @@ def _is_url(text: str) -> bool:
 Rows = dict[str, list[tuple[Any, ...]]]
 
 
-def _input_event_columns(event: Mapping[str, Any], record: SinkRecord) -> tuple[Any, str, str]:
+def _input_event_columns(
+    event: Mapping[str, Any], record: SinkRecord, contract: str
+) -> tuple[Any, str, str]:
     """(occurred at, event id, idempotency key) of an input event, the first columns of its row.
 
-    The key is the one the inference worker derives from the event id; an event without
-    one is keyed by its Kafka position.
+    The key is `input_key()`, the one the inference worker gives every output of the event.
     """
-    event_id = _text(event, "event_id")
     return (
         _event_time(event.get("occurred_at"), record.timestamp_ms, "occurred_at"),
-        event_id,
-        idempotency_key(record.topic, event_id) if event_id else _key(None, record),
+        _text(event, "event_id"),
+        input_key(contract, event),
     )
 
 
@@ -604,7 +604,7 @@ def _pickup_rows(event: Mapping[str, Any], record: SinkRecord) -> Rows:
     previous = _text(event, "previousuuid")
     pickup = _str_list(event.get("skupickdone"), "skupickdone")
     row = (
-        *_input_event_columns(event, record),
+        *_input_event_columns(event, record, PICKUP_CONTRACT),
         _text(event, "shippingid"),
         _text(event, "uuid"),
         previous,
@@ -622,7 +622,7 @@ def _pickup_rows(event: Mapping[str, Any], record: SinkRecord) -> Rows:
 def _listing_rows(event: Mapping[str, Any], record: SinkRecord) -> Rows:
     image = _text(event, "image")
     row = (
-        *_input_event_columns(event, record),
+        *_input_event_columns(event, record, LISTING_CONTRACT),
         _text(event, "product_id"),
         _text(event, "title"),
         _text(event, "description"),

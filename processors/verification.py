@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from processors.answer_parsing import parse_answer
-from processors.decision import DEFAULT_SOURCE_TOPIC, decide
+from processors.decision import decide
 from processors.errors import ErrorCode, Failure, ProcessingError, failure_from_exception
 from processors.inference import InferenceEngine, PreparedRequest, ReplayEngine
 from processors.prompt import build_prompt, parse_questions, prompt_hash
@@ -45,7 +45,6 @@ from processors.records import (
     SourcePosition,
     VerificationAttempt,
     VerificationDecision,
-    idempotency_key,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +152,6 @@ class VerificationPipeline:
         clock: Callable[[], datetime] = _utc_now,
         timer: Callable[[], float] = time.perf_counter,
         tile: Tiler | None = None,
-        source_topic: str = DEFAULT_SOURCE_TOPIC,
     ) -> None:
         if images is not None and tiling is None:
             raise ValueError("an ImageSource needs a TilingConfig")
@@ -163,7 +161,6 @@ class VerificationPipeline:
         self._clock = clock
         self._timer = timer
         self._tile = tile
-        self._source_topic = source_topic
 
     async def run(
         self, inputs: Sequence[VerificationInput], *, batch_id: str
@@ -174,9 +171,7 @@ class VerificationPipeline:
         that raises for the whole batch fails every request of it with that cause.
         """
         started = self._timer()
-        items = [
-            _Item(inp, idempotency_key(self._source_topic, inp.request.event_id)) for inp in inputs
-        ]
+        items = [_Item(inp, inp.request.idempotency_key) for inp in inputs]
         for item in items:
             try:
                 item.questions = parse_questions(item.request.question)
@@ -356,7 +351,6 @@ class VerificationPipeline:
                     total_time=self._timer() - started,
                     source=item.input.source,
                     now=self._clock(),
-                    source_topic=self._source_topic,
                 )
             except Exception as exc:
                 item.failure = failure_from_exception(exc, "decide")

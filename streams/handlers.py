@@ -26,7 +26,6 @@ from processors.records import (
     PickupRequest,
     ProductListing,
     SourcePosition,
-    idempotency_key,
 )
 from processors.verification import VerificationInput, VerificationOutcome, VerificationPipeline
 from streams.codecs import Codecs, TopicCodec, now_ms
@@ -270,7 +269,7 @@ class CategorizationHandler:
             return
         kept = [message for message, _ in decoded]
         listings = [listing for _, listing in decoded]
-        keys = [idempotency_key(self._topics.product_listed, item.event_id) for item in listings]
+        keys = [listing.idempotency_key for listing in listings]
         sources = [message.position for message in kept]
         started = time.perf_counter()
         try:

@@ -17,7 +17,7 @@ from processors.decision import (
     values_equal,
 )
 from processors.errors import ErrorCode, ProcessingError
-from processors.records import PickupRequest, SourcePosition, VerificationDecision, idempotency_key
+from processors.records import PickupRequest, SourcePosition, VerificationDecision, input_key
 from schemas import avro_schema_json
 
 NOW = datetime(2025, 8, 14, 10, 30, 0, tzinfo=UTC)
@@ -100,7 +100,8 @@ def _decide(
         "now": NOW,
     }
     options.update(kwargs)
-    return decide(REQUEST, QUESTIONS if questions is None else questions, answer, **options)
+    request = options.pop("request", REQUEST)
+    return decide(request, QUESTIONS if questions is None else questions, answer, **options)
 
 
 def _answers(decision: VerificationDecision) -> list[str]:
@@ -364,12 +365,15 @@ def test_decision_fields() -> None:
     assert decision.total_time == 2.5
     assert decision.model_version == "internvl2_5-1b@test"
     assert decision.source == SourcePosition("pickup-completed", 3, 42)
-    assert decision.idempotency_key == idempotency_key("pickup-completed", "evt-1")
+    assert decision.idempotency_key == input_key("pickup-completed", {"event_id": "evt-1"})
 
 
-def test_idempotency_key_uses_the_source_topic() -> None:
-    decision = _decide(_answer(), source_topic="prod.pickup-completed")
-    assert decision.idempotency_key == idempotency_key("prod.pickup-completed", "evt-1")
+def test_the_decision_carries_its_request_key() -> None:
+    retake = PickupRequest.from_event(
+        {**REQUEST.to_event(), "event_id": "", "uuid": "uuid-2", "previousuuid": "uuid-1"}
+    )
+    decision = _decide(_answer(), request=retake)
+    assert decision.idempotency_key == retake.idempotency_key
     assert decision.idempotency_key != _decide(_answer()).idempotency_key
 
 

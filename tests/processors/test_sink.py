@@ -28,7 +28,7 @@ from processors.records import (
     TopCategory,
     VerificationAttempt,
     VerificationDecision,
-    idempotency_key,
+    input_key,
 )
 from processors.reports import run_report
 from processors.sink import (
@@ -223,7 +223,7 @@ def rec(topic: str, offset: int, value: dict[str, Any], partition: int = 0) -> S
 
 
 def one_of_each() -> list[SinkRecord]:
-    key = idempotency_key("pickup-completed", "e-1")
+    key = input_key("pickup-completed", {"event_id": "e-1"})
     return [
         rec("pickup-completed", 5, pickup("e-1")),
         rec("product-listed", 8, listing("l-1")),
@@ -339,7 +339,7 @@ def test_every_table_receives_its_rows(ch: Any, dsn: str, sinks: list[AnalyticsS
         "category_tags": 1,
         "dead_letters": 1,
     }
-    key = idempotency_key("pickup-completed", "e-1")
+    key = input_key("pickup-completed", {"event_id": "e-1"})
 
     pickups = ch.query(
         "SELECT event_time, idempotency_key, productid, is_retake, vendor_images, "

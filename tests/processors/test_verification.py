@@ -20,7 +20,7 @@ from processors.errors import ErrorCode, Failure, ProcessingError
 from processors.gathering import GatheredImages
 from processors.inference import IMAGE_PLACEHOLDER, PreparedRequest, ReplayEngine
 from processors.prompt import build_prompt, parse_questions, prompt_hash
-from processors.records import PickupRequest, SourcePosition, idempotency_key
+from processors.records import PickupRequest, SourcePosition, input_key
 from processors.tiling import TilingConfig
 from processors.verification import (
     VerificationInput,
@@ -214,7 +214,7 @@ async def test_valid_first_time() -> None:
         1,
         "replay@test",
     )
-    assert attempt.idempotency_key == idempotency_key("pickup-completed", "evt-1")
+    assert attempt.idempotency_key == input_key("pickup-completed", {"event_id": "evt-1"})
     assert attempt.occurred_at_ms == int(NOW.timestamp() * 1000)
     assert (attempt.request_uuid, attempt.shippingid) == ("uuid-1", "SHIP-1")
 
