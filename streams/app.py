@@ -105,7 +105,9 @@ def create_app(settings: Settings, **runtime_overrides: Any) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         web_port=settings.web_port,
-        web_host="0.0.0.0",  # noqa: S104 - the container's health checks reach it from outside
+        # faust binds `web_bind`; `web_host` only names the server in its URLs.
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
         topic_replication_factor=1,
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
@@ -160,7 +162,7 @@ def _register_operations(
         }
 
     reports = SinkReports(settings.effective_clickhouse_dsn) if settings.role == "sink" else None
-    register_views(app, health, metrics, info, reports)
+    register_views(app, health, metrics, info, reports, token=settings.web_token)
 
     @app.timer(interval=settings.lag_refresh_s)
     async def refresh_consumer_lag() -> None:

@@ -2,11 +2,13 @@
 
 Nothing else in the project reads environment variables: `Settings.from_env()` is
 called at the edge (`python -m streams ...`) and the result is passed down.
-Secrets (passwords inside DSNs and URLs) never appear in `repr()` or `public()`.
+Secrets (passwords inside DSNs and URLs, the web token) never appear in `repr()` or
+`public()`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -46,6 +48,8 @@ class Settings:
     app_id: str = "visionstream"
     role: str = "inference"  # "inference" or "sink"
     web_port: int = 6066
+    web_host: str = "127.0.0.1"
+    web_token: str | None = None
     topics: Topics = field(default_factory=Topics)
     topic_partitions: int = 4
     batch_size: int = 16
@@ -71,6 +75,19 @@ class Settings:
     shutdown_timeout_s: float = 30.0
     lag_refresh_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        """Refuse a web server reachable from other hosts without a token.
+
+        Raises `SettingsError`: the data pages (`/reports`, `/info`, `/metrics`) would
+        be open to the network.
+        """
+        if not self.web_token and not is_loopback_host(self.web_host):
+            raise SettingsError(
+                f"VS_WEB_HOST={self.web_host!r} is reachable from other hosts, so VS_WEB_TOKEN "
+                "must be set (the bearer token that /reports, /info and /metrics require); "
+                "or bind VS_WEB_HOST=127.0.0.1"
+            )
+
     @property
     def sink_app_id(self) -> str:
         return f"{self.app_id}-sink"
@@ -86,6 +103,8 @@ class Settings:
             "app_id": self.app_id,
             "role": self.role,
             "web_port": self.web_port,
+            "web_host": self.web_host,
+            "web_token": "***" if self.web_token else None,
             "topics": {f.name: getattr(self.topics, f.name) for f in fields(self.topics)},
             "batch_size": self.batch_size,
             "batch_wait_s": self.batch_wait_s,
@@ -128,6 +147,8 @@ class Settings:
             app_id=reader.text("VS_APP_ID", default.app_id),
             role=role,
             web_port=reader.integer("VS_WEB_PORT", 6067 if role == "sink" else default.web_port),
+            web_host=reader.text("VS_WEB_HOST", default.web_host),
+            web_token=env.get("VS_WEB_TOKEN") or None,
             topics=topics,
             topic_partitions=reader.integer("VS_TOPIC_PARTITIONS", default.topic_partitions),
             batch_size=reader.integer("VS_BATCH_SIZE", default.batch_size),
@@ -176,6 +197,16 @@ class Settings:
             shutdown_timeout_s=reader.number("VS_SHUTDOWN_TIMEOUT_S", default.shutdown_timeout_s),
             lag_refresh_s=reader.number("VS_LAG_REFRESH_S", default.lag_refresh_s),
         )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) is reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _EnvReader:

@@ -16,6 +16,12 @@ worker serves them on `web_port` once it starts, on the worker's event loop
   given: the list of reports, or one report as JSON (404 unknown name, 400 bad
   `since`, 503 when the report backend fails). Reports run in a thread.
 
+Authentication: when a token is given (`VS_WEB_TOKEN`, required by the settings as
+soon as `VS_WEB_HOST` is not a loopback address), `/info`, `/metrics` and `/reports`
+answer 401 unless the request carries `Authorization: Bearer <token>`; liveness and
+readiness stay open for probes. `authorization_error()` is the one check, for any
+view that shows data. The token is compared in constant time and never logged.
+
 Views must be registered before the worker starts: aiohttp freezes its router when
 the server starts. `HealthSource` methods run on the event loop, so they must return
 cached state and never do I/O.
@@ -24,6 +30,7 @@ cached state and never do I/O.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -73,15 +80,42 @@ class ReportSource(Protocol):
         ...
 
 
+def bearer_token_matches(authorization: str | None, token: str) -> bool:
+    """Whether an `Authorization` header value is `Bearer <token>` (constant-time compare)."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def authorization_error(view: View, request: Request, token: str | None) -> Response | None:
+    """None when `request` may see the data; otherwise the 401 response to return.
+
+    With no token configured every request passes (the settings only allow that on a
+    loopback address). Use it first in every view that shows data:
+    `if (denied := authorization_error(self, request, token)) is not None: return denied`.
+    """
+    if not token or bearer_token_matches(request.headers.get("Authorization"), token):
+        return None
+    return view.error(
+        401,
+        "this page needs Authorization: Bearer <VS_WEB_TOKEN>",
+        headers={"WWW-Authenticate": 'Bearer realm="visionstream"'},
+    )
+
+
 def register_views(
     app: faust.App,
     health: HealthSource,
     metrics: Metrics,
     info: Callable[[], dict[str, Any]],
     reports: ReportSource | None = None,
+    *,
+    token: str | None = None,
 ) -> list[str]:
     """Add the worker's routes to `app` and return their paths.
 
+    `token`: the bearer token `/info`, `/metrics` and `/reports` require (None: open).
     Call it once per app, before the worker starts. Raises whatever aiohttp raises
     for a path that is already registered.
     """
@@ -112,6 +146,8 @@ def register_views(
         """Version, model versions and settings without secrets."""
 
         async def get(self, request: Request, **kwargs: Any) -> Response:
+            if (denied := authorization_error(self, request, token)) is not None:
+                return denied
             try:
                 return self.json(info())
             except Exception as exc:
@@ -122,6 +158,8 @@ def register_views(
         """The worker's metrics in Prometheus (or OpenMetrics) exposition format."""
 
         async def get(self, request: Request, **kwargs: Any) -> Response:
+            if (denied := authorization_error(self, request, token)) is not None:
+                return denied
             ready, _, _ = _readiness(health)
             metrics.set_ready(ready)
             body, content_type = metrics.render(request.headers.get("Accept"))
@@ -135,17 +173,19 @@ def register_views(
         ("/metrics", PrometheusMetrics),
     ]
     if reports is not None:
-        routes += _report_views(reports)
+        routes += _report_views(reports, token)
     for path, view in routes:
         app.page(path, name=f"visionstream:{view.__name__.lower()}")(view)
     return [path for path, _ in routes]
 
 
-def _report_views(reports: ReportSource) -> list[tuple[str, type[View]]]:
+def _report_views(reports: ReportSource, token: str | None) -> list[tuple[str, type[View]]]:
     class ReportIndex(View):
         """The names of the available reports."""
 
         async def get(self, request: Request, **kwargs: Any) -> Response:
+            if (denied := authorization_error(self, request, token)) is not None:
+                return denied
             names = await asyncio.to_thread(reports.list_reports)
             return self.json({"reports": names})
 
@@ -153,6 +193,8 @@ def _report_views(reports: ReportSource) -> list[tuple[str, type[View]]]:
         """One report as JSON over the window `?since=` (default 7d)."""
 
         async def get(self, request: Request, **kwargs: Any) -> Response:
+            if (denied := authorization_error(self, request, token)) is not None:
+                return denied
             name = str(request.match_info["name"])
             since = request.query.get("since") or DEFAULT_REPORT_WINDOW
             known = await asyncio.to_thread(reports.list_reports)

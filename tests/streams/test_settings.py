@@ -25,3 +25,49 @@ def test_model_compile_turns_on_every_compile_option() -> None:
 def test_unreadable_flag_names_the_variable() -> None:
     with pytest.raises(SettingsError, match="VS_MODEL_COMPILE"):
         Settings.from_env({"VS_MODEL_COMPILE": "sometimes"})
+
+
+def test_the_web_server_binds_loopback_by_default(tmp_path: Path) -> None:
+    from streams.app import create_app
+
+    settings = Settings.from_env({"VS_STATE_DIR": str(tmp_path)})
+    assert settings.web_host == "127.0.0.1" and settings.web_token is None
+    app = create_app(settings)
+    assert app.conf.web_bind == "127.0.0.1"  # what faust's aiohttp server binds
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "worker.internal"])  # noqa: S104
+def test_a_non_loopback_binding_needs_a_token(host: str) -> None:
+    with pytest.raises(SettingsError, match="VS_WEB_TOKEN"):
+        Settings.from_env({"VS_WEB_HOST": host})
+    settings = Settings.from_env({"VS_WEB_HOST": host, "VS_WEB_TOKEN": "t0ken-value"})
+    assert settings.web_host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_bindings_need_no_token(host: str) -> None:
+    assert Settings.from_env({"VS_WEB_HOST": host}).web_host == host
+
+
+def test_the_web_token_is_redacted() -> None:
+    settings = Settings.from_env({"VS_WEB_HOST": "0.0.0.0", "VS_WEB_TOKEN": "t0ken-value"})  # noqa: S104
+    assert settings.public()["web_token"] == "***"
+    assert "t0ken-value" not in repr(settings) and "t0ken-value" not in str(settings.public())
+
+
+def test_a_worker_exposed_without_a_token_refuses_to_start() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VS_WEB_HOST": "0.0.0.0"}  # noqa: S104
+    env.pop("VS_WEB_TOKEN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "streams", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "VS_WEB_TOKEN" in done.stderr and "VS_WEB_HOST" in done.stderr

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.metrics import Metrics
-from streams.web import READINESS_CHECKS, ReportSource, register_views
+from streams.web import READINESS_CHECKS, ReportSource, bearer_token_matches, register_views
 
 
 @dataclass
@@ -258,3 +258,57 @@ async def test_reports_are_not_served_without_a_report_source(serve: Serve) -> N
     client = await serve(None)
     assert (await client.get("/reports/decisions_by_day")).status == 404
     assert (await client.get("/reports")).status == 404
+
+
+TOKEN = "s3cret-token-for-tests"
+
+
+async def serve_with_token(tmp_path: Path, health: FakeHealth, metrics: Metrics) -> Client:
+    app = make_app(tmp_path)
+    register_views(app, health, metrics, lambda: INFO, FakeReports(), token=TOKEN)
+    client: Client = TestClient(TestServer(await app.web.wsgi()))
+    await client.start_server()
+    return client
+
+
+@pytest.mark.parametrize("path", ["/info", "/metrics", "/reports", "/reports/decisions_by_day"])
+async def test_data_pages_need_the_bearer_token(
+    tmp_path: Path, health: FakeHealth, metrics: Metrics, path: str
+) -> None:
+    client = await serve_with_token(tmp_path, health, metrics)
+    try:
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": f"Bearer {TOKEN}x"},
+        ):
+            response = await client.get(path, headers=headers)
+            assert response.status == 401, (path, headers)
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            assert TOKEN not in await response.text()
+        response = await client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status == 200, path
+    finally:
+        await client.close()
+
+
+async def test_probes_stay_open_when_a_token_is_set(
+    tmp_path: Path, health: FakeHealth, metrics: Metrics
+) -> None:
+    health.checks = dict.fromkeys(READINESS_CHECKS, True)
+    client = await serve_with_token(tmp_path, health, metrics)
+    try:
+        assert (await client.get("/healthz")).status == 200
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await client.close()
+
+
+def test_bearer_token_matching() -> None:
+    assert bearer_token_matches(f"Bearer {TOKEN}", TOKEN)
+    assert bearer_token_matches(f"bearer  {TOKEN} ", TOKEN)
+    assert not bearer_token_matches(None, TOKEN)
+    assert not bearer_token_matches(TOKEN, TOKEN)
+    assert not bearer_token_matches("Bearer ", TOKEN)
+    assert not bearer_token_matches("Bearer x", "")  # no token configured matches nothing
