@@ -81,7 +81,8 @@ class VerificationOutcome:
     """The result for one input: exactly one of `decision` and `failure` is set.
 
     `attempts` holds one record per model attempt that produced text; `raw_outputs` the
-    texts themselves, first attempt first.
+    texts themselves, first attempt first. `images`: the decoded images the model
+    received (None in replay mode), for the review copies (processors/review/images.py).
     """
 
     input: VerificationInput
@@ -89,6 +90,7 @@ class VerificationOutcome:
     failure: Failure | None
     attempts: tuple[VerificationAttempt, ...] = ()
     raw_outputs: tuple[str, ...] = ()
+    images: GatheredImages | None = None
 
     def __post_init__(self) -> None:
         if (self.decision is None) == (self.failure is None):
@@ -113,6 +115,7 @@ class _Item:
     errors: list[str] = field(default_factory=list)
     attempts: list[VerificationAttempt] = field(default_factory=list)
     raw_outputs: list[str] = field(default_factory=list)
+    gathered: GatheredImages | None = None
 
     @property
     def request(self) -> PickupRequest:
@@ -244,6 +247,7 @@ class VerificationPipeline:
             item.failure = failure_from_exception(exc, "tile")
             return
         item.pixel_values = result.pixel_values
+        item.gathered = gathered
         item.num_patches = tuple(result.num_patches)
         item.vendor_count = result.vendor_count
         item.pickup_count = result.pickup_count
@@ -362,6 +366,7 @@ class VerificationPipeline:
             failure=item.failure if decision is None else None,
             attempts=tuple(item.attempts),
             raw_outputs=tuple(item.raw_outputs),
+            images=item.gathered,
         )
 
 

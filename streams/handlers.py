@@ -13,6 +13,8 @@ Each event's outcome is logged as one structured line and counted in the metrics
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -27,8 +29,9 @@ from processors.records import (
     ProductListing,
     SourcePosition,
 )
+from processors.review.images import ReviewCopier
 from processors.verification import VerificationInput, VerificationOutcome, VerificationPipeline
-from streams.codecs import Codecs, TopicCodec, now_ms
+from streams.codecs import Codecs, TopicCodec, now_ms, until_registry_answers
 from streams.logs import log_outcome
 from streams.metrics import Metrics
 from streams.publishing import EventWriter
@@ -48,6 +51,8 @@ class RawMessage:
     offset: int
     key: bytes | None
     value: bytes | None
+    # The Kafka message timestamp (ms, UTC); None when the broker gave none.
+    timestamp_ms: int | None = None
 
     @property
     def position(self) -> SourcePosition:
@@ -90,11 +95,17 @@ class _Outputs:
         max_bytes: int,
         parse: Callable[[dict[str, Any]], T],
     ) -> list[tuple[RawMessage, T]]:
-        """Decode and validate each message; one that fails becomes a dead letter (stage decode)."""
+        """Decode and validate each message; one that fails becomes a dead letter (stage decode).
+
+        While the schema registry is unreachable for a new schema id this waits (no dead
+        letter, nothing acknowledged) and goes on when it answers.
+        """
         decoded: list[tuple[RawMessage, T]] = []
         for message in messages:
+            decode = functools.partial(codec.decode, message.value, max_bytes=max_bytes)
             try:
-                decoded.append((message, parse(codec.decode(message.value, max_bytes=max_bytes))))
+                record = await until_registry_answers(decode, f"decoding {message.position}")
+                decoded.append((message, parse(record)))
             except Exception as exc:
                 await self.dead_letter(writer, message, failure_from_exception(exc, "decode"))
         return decoded
@@ -155,8 +166,11 @@ class VerificationHandler:
         topics: Topics,
         max_message_bytes: int,
         metrics: Metrics,
+        copier: ReviewCopier | None = None,
     ) -> None:
+        """`copier`: makes the review copies of each decided request (None: no copies)."""
         self._pipeline = pipeline
+        self._copier = copier
         self._codec = codecs.for_schema("pickup-completed")
         self._topics = topics
         self._max_bytes = max_message_bytes
@@ -175,6 +189,34 @@ class VerificationHandler:
         outcomes = await self._run_isolated(inputs, batch_id)
         for message, outcome in zip(by_input, outcomes, strict=True):
             await self._publish(message, outcome, writer)
+        # Only after every decision of the batch is sent: the refund path never waits on copies.
+        for outcome in outcomes:
+            await self._publish_copies(outcome, writer)
+
+    async def _publish_copies(
+        self, outcome: VerificationOutcome | Failure, writer: EventWriter
+    ) -> None:
+        """The review copies of a decided request, keyed by content hash; never raises.
+
+        A failure to make them is logged (request uuid and error type only) and skipped:
+        a missing copy must not hold back the batch.
+        """
+        if self._copier is None or isinstance(outcome, Failure) or outcome.decision is None:
+            return
+        request = outcome.input.request
+        try:
+            copies = await asyncio.to_thread(
+                self._copier.copies,
+                request,
+                outcome.images,
+                outcome.decision.idempotency_key,
+                now_ms(),
+            )
+        except Exception as exc:
+            log.warning("no review copies for request %s: %s", request.uuid, type(exc).__name__)
+            return
+        for copy in copies:
+            await writer.write(self._topics.review_image, copy.sha256, copy.to_event())
 
     async def _run_isolated(
         self, inputs: list[VerificationInput], batch_id: str

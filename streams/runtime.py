@@ -18,6 +18,7 @@ from processors.errors import ErrorCode, Failure, ProcessingError
 from processors.gathering import ImageGatherer
 from processors.inference import InferenceEngine, ReplayEngine
 from processors.records import CategoryTag, ProductListing, SourcePosition
+from processors.review.images import ReviewCopier
 from processors.tiling import TilingConfig
 from processors.verification import VerificationPipeline
 from streams.codecs import Codecs, now_ms
@@ -148,8 +149,14 @@ class InferenceRuntime:
         # The replay engine never looks at pixels, so images are not fetched for it.
         images = None if isinstance(engine, ReplayEngine) else self.gatherer
         pipeline = VerificationPipeline(engine, images=images, tiling=TilingConfig())
+        review = settings.review
         self.verification = VerificationHandler(
-            pipeline, self.codecs, settings.topics, settings.max_message_bytes, self.metrics
+            pipeline,
+            self.codecs,
+            settings.topics,
+            settings.max_message_bytes,
+            self.metrics,
+            copier=ReviewCopier(review.copy_limits, settings.gather) if review.copies else None,
         )
         categorizer = await asyncio.to_thread(self._load_categorizer)
         self.model_versions["categorization"] = categorizer.model_version

@@ -18,6 +18,7 @@ from typing import Any
 from processors.gathering import GatherLimits
 from processors.sink import SinkTopics
 from streams.logs import redact_passwords
+from streams.review_settings import ReviewSettings, ReviewSettingsError
 
 DEFAULT_STATE_DIR = ".cache/visionstream"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -74,6 +75,9 @@ class Settings:
     log_format: str = "auto"  # "json", "text" or "auto" (text on a terminal)
     shutdown_timeout_s: float = 30.0
     lag_refresh_s: float = 10.0
+    review: ReviewSettings = field(default_factory=ReviewSettings)
+    group_instance_id: str | None = None  # static group membership; None: dynamic
+    session_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         """Refuse a web server reachable from other hosts without a token.
@@ -115,6 +119,9 @@ class Settings:
             "replay_outputs": str(self.replay_outputs) if self.replay_outputs else None,
             "categorizer_artifacts": str(self.categorizer_artifacts or ""),
             "image_encoder": self.image_encoder,
+            "review": self.review.public(),
+            "group_instance_id": self.group_instance_id,
+            "session_timeout_s": self.session_timeout_s,
         }
 
     def __repr__(self) -> str:
@@ -142,6 +149,25 @@ class Settings:
         if role not in {"inference", "sink"}:
             raise SettingsError(f"VS_ROLE must be 'inference' or 'sink', got {role!r}")
         replay = env.get("VS_REPLAY_OUTPUTS")
+        try:
+            review = ReviewSettings.from_env(env)
+        except ReviewSettingsError as exc:
+            raise SettingsError(str(exc)) from None
+        engine = reader.text("VS_ENGINE", "").lower()
+        if engine not in {"", "internvl", "replay"}:
+            raise SettingsError(f"VS_ENGINE must be 'internvl' or 'replay', got {engine!r}")
+        web_port = reader.integer("VS_WEB_PORT", 6067 if role == "sink" else default.web_port)
+        instance = reader.text("VS_GROUP_INSTANCE_ID", "")
+        if instance.lower() == "off":
+            group_instance_id = None
+        else:
+            # Stable across restarts; two workers on one host differ by their web port.
+            group_instance_id = instance or f"{socket.gethostname()}-{role}-{web_port}"
+        session_timeout_s = reader.number("VS_SESSION_TIMEOUT_S", default.session_timeout_s)
+        if not 1.0 <= session_timeout_s <= 90.0:
+            raise SettingsError(
+                f"VS_SESSION_TIMEOUT_S must be between 1 and 90 seconds, got {session_timeout_s}"
+            )
         return cls(
             broker=reader.text("VS_KAFKA_BROKER", default.broker),
             app_id=reader.text("VS_APP_ID", default.app_id),
@@ -196,6 +222,9 @@ class Settings:
             log_format=reader.text("VS_LOG_FORMAT", default.log_format),
             shutdown_timeout_s=reader.number("VS_SHUTDOWN_TIMEOUT_S", default.shutdown_timeout_s),
             lag_refresh_s=reader.number("VS_LAG_REFRESH_S", default.lag_refresh_s),
+            review=review,
+            group_instance_id=group_instance_id,
+            session_timeout_s=session_timeout_s,
         )
 
 

@@ -70,6 +70,8 @@ def topic_env(suffix: str) -> dict[str, str]:
         "category_tag",
         "verification_attempts",
         "dead_letter",
+        "verification_review",
+        "review_image",
     ]
     return {f"VS_TOPIC_{n.upper()}": f"{n.replace('_', '-')}-{suffix}" for n in names}
 

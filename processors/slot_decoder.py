@@ -1,0 +1,337 @@
+"""The device side of the slot engine: a pool of KV-cache slots decoded together.
+
+`SlotDecoder` owns one static KV cache of `slots` rows x `context` columns per layer and
+per-row state in device tensors: the token each row feeds next, its length (columns
+written), how many tokens it has produced, its `min_new_tokens` and whether it is active.
+The active rows are always rows [0, n) (the host moves the last active row into a row
+that leaves, see `move`), so a decode step runs over the first `b` rows, `b` the smallest
+size of the ladder >= n; rows in [n, b) are inactive (length 0, their outputs ignored).
+
+A row's prompt sits in columns [0, prompt length) and its generated tokens right after
+it, so a row's next position is its length: the split-key kernel
+(`processors.decode_attention`) reads each row's first `length + 1` columns (its prompt
+length argument is the per-row visible count; the generated range it has beside is left
+empty), and the dense path masks the rest. Nothing per row lives on the host, so one
+CUDA graph per ladder size serves every mix of rows, and admissions never re-capture.
+
+Newcomers are prefilled in chunks into a separate staging row (causal attention over the
+chunk and the columns before it), then copied into a free row (`activate`). The layer
+bodies (norms, projections, rotary embedding, MLP) are those of
+`processors.internvl.StaticGreedyDecoder`, by reference, so the slot path computes what
+the static path computes; `min_new_tokens` suppresses `<|im_end|>` per row, as
+`MinNewTokensLengthLogitsProcessor` does.
+
+Not thread-safe: one thread (the scheduler's) drives it. Shapes are checked by the
+caller (`processors.slot_engine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from processors.decode_attention import SplitKeyAttention
+from processors.internvl import StaticGreedyDecoder
+
+
+def graph_ladder(slots: int) -> list[int]:
+    """Batch sizes with a captured step: 1, 2, 4, ..., 32, then every 32 up to `slots`."""
+    sizes = {size for size in (1, 2, 4, 8, 16, 32) if size < slots}
+    sizes.update(range(64, slots, 32))
+    sizes.add(slots)
+    return sorted(sizes)
+
+
+class SlotDecoder:
+    """Static KV slots, chunked prefill into a staging row, decode steps over rows [0, b)."""
+
+    def __init__(
+        self,
+        base: StaticGreedyDecoder,
+        *,
+        slots: int,
+        context: int,
+        steps_per_round: int,
+        cuda_graphs: bool = True,
+        compile_step: bool = False,
+        ladder: Sequence[int] | None = None,
+    ) -> None:
+        import torch
+
+        if slots < 1 or context < 2 or steps_per_round < 1:
+            raise ValueError("slots, steps_per_round must be >= 1 and context >= 2")
+        self.base = base
+        self.slots = slots
+        self.context = context
+        self.steps_per_round = steps_per_round
+        self.device = base.device
+        self.dtype = base.dtype
+        self.eos_id = base.eos_id
+        self.ladder = sorted(set(ladder)) if ladder else graph_ladder(slots)
+        if self.ladder[-1] < slots or self.ladder[0] < 1:
+            raise ValueError(f"the ladder {self.ladder} must cover 1..{slots}")
+        layers = len(base.layers)
+        shape = (slots, base.kv_heads, context, base.head_dim)
+        stage = (1, base.kv_heads, context, base.head_dim)
+        options = {"device": self.device, "dtype": self.dtype}
+        self.keys = [torch.zeros(shape, **options) for _ in range(layers)]
+        self.values = [torch.zeros(shape, **options) for _ in range(layers)]
+        self.stage_keys = [torch.zeros(stage, **options) for _ in range(layers)]
+        self.stage_values = [torch.zeros(stage, **options) for _ in range(layers)]
+
+        def longs(*size: int) -> Any:
+            return torch.zeros(size, dtype=torch.long, device=self.device)
+
+        self.tokens = longs(slots)  # the token each row feeds to the next step
+        self.lengths = longs(slots)  # columns written: the next token's position
+        self.produced = longs(slots)  # tokens generated so far (the first from prefill)
+        self.min_new = longs(slots)
+        self.active = longs(slots)
+        self.rows = torch.arange(slots, device=self.device)
+        self.round_out = longs(slots, steps_per_round)  # ids of this round's steps
+        self.round_step = longs()
+        self._one = torch.ones((), dtype=torch.long, device=self.device)
+        self._zero = longs()
+        self._split: SplitKeyAttention | None = base._split_attention
+        self._run_layer: Any = self._decode_layer
+        if compile_step:
+            self._run_layer = torch.compile(self._decode_layer, dynamic=True)
+        self.cuda_graphs = cuda_graphs and str(self.device).startswith("cuda")
+        self._graphs: dict[int, Any] = {}
+        self.compile_error: str | None = None
+
+    # ------------------------------------------------------------------- sizing
+
+    @staticmethod
+    def bytes_per_slot(base: StaticGreedyDecoder, context: int) -> int:
+        """Device bytes of one slot's keys and values over every layer."""
+        element = int(next(base.model.parameters()).element_size())
+        return 2 * len(base.layers) * base.kv_heads * base.head_dim * context * element
+
+    def batch_for(self, active: int) -> int:
+        """The smallest ladder size holding `active` rows."""
+        return next(size for size in self.ladder if size >= active)
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill_chunk(
+        self,
+        input_ids: Any,
+        start: int,
+        image_features: Any,
+        last: bool,
+        min_new_tokens: int,
+    ) -> Any:
+        """Prefill prompt columns [start, start + len) of the staging row.
+
+        `input_ids` is (1, chunk) on the device; `image_features` the projected features
+        of this chunk's image tokens in order, (tokens, hidden), or None. Columns before
+        `start` must hold the earlier chunks. Returns the greedy first token, shape (1,),
+        when `last` (`<|im_end|>` suppressed if `min_new_tokens` > 0), else None.
+        """
+        import torch
+        import torch.nn.functional as functional
+
+        base = self.base
+        language_model = base.language_model
+        embeds = language_model.embed_tokens(input_ids)
+        if image_features is not None:
+            mask = (input_ids == base.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+        width = int(input_ids.shape[1])
+        end = start + width
+        positions = torch.arange(start, end, device=input_ids.device)[None, :]
+        cos, sin = language_model.rotary_emb(embeds, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        causal = None
+        if start:
+            columns = torch.arange(end, device=input_ids.device)[None, :]
+            causal = columns <= positions[0][:, None]  # (chunk, end): earlier columns + causal
+        hidden = embeds
+        for index, layer in enumerate(base.layers):
+            if not start:  # the first chunk is exactly the static path's prefill layer
+                hidden, key, value = base._run_prefill_layer(layer, hidden, cos, sin)
+                self.stage_keys[index][0, :, :end] = key[0]  # already (kv heads, width, dim)
+                self.stage_values[index][0, :, :end] = value[0]
+                continue
+            query, key, value = base._rotated_projections(layer, hidden, cos, sin)
+            self.stage_keys[index][0, :, start:end] = key[0].transpose(0, 1)
+            self.stage_values[index][0, :, start:end] = value[0].transpose(0, 1)
+            attended = functional.scaled_dot_product_attention(
+                query.transpose(1, 2),
+                self.stage_keys[index][:, :, :end],
+                self.stage_values[index][:, :, :end],
+                attn_mask=causal,
+                scale=layer.self_attn.scaling,
+                enable_gqa=True,
+            )
+            attended = attended.transpose(1, 2).reshape(1, width, base.heads * base.head_dim)
+            hidden = base._layer_output(layer, hidden, attended)
+        if not last:
+            return None
+        final = language_model.norm(hidden[:, -1])
+        logits = base.lm_head(final[:, None, :])[:, -1, :].float()
+        if min_new_tokens > 0:
+            logits[:, self.eos_id] = -float("inf")
+        return logits.argmax(-1)
+
+    def activate(self, row: int, prompt_length: int, first_token: Any, min_new: int) -> None:
+        """Copy the staging row's prompt into `row` and make the row decode from there."""
+        for index in range(len(self.keys)):
+            self.keys[index][row, :, :prompt_length] = self.stage_keys[index][0, :, :prompt_length]
+            self.values[index][row, :, :prompt_length] = self.stage_values[index][
+                0, :, :prompt_length
+            ]
+        self.tokens[row : row + 1] = first_token
+        self.lengths[row] = prompt_length
+        self.produced[row] = 1
+        self.min_new[row] = min_new
+        self.active[row] = 1
+
+    def move(self, source: int, target: int, columns: int) -> None:
+        """Move row `source` (its first `columns` columns and its state) to `target`; free it."""
+        if source != target:
+            for index in range(len(self.keys)):
+                self.keys[index][target, :, :columns] = self.keys[index][source, :, :columns]
+                self.values[index][target, :, :columns] = self.values[index][source, :, :columns]
+            for state in (self.tokens, self.lengths, self.produced, self.min_new, self.active):
+                state[target : target + 1] = state[source : source + 1]
+        self.release(source)
+
+    def release(self, row: int) -> None:
+        """Mark `row` free: inactive, length 0 (a padded step then writes only column 0)."""
+        for state in (self.lengths, self.produced, self.min_new, self.active):
+            state[row] = 0
+
+    # ------------------------------------------------------------------- decode
+
+    def begin_round(self) -> None:
+        self.round_step.zero_()
+
+    def step(self, active: int) -> None:
+        """One greedy token for each of rows [0, active); queued, never waits for the GPU."""
+        batch = self.batch_for(active)
+        graph = self._graphs.get(batch)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._step(batch)
+
+    def capture_graphs(self) -> None:
+        """Capture one CUDA graph per ladder size; call while no row is active.
+
+        The warm-up steps run over inactive rows only, so they change no row's length and
+        write only column 0 of free rows. A compiled layer that cannot be captured falls
+        back to the eager layer (the reason is kept in `compile_error`).
+        """
+        import torch
+
+        if not self.cuda_graphs or self._graphs:
+            return
+        if int(self.active.sum()):
+            raise RuntimeError("graphs must be captured while no slot is active")
+        pool = torch.cuda.graph_pool_handle()
+        for batch in self.ladder:
+            try:
+                self._graphs[batch] = self._capture(batch, pool)
+            except Exception as exc:
+                if self._run_layer == self._decode_layer:
+                    raise
+                self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
+                self._run_layer = self._decode_layer
+                self._graphs.clear()
+                pool = torch.cuda.graph_pool_handle()
+                return self.capture_graphs()
+        self.tokens.zero_()
+        self.round_step.zero_()
+        return None
+
+    def _capture(self, batch: int, pool: Any) -> Any:
+        import torch
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: kernel selection and workspaces outside the graph
+                self.round_step.zero_()
+                self._step(batch)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self.round_step.zero_()
+        with torch.cuda.graph(graph, pool=pool):
+            self._step(batch)
+        return graph
+
+    def _step(self, batch: int) -> None:
+        """The step over rows [0, batch), on static buffers only (graph-capturable)."""
+        base = self.base
+        language_model = base.language_model
+        lengths = self.lengths[:batch]
+        hidden = language_model.embed_tokens(self.tokens[:batch, None])  # (batch, 1, hidden)
+        cos, sin = language_model.rotary_emb(hidden, lengths[:, None])
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        visible = lengths + 1  # the prompt, the generated tokens and this step's token
+        mask = None
+        if self._split is None:
+            import torch
+
+            columns = torch.arange(self.context, device=self.device)[None, :]
+            mask = (columns < visible[:, None])[:, None, None, :]
+        rows = self.rows[:batch]
+        for index, layer in enumerate(base.layers):
+            hidden = self._run_layer(
+                layer,
+                hidden,
+                cos,
+                sin,
+                self.keys[index][:batch],
+                self.values[index][:batch],
+                rows,
+                lengths,
+                visible,
+                mask,
+            )
+        hidden = language_model.norm(hidden)
+        logits = base.lm_head(hidden)[:, -1, :].float()
+        suppress = self.produced[:batch] < self.min_new[:batch]
+        logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
+        chosen = logits.argmax(-1)
+        self.round_out[:batch].index_copy_(1, self.round_step.view(1), chosen[:, None])
+        self.tokens[:batch] = chosen
+        active = self.active[:batch]
+        self.lengths[:batch] += active
+        self.produced[:batch] += active
+        self.round_step.add_(1)
+
+    def _decode_layer(
+        self,
+        layer: Any,
+        hidden: Any,
+        cos: Any,
+        sin: Any,
+        keys: Any,
+        values: Any,
+        rows: Any,
+        lengths: Any,
+        visible: Any,
+        mask: Any,
+    ) -> Any:
+        """One decoder layer, one new token per row, written at each row's own column."""
+        import torch.nn.functional as functional
+
+        base = self.base
+        batch = hidden.shape[0]
+        scale = layer.self_attn.scaling
+        query, key, value = base._rotated_projections(layer, hidden, cos, sin)
+        keys[rows, :, lengths] = key[:, 0]
+        values[rows, :, lengths] = value[:, 0]
+        grouped = query.reshape(batch, base.kv_heads, base.heads // base.kv_heads, base.head_dim)
+        if self._split is not None:
+            # Per-row visible counts as the "prompt"; the generated range is left empty.
+            attended = self._split(grouped, keys, values, visible, self._one, self._zero, scale)
+        else:
+            attended = functional.scaled_dot_product_attention(
+                grouped, keys, values, attn_mask=mask, scale=scale
+            )
+        attended = attended.reshape(batch, 1, base.heads * base.head_dim)
+        return base._layer_output(layer, hidden, attended)

@@ -1,0 +1,223 @@
+"""The slot engine on the tiny random InternVL (CPU, float32): continuous batching.
+
+Greedy ids must equal the one-at-a-time `generate` path whatever the admission order,
+the step at which a request joins, chunked prefill that cuts through image tokens, and
+early exits (token limits, an end token inside a round) that free slots mid-stream.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from processors.errors import ErrorCode, ProcessingError
+from processors.inference import PreparedRequest
+from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
+from processors.slot_engine import (
+    JsonObjectEnd,
+    SlotEngine,
+    SlotEngineConfig,
+    SlotScheduler,
+)
+from tests.support.tiny_internvl import build_tiny_internvl
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_internvl(tmp_path_factory.mktemp("slots") / "native")
+
+
+def _request(name: str, prompt: str, patches: tuple[int, ...], seed: int) -> PreparedRequest:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(sum(patches), 3, 448, 448, generator=generator) if patches else None
+    return PreparedRequest(name, 1, prompt, patches, pixels)
+
+
+@pytest.fixture(scope="module")
+def requests() -> list[PreparedRequest]:
+    return [
+        _request("a", "<image>\nDescribe the product.", (1,), seed=1),
+        _request("b", "Vendor: <image>\nPickup: <image>\nSame product? Answer in JSON.", (1, 2), 2),
+        _request("c", "<image><image> Same item?", (1, 1), seed=3),
+        _request("d", "No image here, only a question about a shirt.", (), seed=4),
+        _request("e", "<image> colour?", (1,), seed=5),
+    ]
+
+
+def _engine(path: Path, **overrides: object) -> NativeInternVLEngine:
+    engine = load_engine(EngineConfig(path, **overrides))  # type: ignore[arg-type]
+    assert isinstance(engine, NativeInternVLEngine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> NativeInternVLEngine:
+    return _engine(checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW)
+
+
+def _expected(engine: NativeInternVLEngine, requests: list[PreparedRequest]) -> list[list[int]]:
+    return [engine.generate_token_ids([request])[0] for request in requests]
+
+
+def _rounds(scheduler: SlotScheduler, out: dict[str, list[int]], rounds: int) -> None:
+    for _ in range(rounds):
+        ended, failed = scheduler.run_round()
+        assert not failed
+        for _work, completion in ended:
+            out[completion.request_id] = list(completion.token_ids)
+
+
+def _drain(scheduler: SlotScheduler, out: dict[str, list[int]]) -> None:
+    for _ in range(1000):
+        if scheduler.idle:
+            return
+        _rounds(scheduler, out, 1)
+    raise AssertionError("the scheduler did not finish")
+
+
+def _config(**overrides: object) -> SlotEngineConfig:
+    settings: dict[str, object] = {
+        "slots": 2,
+        "context_length": 1024,
+        "prefill_tokens_per_step": 300,  # prompts of 300-800 tokens: chunks cut through images
+        "steps_per_round": 3,
+        "stop_at_json_close": False,
+        **overrides,
+    }
+    return SlotEngineConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_admission_at_arbitrary_steps_matches_generate(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    expected = _expected(reference, requests)
+    limits = {"a": 5, "c": 9}  # early exits by token limit: greedy prefixes
+    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    out: dict[str, list[int]] = {}
+    scheduler.add(requests[0], max_new_tokens=limits["a"])
+    _rounds(scheduler, out, 1)  # "a" decodes alone for a round
+    scheduler.add(requests[1])
+    scheduler.add(requests[2], max_new_tokens=limits["c"])  # waits: two slots only
+    _rounds(scheduler, out, 1)
+    scheduler.add(requests[3])
+    _rounds(scheduler, out, 2)  # part-way, then the last one joins a running batch
+    scheduler.add(requests[4])
+    _drain(scheduler, out)
+    for request, ids in zip(requests, expected, strict=True):
+        name = request.request_id
+        assert out[name] == ids[: limits.get(name, MAX_NEW)], name
+    assert scheduler.decoder.active.sum() == 0 and not scheduler.rows
+
+
+def test_end_token_inside_a_round_frees_the_slot(
+    checkpoint: Path, requests: list[PreparedRequest]
+) -> None:
+    """Stop on a token the model really produces: the row leaves mid-round, others go on."""
+    probe = _engine(checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW)
+    first = probe.generate_token_ids([requests[0]])[0]
+    stop = next(token for token in first[3:] if token not in first[:3])
+    probe._im_end_id = stop  # generate's eos_token_id and the cut both read it
+    expected = _expected(probe, requests)
+    assert len(expected[0]) < MAX_NEW
+    engine = _engine(checkpoint, max_new_tokens=MAX_NEW)
+    engine._im_end_id = stop
+    assert engine._decoder is not None
+    engine._decoder.eos_id = stop
+    scheduler = SlotScheduler(engine, _config(steps_per_round=5))
+    for request in requests:
+        scheduler.add(request)
+    out: dict[str, list[int]] = {}
+    _drain(scheduler, out)
+    assert [out[request.request_id] for request in requests] == expected
+
+
+def test_min_new_tokens_per_request(checkpoint: Path, requests: list[PreparedRequest]) -> None:
+    forced = _engine(
+        checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW, min_new_tokens=10
+    )
+    expected = _expected(forced, requests[:3])
+    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), _config(slots=3))
+    for request in requests[:3]:
+        scheduler.add(request, min_new_tokens=10)
+    out: dict[str, list[int]] = {}
+    _drain(scheduler, out)
+    assert [out[request.request_id] for request in requests[:3]] == expected
+
+
+def test_bad_requests_fail_alone(checkpoint: Path, requests: list[PreparedRequest]) -> None:
+    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    with pytest.raises(ProcessingError) as wrong_count:
+        scheduler.add(_request("x", "<image> <image>", (1,), seed=1))
+    assert wrong_count.value.code == ErrorCode.INVALID_REQUEST
+    with pytest.raises(ProcessingError) as too_long:
+        scheduler.add(requests[1], max_new_tokens=1000)
+    assert (
+        too_long.value.code == ErrorCode.INVALID_REQUEST and "fit a slot" in too_long.value.message
+    )
+    assert scheduler.idle
+
+
+def test_json_object_end() -> None:
+    cases = {
+        'Here: {"a": {"b": "x}"}, "c": 1} trailing': len('Here: {"a": {"b": "x}"}, "c": 1}'),
+        '```json\n{"q": "say \\"}\\" ok"}\n```': len('```json\n{"q": "say \\"}\\" ok"}'),
+        "} no object { still open": None,
+    }
+    for text, end in cases.items():
+        tracker = JsonObjectEnd()
+        closed_at = next((i + 1 for i, char in enumerate(text) if tracker.feed(char)), None)
+        assert closed_at == end, text
+
+
+def test_streaming_engine_is_thread_safe_and_pushes_back(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    expected = {
+        r.request_id: ids for r, ids in zip(requests, _expected(reference, requests), strict=True)
+    }
+    engine = SlotEngine(_engine(checkpoint, max_new_tokens=MAX_NEW), _config(queue_size=1, slots=2))
+    with pytest.raises(ProcessingError):
+        engine.submit(requests[0])  # not loaded
+    engine.load()
+    try:
+        results: dict[str, list[int]] = {}
+        lock = threading.Lock()
+
+        def producer(part: list[PreparedRequest]) -> None:
+            futures = [engine.submit(request) for request in part]
+            for future in futures:
+                completion = future.result(timeout=120)
+                with lock:
+                    results[completion.request_id] = list(completion.token_ids)
+
+        threads = [
+            threading.Thread(target=producer, args=(requests[index::2],)) for index in (0, 1)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        assert results == expected
+        assert engine.generate(requests[:2]) == reference.generate(requests[:2])
+        bad = engine.submit(_request("x", "<image> <image>", (1,), seed=1))
+        with pytest.raises(ProcessingError) as failure:
+            bad.result(timeout=60)
+        assert failure.value.code == ErrorCode.INVALID_REQUEST
+        # A full queue pushes back: with the scheduler thread held, the second put waits.
+        with engine.engine._lock:
+            engine.submit(requests[0])  # taken by the scheduler thread, which then blocks
+            deadline_hit = False
+            try:
+                for _ in range(4):
+                    engine.submit(requests[1], timeout=0.5)
+            except queue.Full:
+                deadline_hit = True
+            assert deadline_hit and not engine.has_room()
+    finally:
+        engine.close()
