@@ -20,8 +20,9 @@ is the fallback for original checkpoints that cannot be converted.
 
 Both engines follow the prompt convention of `processors.inference`: one `<image>`
 placeholder per image, expanded into `<img>` + `<IMG_CONTEXT>` x (tokens per tile x
-tiles) + `</img>`, inside the InternVL 2.5 chat template (ChatML with the InternVL
-system message), exactly as the original `model.chat`/`batch_chat` build it. Generation
+tiles) + `</img>`, inside the checkpoint's own chat template (config.json `template`,
+read from the folder's `conversation.py` when it has one: `processors.chat_templates`),
+exactly as the original `model.chat`/`batch_chat` build it. Generation
 is greedy (`do_sample=False`), stops at `<|im_end|>`, and decodes only the new tokens.
 
 The native engine's default decode path (`EngineConfig.decode="static"`) does not call
@@ -57,6 +58,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from processors.chat_templates import (
+    DEFAULT_TEMPLATE,
+    INTERNVL2_5,
+    ChatTemplate,
+    resolve_chat_template,
+)
 from processors.decode_attention import SplitKeyAttention
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import IMAGE_PLACEHOLDER, InferenceEngine, PreparedRequest
@@ -75,10 +82,7 @@ def coded_failure(code: ErrorCode, what: str) -> Iterator[None]:
         raise ProcessingError(code, f"{what}: {type(exc).__name__}: {exc}"[:2000], STAGE) from exc
 
 
-INTERNVL25_SYSTEM_MESSAGE = (
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多个合作单位"
-    "联合开发的多模态大语言模型。"
-)
+INTERNVL25_SYSTEM_MESSAGE = INTERNVL2_5.system_message
 """The system message of the original `internvl2_5` conversation template."""
 
 # Vocabulary tokens, not secrets (S105 matches on the word TOKEN).
@@ -120,8 +124,10 @@ class EngineConfig:
         max_batch_size: the model's maximum batch; larger pipeline batches are split.
         format: "auto" (detect from config.json), "native" (native engine; converts an
             original Qwen2-based checkpoint) or "remote-code" (the checkpoint's own code).
-        system_message: system message of the chat template; the default is the one the
-            original `internvl2_5` template (and so the fine-tuning) used.
+        system_message: replaces the system message of the checkpoint's chat template;
+            None (the default) keeps the checkpoint's own (see
+            `processors.chat_templates.resolve_chat_template`), which is what the
+            fine-tuning used.
         decode: "auto" (the native engine's own static-cache greedy loop, "static"; the
             remote-code engine always uses "generate"), "static", or "generate" (the
             checkpoint's `generate`, dynamic cache: the original one-call-per-batch path).
@@ -167,7 +173,7 @@ class EngineConfig:
     attn_implementation: AttnName = "auto"
     max_batch_size: int = 32
     format: FormatName = "auto"
-    system_message: str = INTERNVL25_SYSTEM_MESSAGE
+    system_message: str | None = None
     decode: DecodeName = "auto"
     min_new_tokens: int = 0
     cuda_graphs: bool = True
@@ -223,18 +229,14 @@ class EngineConfig:
 # --------------------------------------------------------------------------- prompts
 
 
-def build_chat_prompt(question: str, system_message: str = INTERNVL25_SYSTEM_MESSAGE) -> str:
-    """The `internvl2_5` conversation template, as `get_conv_template(...).get_prompt()`.
+def build_chat_prompt(question: str, template: ChatTemplate = DEFAULT_TEMPLATE) -> str:
+    """One user turn and the open assistant turn, as `get_conv_template(...).get_prompt()`.
 
-    One user turn followed by the open assistant turn:
+    With the default `internvl2_5` template:
     `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{question}<|im_end|>\\n`
     `<|im_start|>assistant\\n`.
     """
-    return (
-        f"{IM_START_TOKEN}system\n{system_message}{IM_END_TOKEN}\n"
-        f"{IM_START_TOKEN}user\n{question}{IM_END_TOKEN}\n"
-        f"{IM_START_TOKEN}assistant\n"
-    )
+    return template.prompt(question)
 
 
 def expand_image_placeholders(
@@ -1087,6 +1089,7 @@ class _InternVLEngineBase:
         self._im_end_id = -1
         self._pad_id = -1
         self._context_id = -1
+        self.chat_template = self._template(DEFAULT_TEMPLATE)
         self.timings: dict[str, float] = dict.fromkeys(TIMING_STAGES, 0.0)
         # Seconds from the start of the last `generate_token_ids` call until each request's
         # chunk was done (per request, in call order).
@@ -1116,12 +1119,13 @@ class _InternVLEngineBase:
         """Load tokenizer and weights from the local folder; idempotent.
 
         Raises `ProcessingError(MODEL_NOT_LOADED)` naming the reason (missing folder or
-        files, unsupported layout, a tokenizer without the InternVL tokens, a
+        files, unsupported layout, a chat template that cannot be reproduced, a tokenizer without the InternVL tokens, a
         transformers error while loading).
         """
         if self._model is not None:
             return
         raw_config = read_checkpoint_config(self.model_path)
+        self.chat_template = self._template(resolve_chat_template(self.model_path, raw_config))
         self._check_files(raw_config)
         self.device = resolve_device(self.config)
         self.dtype = resolve_dtype(self.config, self.device)
@@ -1132,6 +1136,11 @@ class _InternVLEngineBase:
         self._tokenizer = tokenizer
         self._model = model
         self._version = model_version_id(self._prefix, self.model_path)
+
+    def _template(self, template: ChatTemplate) -> ChatTemplate:
+        """`template`, with `config.system_message` when one is set."""
+        message = self.config.system_message
+        return template if message is None else template.with_system_message(message)
 
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -1258,7 +1267,7 @@ class _InternVLEngineBase:
                     expand_image_placeholders(
                         request.prompt, request.num_patches, self.tokens_per_tile
                     ),
-                    self.config.system_message,
+                    self.chat_template,
                 )
                 out.append(list(self._tokenizer(full)["input_ids"]))
                 continue
@@ -1275,7 +1284,7 @@ class _InternVLEngineBase:
         """The chat prompt with one `<IMG_CONTEXT>` per tile; validates the request."""
         text = build_chat_prompt(
             expand_image_placeholders(request.prompt, request.num_patches, 1),
-            self.config.system_message,
+            self.chat_template,
         )
         tiles = sum(request.num_patches)
         pixels = request.pixel_values
@@ -1718,8 +1727,10 @@ class RemoteCodeInternVLEngine(_InternVLEngineBase):
     called: it expands only the first `<image>` of each question, and our requests carry
     several images.
 
-    Whether the checkpoint's code runs under the installed transformers (5.x) depends on
-    that code; a failure is reported as `ProcessingError(MODEL_NOT_LOADED)` by `load()`.
+    The original files were written for transformers 4; `processors.remote_code` builds
+    their config so that they load on transformers 5 without editing them. Any other
+    failure of the checkpoint's code is reported as `ProcessingError(MODEL_NOT_LOADED)` by
+    `load()`.
     """
 
     _prefix = "internvl-remote-code"
@@ -1739,8 +1750,14 @@ class RemoteCodeInternVLEngine(_InternVLEngineBase):
     def _load_model(self, raw_config: Mapping[str, Any], tokenizer: Any) -> Any:
         from transformers import AutoModel
 
+        from processors.remote_code import load_remote_config
+
+        # The config is built here so the original code loads on transformers 5 (see
+        # processors.remote_code).
+        config = load_remote_config(self.model_path, raw_config, self.attn_implementation)
         model = AutoModel.from_pretrained(
             str(self.model_path),
+            config=config,
             local_files_only=True,
             trust_remote_code=True,
             dtype=self.dtype,

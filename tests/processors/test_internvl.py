@@ -408,6 +408,51 @@ def test_compact_tokenization_equals_the_expanded_prompt(
     for request in batch:
         text = build_chat_prompt(
             expand_image_placeholders(request.prompt, request.num_patches, 256),
-            INTERNVL25_SYSTEM_MESSAGE,
+            native.chat_template,
         )
         assert native._encode(request) == native._tokenizer(text)["input_ids"]
+
+
+GENUINE_SYSTEM_PROMPT = (
+    "<|im_start|>system\n你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及"
+    "多家合作单位联合开发的多模态大语言模型。<|im_end|>\n<|im_start|>user\n"
+)
+"""The start of every `internvl2_5` prompt (OpenGVLab/InternVL conversation.py)."""
+
+
+@pytest.mark.parametrize("kind", ["native", "original", "remote"])
+def test_prompt_ids_start_with_the_genuine_system_prompt(
+    checkpoints: dict[str, Path], batch: list[PreparedRequest], kind: str
+) -> None:
+    engine = create_engine(EngineConfig(checkpoints[kind], max_new_tokens=MAX_NEW))
+    engine.load()
+    expected = engine._tokenizer(GENUINE_SYSTEM_PROMPT)["input_ids"]
+    assert 104581 in expected  # "多家", the token the earlier string had wrong
+    for request in batch:
+        assert engine._encode(request)[: len(expected)] == expected
+
+
+def test_the_checkpoint_conversation_py_reaches_the_prompt(
+    checkpoints: dict[str, Path], tmp_path: Path, batch: list[PreparedRequest]
+) -> None:
+    folder = shutil.copytree(checkpoints["remote"], tmp_path / "edited")
+    conversation = folder / "conversation.py"
+    text = conversation.read_text(encoding="utf-8")
+    conversation.write_text(text.replace("多家合作单位", "多个合作单位"), encoding="utf-8")
+    engine = _load(EngineConfig(folder, max_new_tokens=MAX_NEW))
+    assert engine.chat_template.source == "conversation.py"
+    ids = engine._encode(batch[0])
+    assert 101213 in ids and 104581 not in ids
+
+
+def test_an_unknown_template_stops_the_engine_at_load(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = shutil.copytree(checkpoints["original"], tmp_path / "unknown-template")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["template"] = "llava-v1"
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ProcessingError) as caught:
+        load_engine(EngineConfig(folder))
+    assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
+    assert "'llava-v1'" in caught.value.message and "internvl2_5" in caught.value.message

