@@ -112,6 +112,11 @@ def create_app(settings: Settings, **runtime_overrides: Any) -> faust.App:
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # Static membership: a worker restarted after a crash takes its partitions back at
+        # once instead of waiting for the dead member's session to expire.
+        consumer_group_instance_id=settings.group_instance_id,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.session_timeout_s / 4,
         producer_acks=-1,
         producer_max_request_size=settings.max_message_bytes + 1024 * 1024,
         consumer_max_fetch_size=settings.max_message_bytes + 1024 * 1024,

@@ -5,8 +5,8 @@ Starts the local broker (scripts/kafka), an inference worker and the analytics s
 message, prints every decision, tag and dead letter that comes back, waits until
 the sink has stored everything, then stops the workers.
 
-With no `VS_MODEL_PATH`, verification uses the replay engine: the samples' recorded
-model outputs stand in for the VLM, and the demo says so.
+With no `VS_MODEL_PATH`, the demo asks for the replay engine (`VS_ENGINE=replay`): the
+samples' recorded model outputs stand in for the VLM, and the demo says so.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def _start_worker(settings: Settings, role: str, log_dir: Path) -> subprocess.Po
     env = {**os.environ, "VS_ROLE": role, "VS_STATE_DIR": str(settings.state_dir)}
     if settings.categorizer_artifacts is not None:
         env["VS_CATEGORIZER_ARTIFACTS"] = str(settings.categorizer_artifacts)
+    if settings.model_path is None and not settings.engine:
+        env["VS_ENGINE"] = "replay"  # a worker never falls back to replay on its own
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = (log_dir / f"{role}.log").open("ab")
     return subprocess.Popen(
@@ -179,7 +181,7 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 def run_demo(settings: Settings, *, timeout: float = 180.0, keep_running: bool = False) -> int:
     """Run the demo; returns a process exit code (0 when every input got an output)."""
-    if settings.model_path is None:
+    if settings.engine == "replay" or settings.model_path is None:
         _say(
             "verification engine: REPLAY — recorded model outputs from "
             f"{settings.replay_outputs} stand in for the VLM (set VS_MODEL_PATH to run a real model)"

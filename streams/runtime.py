@@ -62,24 +62,38 @@ def engine_config(settings: Settings, model_path: Path) -> EngineConfig:
     )
 
 
-def build_engine(settings: Settings) -> InferenceEngine:
-    """The real model when a model path is set, otherwise the replay engine."""
-    if settings.model_path is not None:
-        from processors.internvl import load_engine
+NO_ENGINE_MESSAGE = (
+    "no verification engine chosen: set VS_MODEL_PATH to a local InternVL checkpoint, or "
+    "VS_ENGINE=replay to replay recorded model outputs (VS_REPLAY_OUTPUTS)"
+)
 
-        return load_engine(engine_config(settings, settings.model_path))
-    if settings.replay_outputs is None or not settings.replay_outputs.is_file():
-        raise ProcessingError(
-            ErrorCode.MODEL_NOT_LOADED,
-            f"no model: set VS_MODEL_PATH to an InternVL checkpoint, or VS_REPLAY_OUTPUTS to "
-            f"recorded outputs (missing: {settings.replay_outputs})",
-            "startup",
+
+def build_engine(settings: Settings) -> InferenceEngine:
+    """The engine the settings ask for; the replay engine only when asked for by name.
+
+    `VS_ENGINE=replay` gives the replay engine; `VS_MODEL_PATH` (with `VS_ENGINE` unset or
+    `internvl`) the real model. Neither raises `ProcessingError(MODEL_NOT_LOADED)` naming
+    the settings, so a production worker with a forgotten model path refuses to start
+    instead of dead-lettering every pickup.
+    """
+    if settings.engine == "replay":
+        if settings.replay_outputs is None or not settings.replay_outputs.is_file():
+            raise ProcessingError(
+                ErrorCode.MODEL_NOT_LOADED,
+                f"VS_ENGINE=replay needs VS_REPLAY_OUTPUTS, a file of recorded outputs "
+                f"(missing: {settings.replay_outputs})",
+                "startup",
+            )
+        return ReplayEngine(
+            load_replay_outputs(settings.replay_outputs),
+            version="replay:recorded-outputs",
+            latency_s=settings.replay_latency_s,
         )
-    return ReplayEngine(
-        load_replay_outputs(settings.replay_outputs),
-        version="replay:recorded-outputs",
-        latency_s=settings.replay_latency_s,
-    )
+    if settings.model_path is None:
+        raise ProcessingError(ErrorCode.MODEL_NOT_LOADED, NO_ENGINE_MESSAGE, "startup")
+    from processors.internvl import load_engine
+
+    return load_engine(engine_config(settings, settings.model_path))
 
 
 class CategorizationService:

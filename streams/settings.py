@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -61,6 +62,7 @@ class Settings:
     clickhouse_dsn: str = ""
     sink_max_rows: int = 500
     sink_max_interval_s: float = 2.0
+    engine: str = ""  # "internvl", "replay", or "" (InternVL when a model path is set)
     model_path: Path | None = None
     replay_outputs: Path | None = SAMPLES_DIR / "recorded_outputs.jsonl"
     replay_latency_s: float = 0.0
@@ -115,6 +117,7 @@ class Settings:
             "max_message_bytes": self.max_message_bytes,
             "schema_registry_url": redact_passwords(self.schema_registry_url or ""),
             "clickhouse_dsn": redact_passwords(self.effective_clickhouse_dsn),
+            "engine": self.engine or ("internvl" if self.model_path else None),
             "model_path": str(self.model_path) if self.model_path else None,
             "replay_outputs": str(self.replay_outputs) if self.replay_outputs else None,
             "categorizer_artifacts": str(self.categorizer_artifacts or ""),
@@ -172,7 +175,7 @@ class Settings:
             broker=reader.text("VS_KAFKA_BROKER", default.broker),
             app_id=reader.text("VS_APP_ID", default.app_id),
             role=role,
-            web_port=reader.integer("VS_WEB_PORT", 6067 if role == "sink" else default.web_port),
+            web_port=web_port,
             web_host=reader.text("VS_WEB_HOST", default.web_host),
             web_token=env.get("VS_WEB_TOKEN") or None,
             topics=topics,
@@ -187,6 +190,7 @@ class Settings:
             sink_max_interval_s=reader.number(
                 "VS_SINK_MAX_INTERVAL_S", default.sink_max_interval_s
             ),
+            engine=engine,
             model_path=Path(model_path) if model_path else None,
             replay_outputs=Path(replay) if replay else default.replay_outputs,
             replay_latency_s=reader.number("VS_REPLAY_LATENCY_S", 0.0),

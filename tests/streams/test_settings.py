@@ -71,3 +71,27 @@ def test_a_worker_exposed_without_a_token_refuses_to_start() -> None:
     )
     assert done.returncode != 0
     assert "VS_WEB_TOKEN" in done.stderr and "VS_WEB_HOST" in done.stderr
+
+
+def test_static_membership_by_default_stable_per_host_role_and_port(tmp_path: Path) -> None:
+    from streams.app import create_app
+
+    inference = Settings.from_env({"VS_STATE_DIR": str(tmp_path)})
+    again = Settings.from_env({"VS_STATE_DIR": str(tmp_path)})
+    sink = Settings.from_env({"VS_STATE_DIR": str(tmp_path), "VS_ROLE": "sink"})
+    second = Settings.from_env({"VS_STATE_DIR": str(tmp_path), "VS_WEB_PORT": "6070"})
+    assert inference.group_instance_id and inference.group_instance_id == again.group_instance_id
+    assert len({inference.group_instance_id, sink.group_instance_id, second.group_instance_id}) == 3
+    assert inference.session_timeout_s == 10.0
+    app = create_app(inference)
+    assert app.conf.consumer_group_instance_id == inference.group_instance_id
+    assert app.conf.broker_session_timeout == 10.0
+    assert app.conf.broker_heartbeat_interval < app.conf.broker_session_timeout / 3
+
+
+def test_group_instance_id_and_session_timeout_from_the_environment() -> None:
+    settings = Settings.from_env({"VS_GROUP_INSTANCE_ID": "gpu-0", "VS_SESSION_TIMEOUT_S": "6"})
+    assert (settings.group_instance_id, settings.session_timeout_s) == ("gpu-0", 6.0)
+    assert Settings.from_env({"VS_GROUP_INSTANCE_ID": "off"}).group_instance_id is None
+    with pytest.raises(SettingsError, match="VS_SESSION_TIMEOUT_S"):
+        Settings.from_env({"VS_SESSION_TIMEOUT_S": "600"})

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ def worker_env(
         "VS_APP_ID": f"test-{unique}",
         "VS_WEB_PORT": str(free_port()),
         "VS_STATE_DIR": str(tmp_path / "state"),
+        "VS_ENGINE": "replay",
         "VS_REPLAY_OUTPUTS": str(tmp_path / "outputs.jsonl"),
         "VS_CATEGORIZER_ARTIFACTS": str(artifacts),
         "VS_BATCH_SIZE": "16",
@@ -202,3 +204,69 @@ def test_artifacts_from_other_encoders_stop_the_worker_at_start(
     assert code != 0
     log = worker.log_path.read_text(errors="replace")
     assert "start-up failed" in log and "112" in log and "224" in log, worker.log_tail()
+
+
+def test_a_worker_with_neither_a_model_nor_replay_refuses_to_start(
+    kafka_bootstrap: str, unique: str, tmp_path: Path, categorizer_artifacts: Path
+) -> None:
+    env = worker_env(kafka_bootstrap, unique, tmp_path, categorizer_artifacts)
+    del env["VS_ENGINE"]  # recorded outputs exist, but nobody asked for the replay engine
+    record_outputs(tmp_path / "outputs.jsonl", ["req-00000"], [valid_answer()])
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        code = worker.process.wait(120)
+    finally:
+        worker.stop()
+    assert code != 0
+    log = worker.log_path.read_text(errors="replace")
+    assert "VS_MODEL_PATH" in log and "VS_ENGINE=replay" in log, worker.log_tail()
+
+
+def test_a_worker_restarted_after_sigkill_resumes_within_15_seconds(
+    kafka_bootstrap: str, unique: str, tmp_path: Path, categorizer_artifacts: Path
+) -> None:
+    count = 400
+    env = worker_env(
+        kafka_bootstrap,
+        unique,
+        tmp_path,
+        categorizer_artifacts,
+        VS_BATCH_SIZE="8",
+        VS_REPLAY_LATENCY_S="0.1",
+    )
+    topics = {k: v for k, v in env.items() if k.startswith("VS_TOPIC_")}
+    ensure_topics(kafka_bootstrap, topics.values(), 4)
+    events = [pickup_event(n) for n in range(count)]
+    record_outputs(
+        tmp_path / "outputs.jsonl", [e["uuid"] for e in events], [valid_answer()] * count
+    )
+    codec = Codecs().for_schema("pickup-completed")
+    positions = produce(
+        kafka_bootstrap,
+        topics["VS_TOPIC_PICKUP_COMPLETED"],
+        [(e["shippingid"].encode(), codec.encode(e)) for e in events],
+    )
+    decisions_topic = topics["VS_TOPIC_VERIFICATION_DECISION"]
+    wanted = {decisions_topic: "verification-decision"}
+    first = WorkerProcess(env, tmp_path / "worker-1.log")
+    collect(kafka_bootstrap, wanted, lambda r: len(r[decisions_topic]) >= 40, timeout=120)
+    first.kill()
+    restarted_at = time.monotonic()
+    second = WorkerProcess(env, tmp_path / "worker-2.log")
+    try:
+        while '"event": "outcome"' not in second.log_path.read_text(errors="replace"):
+            assert time.monotonic() - restarted_at < 90, second.log_tail()
+            time.sleep(0.1)
+        recovery_s = time.monotonic() - restarted_at
+        print(f"first output {recovery_s:.1f} s after the restart")
+        records = collect(
+            kafka_bootstrap,
+            wanted,
+            lambda r: {source_of(wanted[t], x) for t in wanted for x in r[t]} >= set(positions),
+            timeout=180,
+        )
+    finally:
+        second.stop()
+    assert recovery_s < 15, f"first output {recovery_s:.1f} s after restart:\n{second.log_tail()}"
+    seen = {source_of("verification-decision", x) for x in records[decisions_topic]}
+    assert seen >= set(positions), f"{len(set(positions) - seen)} inputs lost"
