@@ -12,22 +12,33 @@ released version under `schemas/avro/`), and a plain JSON object (so `kcat` and
 legacy producers work), always resolved to the topic's latest schema. Anything
 else raises `ProcessingError` with a code and stage "decode"; the caller routes it
 to the dead-letter topic. Nothing here crashes on input.
+
+A schema id the registry does not know (HTTP 404) is bad input: `UNKNOWN_SCHEMA`. A
+registry that does not answer (refused, timed out, 5xx, 401/403/429) is no fault of the
+event: `RegistryUnavailable`, which the caller waits out with `until_registry_answers`
+and acknowledges nothing meanwhile. Schemas already fetched or registered are cached,
+so only new ids need the registry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import fastavro
 from fastavro.validation import validate as avro_validate
 
 from processors.errors import ErrorCode, ProcessingError
 from schemas import avro_schema_json, avro_topics, avro_versions
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 CONFLUENT_MAGIC = b"\x00"
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -61,6 +72,40 @@ def schema_fingerprint(parsed_schema: Any) -> bytes:
     """8-byte little-endian CRC-64-AVRO of the schema's parsing canonical form."""
     canonical = fastavro.schema.to_parsing_canonical_form(parsed_schema)
     return struct.pack("<Q", crc64_avro(canonical.encode("utf-8")))
+
+
+class RegistryUnavailable(Exception):
+    """The schema registry gave no answer about a schema; retry later, drop nothing."""
+
+
+# Statuses that say nothing about the schema: the registry is down, overloaded or refuses us.
+_TRANSIENT_STATUSES = {401, 403, 408, 429}
+
+
+def _is_transient(exc: Exception) -> bool:
+    """True unless the registry itself answered with a 4xx about the request."""
+    status = getattr(exc, "http_status_code", None)
+    if not isinstance(status, int) or status < 0:
+        return True  # transport errors (connection refused, timeouts) carry no status
+    return status >= 500 or status in _TRANSIENT_STATUSES
+
+
+async def until_registry_answers(
+    call: Callable[[], T], what: str, *, first_delay_s: float = 0.5, max_delay_s: float = 5.0
+) -> T:
+    """Run `call` until it stops raising `RegistryUnavailable`, backing off up to `max_delay_s`.
+
+    Other exceptions propagate at once. Used around decode and encode so that a registry
+    outage holds the batch (nothing acknowledged, nothing dead-lettered) instead of losing it.
+    """
+    delay = first_delay_s
+    while True:
+        try:
+            return call()
+        except RegistryUnavailable as exc:
+            log.warning("%s: %s; retrying in %.1fs, nothing acknowledged", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
 
 
 def _epoch_ms(value: Any) -> Any:
@@ -124,7 +169,15 @@ class TopicCodec:
 
             assert self._registry is not None
             schema = Schema(json.dumps(avro_schema_json(self.topic)), "AVRO")
-            self._registry_id = int(self._registry.register_schema(f"{self.topic}-value", schema))
+            try:
+                registered = self._registry.register_schema(f"{self.topic}-value", schema)
+            except Exception as exc:  # the registry client raises several unrelated types
+                if _is_transient(exc):
+                    raise RegistryUnavailable(
+                        f"cannot register the {self.topic} schema: {exc}"
+                    ) from exc
+                raise
+            self._registry_id = int(registered)
             self._writers_by_id[self._registry_id] = self._reader
         return self._registry_id
 
@@ -186,11 +239,22 @@ class TopicCodec:
             )
         try:
             schema = self._registry.get_schema(schema_id)
-            writer = fastavro.parse_schema(json.loads(schema.schema_str))
         except Exception as exc:  # the registry client raises several unrelated types
+            if _is_transient(exc):
+                raise RegistryUnavailable(
+                    f"{self.topic}: cannot fetch schema id {schema_id}: {exc}"
+                ) from exc
             raise ProcessingError(
                 ErrorCode.UNKNOWN_SCHEMA,
                 f"{self.topic}: schema id {schema_id} not found in the registry: {exc}",
+                _STAGE,
+            ) from exc
+        try:
+            writer = fastavro.parse_schema(json.loads(schema.schema_str))
+        except Exception as exc:  # not JSON, or not an Avro schema
+            raise ProcessingError(
+                ErrorCode.UNKNOWN_SCHEMA,
+                f"{self.topic}: schema id {schema_id} is not a usable Avro schema: {exc}",
                 _STAGE,
             ) from exc
         self._writers_by_id[schema_id] = writer

@@ -7,10 +7,11 @@ tested with the `RecordingPublisher` double in `tests/`.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
-from streams.codecs import Codecs
+from streams.codecs import Codecs, until_registry_answers
 from streams.settings import Topics
 
 
@@ -37,7 +38,10 @@ class EventWriter:
     async def write(self, topic: str, key: str | bytes | None, record: Mapping[str, Any]) -> None:
         codec = self._codecs.for_schema(self._topics.schema_of(topic))
         encoded_key = key.encode("utf-8") if isinstance(key, str) else key
-        delivery = await self._publisher.send(topic, encoded_key, codec.encode(record))
+        # A registry outage while registering an output schema holds the batch, drops nothing.
+        encode = functools.partial(codec.encode, record)
+        value = await until_registry_answers(encode, f"encoding for {topic}")
+        delivery = await self._publisher.send(topic, encoded_key, value)
         self._pending.append(delivery)
         self.sent[topic] = self.sent.get(topic, 0) + 1
 

@@ -41,6 +41,49 @@ def kafka_bootstrap() -> Iterator[str]:
         subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
 
 
+class LocalRegistry:
+    """The session's Apicurio Registry (`scripts/registry`); `stop`/`start` simulate an outage."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/apis/ccompat/v7"
+        self._script = str(REPO / "scripts" / "registry")
+        self._env = {
+            **os.environ,
+            "REGISTRY_HOME_DIR": str(REPO / ".cache" / f"registry-test-{port}"),
+            "REGISTRY_PORT": str(port),
+            "REGISTRY_MANAGEMENT_PORT": str(port + 1),
+        }
+
+    def run(self, command: str) -> None:
+        done = subprocess.run(
+            [self._script, command], env=self._env, capture_output=True, text=True, timeout=600
+        )
+        if done.returncode != 0:
+            pytest.fail(f"scripts/registry {command} failed:\n{done.stdout}\n{done.stderr}")
+
+    def start(self) -> None:
+        self.run("start")
+
+    def stop(self) -> None:
+        self.run("stop")
+
+
+@pytest.fixture(scope="session")
+def schema_registry() -> Iterator[LocalRegistry]:
+    """A real schema registry on 127.0.0.1, started once per session with empty storage.
+
+    Its ports follow the test broker's (VS_TEST_KAFKA_PORT + 2 and + 3), so two sessions
+    with different broker ports do not collide. Never skipped: if it cannot start, tests fail.
+    """
+    registry = LocalRegistry(TEST_KAFKA_PORT + 2)
+    registry.run("reset")
+    registry.start()
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
 @pytest.fixture
 def unique() -> str:
     """A short unique suffix for topic names and consumer groups of one test."""

@@ -8,6 +8,7 @@ import struct
 
 import fastavro
 import pytest
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from processors.errors import ErrorCode, ProcessingError
 from processors.records import PickupRequest
@@ -15,9 +16,11 @@ from streams.codecs import (
     CONFLUENT_MAGIC,
     SINGLE_OBJECT_MAGIC,
     Codecs,
+    RegistryUnavailable,
     TopicCodec,
     crc64_avro,
     schema_fingerprint,
+    until_registry_answers,
 )
 
 PICKUP = {
@@ -132,6 +135,55 @@ def test_unknown_confluent_schema_id_without_and_with_registry(codec: TopicCodec
     assert _code(codec, framed) is ErrorCode.UNKNOWN_SCHEMA
     with_registry = Codecs("mock://unknown-id").for_schema("pickup-completed")
     assert _code(with_registry, framed) is ErrorCode.UNKNOWN_SCHEMA
+
+
+class _Down:
+    """A registry client double that never answers, like one behind a refused connection."""
+
+    def __init__(self, status: int | None = None) -> None:
+        self.status = status
+        self.calls = 0
+
+    def _fail(self, *_: object) -> None:
+        self.calls += 1
+        if self.status is None:
+            raise ConnectionRefusedError(111, "Connection refused")
+        raise SchemaRegistryError(self.status, self.status * 100 + 3, "registry says no")
+
+    get_schema = _fail
+    register_schema = _fail
+
+
+@pytest.mark.parametrize("status", [None, 500, 503, 401, 429])
+def test_a_registry_that_does_not_answer_is_not_an_unknown_schema(status: int | None) -> None:
+    codec = TopicCodec("pickup-completed", _Down(status))
+    framed = CONFLUENT_MAGIC + struct.pack(">I", 7) + b"\x02"
+    with pytest.raises(RegistryUnavailable):
+        codec.decode(framed)
+    with pytest.raises(RegistryUnavailable):
+        codec.encode(PICKUP)
+
+
+def test_a_registry_404_is_an_unknown_schema() -> None:
+    codec = TopicCodec("pickup-completed", _Down(404))
+    framed = CONFLUENT_MAGIC + struct.pack(">I", 7) + b"\x02"
+    assert _code(codec, framed) is ErrorCode.UNKNOWN_SCHEMA
+
+
+async def test_until_registry_answers_waits_out_an_outage_and_returns() -> None:
+    down = _Down()
+    codec = Codecs("mock://comes-back").for_schema("pickup-completed")
+    framed = codec.encode(PICKUP)
+    reader = TopicCodec("pickup-completed", down)
+
+    def decode() -> dict[str, object]:
+        if down.calls < 3:
+            return reader.decode(framed)  # fails: the double is down
+        reader._registry = codec._registry  # the registry is back
+        return reader.decode(framed)
+
+    record = await until_registry_answers(decode, "test", first_delay_s=0.01)
+    assert record["shippingid"] == PICKUP["shippingid"] and down.calls == 3
 
 
 def test_json_missing_a_required_field(codec: TopicCodec) -> None:
