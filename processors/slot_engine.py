@@ -203,6 +203,11 @@ class SlotScheduler:
         self.rows: list[_Work] = []  # row index -> request
         self.steps = 0  # decode steps so far
         self._vision_done: Any = None  # CUDA event after the last vision call
+        # Counters for benchmarks: decode steps, rows decoded (active and padded), prompt
+        # tokens prefilled, requests through the vision tower, rounds.
+        self.stats = dict.fromkeys(
+            ("steps", "active_rows", "padded_rows", "prefill_tokens", "vision", "rounds"), 0
+        )
         import torch
 
         with torch.inference_mode():
@@ -298,6 +303,7 @@ class SlotScheduler:
             self._vision_done = torch.cuda.Event()
             self._vision_done.record()
         work.started = time.perf_counter()
+        self.stats["vision"] += 1
 
     def _prefill_step(self) -> list[tuple[_Work, ProcessingError]]:
         """Prefill up to the per-step budget; activate requests whose prompt is done."""
@@ -334,6 +340,7 @@ class SlotScheduler:
             work.done += take
             work.images_done += images
             budget -= take
+            self.stats["prefill_tokens"] += take
             if last:
                 row = len(self.rows)
                 self.decoder.activate(row, len(work.ids), first, work.min_new)
@@ -372,8 +379,12 @@ class SlotScheduler:
             decoder.step(len(self.rows))
             self.steps += 1
             done += 1
+            self.stats["active_rows"] += len(self.rows)
+            self.stats["padded_rows"] += decoder.batch_for(len(self.rows))
         if not self.rows:
             return [], failed
+        self.stats["steps"] += done
+        self.stats["rounds"] += 1
         count = len(self.rows)
         firsts = [work.first for work in self.rows if work.first is not None]
         flat = decoder.round_out[:count, :done].reshape(-1)

@@ -1,0 +1,469 @@
+"""Open-loop load: time from arrival to answer, static batches against the slot engine.
+
+Builds the model and requests of `bench/bench_vlm.py` (InternVL2.5-1B shape, random
+weights, 7 tiles, about 3,070 prompt tokens, the project's tiling and prompt code) and
+serves, in one process on one model object, Poisson arrivals at each rate of `--rates`
+for `--duration` seconds. Every arrival draws its answer length from a log-normal
+distribution (median `--median-tokens`, sigma `--sigma`, clipped to `--min-tokens` ..
+`--max-tokens`); with random weights the length is forced (min = max new tokens). The
+arrival times, requests and lengths are the same for every engine.
+
+- `static`: the batched engine (`NativeInternVLEngine`, static cache, CUDA graphs) fed
+  like the agent feeds it: whenever the engine is free it takes everything that arrived
+  (at most the batch cap) in one call, and every answer of the call is done when the
+  call returns. A static batch decodes until its longest answer ends, so each call runs
+  as many steps as its longest member's length. Each batch cap of `--static-caps` is run
+  at each rate; the row kept is the one with the lowest p95.
+- `slot`: `processors.slot_engine.SlotEngine`, each arrival submitted at its time.
+
+Then the saturation throughput at the fixed shape (`--saturation-tokens` for every
+request, all submitted at once): the slot engine, and the static engine in calls of
+`--saturation-calls` at batch `--saturation-batch`.
+
+The vision feature cache is off in both engines (each arrival's vendor image counts as
+new; requests are drawn from a pool of `--pool` distinct ones). Writes
+`bench/results/load-<shape>.json`: `rates` (one row per engine and rate: `engine`,
+`arrival_per_s`, `achieved_per_s`, `p50_s`, `p95_s`, `p99_s`), `saturation_per_s`,
+`device`, `versions`, `length_distribution`, and `details` (every run, GPU memory, the
+slot engine's step counters). `--smoke` runs a tiny shape on CPU in seconds (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/bench_load.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.bench_vlm import (  # noqa: E402 (after the path set-up above)
+    FULL,
+    RESULTS,
+    SMOKE,
+    build_model,
+    build_tokenizer,
+    device_name,
+    gpu_memory,
+    make_requests,
+    percentile,
+    tokenizer_dir,
+    versions,
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench-load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (CI)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    parser.add_argument("--rates", help="comma-separated arrivals per second (10,20,30,40)")
+    parser.add_argument("--duration", type=float, help="seconds of arrivals per rate")
+    parser.add_argument("--median-tokens", type=int)
+    parser.add_argument("--sigma", type=float, default=0.5, help="log-normal sigma")
+    parser.add_argument("--min-tokens", type=int)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--static-caps", help="batch caps of the static engine (64,256)")
+    parser.add_argument("--slots", type=int, help="slot count (default 512; smoke 8)")
+    parser.add_argument("--prefill-tokens", type=int, default=2048, help="prefill per step")
+    parser.add_argument("--steps-per-round", type=int, default=16)
+    parser.add_argument("--saturation-requests", type=int)
+    parser.add_argument("--saturation-tokens", type=int)
+    parser.add_argument("--saturation-batch", type=int, help="static batch (512)")
+    parser.add_argument("--saturation-calls", type=int, help="static call size (1024)")
+    parser.add_argument("--pool", type=int, help="distinct prepared requests (256)")
+    parser.add_argument("--compile", action="store_true", help="engine compile options on")
+    parser.add_argument("--engines", default="static,slot", help="static, slot, both or none")
+    parser.add_argument(
+        "--parity",
+        type=int,
+        default=0,
+        help="first compare this many requests' greedy ids, slot engine (staggered "
+        "admission) against one-at-a-time generate (use with --dtype float32)",
+    )
+    parser.add_argument("--parity-tokens", type=int, default=64)
+    parser.add_argument("--tokenizer-dir")
+    parser.add_argument("--out")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------- workload
+
+
+def answer_lengths(
+    count: int, median: int, sigma: float, low: int, high: int, seed: int
+) -> list[int]:
+    """`count` lengths from a log-normal (median, sigma), clipped to [low, high]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    draws = rng.lognormal(math.log(median), sigma, count)
+    return [int(min(high, max(low, round(value)))) for value in draws]
+
+
+def arrival_times(rate: float, duration: float, seed: int) -> list[float]:
+    """Poisson arrivals (exponential gaps) in [0, duration)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    times: list[float] = []
+    now = float(rng.exponential(1 / rate))
+    while now < duration:
+        times.append(now)
+        now += float(rng.exponential(1 / rate))
+    return times
+
+
+def summary(arrivals: list[float], done: list[float]) -> dict[str, float]:
+    """Throughput and latency percentiles from arrival and completion times (seconds)."""
+    latencies = [end - start for start, end in zip(arrivals, done, strict=True)]
+    span = max(done) - min(arrivals) if done else 0.0
+    return {
+        "achieved_per_s": round(len(done) / span, 3) if span > 0 else 0.0,
+        "p50_s": round(percentile(latencies, 50), 3),
+        "p95_s": round(percentile(latencies, 95), 3),
+        "p99_s": round(percentile(latencies, 99), 3),
+    }
+
+
+# ------------------------------------------------------------------------ engines
+
+
+def forced_length_static(engine: Any, cap: int) -> Any:
+    """Let one static engine run each call for exactly its longest member's length.
+
+    Benchmark-only: the decoder's buffers and graphs are made for `cap` tokens with
+    `<|im_end|>` always suppressed (random weights never stop), and the number of steps
+    of a call is set before it (`decoder.max_new_tokens`).
+    """
+    from processors.internvl import StaticGreedyDecoder
+
+    class ForcedLength(StaticGreedyDecoder):
+        def cache_length(self, prompt_length: int) -> int:
+            needed = prompt_length + cap
+            return -(-needed // self.length_bucket) * self.length_bucket
+
+        def _session(self, batch: int, length: int) -> Any:
+            steps, self.max_new_tokens = self.max_new_tokens, cap
+            try:
+                return super()._session(batch, length)
+            finally:
+                self.max_new_tokens = steps
+
+    decoder = engine._decoder
+    decoder.__class__ = ForcedLength
+    decoder.min_new_tokens = cap
+    return decoder
+
+
+def run_static(
+    engine: Any, pool: list[Any], picks: list[int], lengths: list[int], times: list[float], cap: int
+) -> tuple[list[float], dict[str, Any]]:
+    """Serve arrivals like the agent does: each call takes what arrived, up to `cap`."""
+    engine.reset_timings()
+    done = [0.0] * len(times)
+    start = time.perf_counter()
+    served = 0
+    calls = 0
+    while served < len(times):
+        now = time.perf_counter() - start
+        if times[served] > now:
+            time.sleep(times[served] - now)
+            now = time.perf_counter() - start
+        end = served
+        while end < len(times) and end - served < cap and times[end] <= now:
+            end += 1
+        batch = [pool[picks[index]] for index in range(served, end)]
+        engine._decoder.max_new_tokens = max(lengths[served:end])
+        engine.generate_token_ids(batch)
+        finished = time.perf_counter() - start
+        for index in range(served, end):
+            done[index] = finished
+        served = end
+        calls += 1
+    return done, {"calls": calls, "timings_s": {k: round(v, 3) for k, v in engine.timings.items()}}
+
+
+def run_slot(
+    slot: Any, pool: list[Any], picks: list[int], lengths: list[int], times: list[float]
+) -> tuple[list[float], dict[str, Any]]:
+    """Submit each arrival at its time; a completion's time is taken when its future is done."""
+    scheduler = slot.scheduler
+    before = dict(scheduler.stats)
+    done = [0.0] * len(times)
+    futures: list[Future[Any]] = []
+    start = time.perf_counter()
+
+    def finished(index: int) -> Any:
+        def record(_: Future[Any]) -> None:
+            done[index] = time.perf_counter() - start
+
+        return record
+
+    for index, due in enumerate(times):
+        now = time.perf_counter() - start
+        if due > now:
+            time.sleep(due - now)
+        future = slot.submit(
+            pool[picks[index]], max_new_tokens=lengths[index], min_new_tokens=lengths[index]
+        )
+        future.add_done_callback(finished(index))
+        futures.append(future)
+    for future in futures:
+        future.result()
+    stats = {key: value - before[key] for key, value in scheduler.stats.items()}
+    steps = max(1, stats["steps"])
+    stats["mean_active_rows"] = round(stats["active_rows"] / steps, 1)
+    stats["mean_padded_rows"] = round(stats["padded_rows"] / steps, 1)
+    return done, stats
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    import torch
+
+    from processors.internvl import EngineConfig, NativeInternVLEngine
+    from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+    smoke = args.smoke
+    shape = SMOKE if smoke else FULL
+    device = args.device
+    if device == "auto":
+        device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    rates = [float(r) for r in (args.rates or ("2" if smoke else "10,20,30,40")).split(",")]
+    duration = args.duration or (2.0 if smoke else 15.0)
+    median = args.median_tokens or (6 if smoke else 300)
+    low = args.min_tokens or (3 if smoke else 120)
+    high = args.max_tokens or (12 if smoke else 900)
+    caps = [int(c) for c in (args.static_caps or ("4" if smoke else "64,256")).split(",")]
+    slots = args.slots or (8 if smoke else 512)
+    sat_requests = args.saturation_requests or (8 if smoke else 1024)
+    sat_tokens = args.saturation_tokens or (6 if smoke else 300)
+    sat_batch = args.saturation_batch or (4 if smoke else 512)
+    sat_calls = args.saturation_calls or (8 if smoke else 1024)
+    pool_size = args.pool or (4 if smoke else 256)
+    engines = args.engines.split(",")
+
+    started = time.perf_counter()
+    tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
+    model = build_model(shape, tokenizer, device, dtype, args.seed)
+    pool, request_stats = make_requests(
+        shape, tokenizer, pool_size, 0, args.seed, shape.text_tokens
+    )
+    print(
+        f"[load] model and {pool_size} requests in {time.perf_counter() - started:.1f}s", flush=True
+    )
+
+    def engine(**overrides: Any) -> NativeInternVLEngine:
+        settings: dict[str, Any] = {
+            "feature_cache_mb": 0,
+            "compile_vision": args.compile,
+            "compile_prefill": args.compile,
+            "compile_decode": args.compile,
+            **overrides,
+        }
+        return NativeInternVLEngine.from_model(
+            EngineConfig(f"{shape.name}-random", **settings), model, tokenizer
+        )
+
+    out = Path(args.out) if args.out else RESULTS / f"load-{shape.name}.json"
+    rows: list[dict[str, Any]] = []
+    details: dict[str, Any] = {"runs": [], "slot_engine": None, "warm_up_s": {}}
+    saturation: dict[str, float] = {}
+    distribution = {
+        "kind": "log-normal, forced per request (min = max new tokens)",
+        "median": median,
+        "sigma": args.sigma,
+        "clip": [low, high],
+    }
+
+    def report() -> None:
+        result = {
+            "command": "python bench/bench_load.py " + " ".join(argv or sys.argv[1:]),
+            "rates": rows,
+            "saturation_per_s": saturation,
+            "device": device_name(device),
+            "versions": versions(),
+            "length_distribution": distribution,
+            "details": {
+                **details,
+                "dtype": str(dtype).removeprefix("torch."),
+                "tiles": request_stats["tiles"],
+                "text_tokens": round(request_stats["text_tokens_mean"], 1),
+                "duration_s": duration,
+                "pool": pool_size,
+                "peak_gpu_memory_gib": gpu_memory(device),
+            },
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    if args.parity:
+        details["parity"] = parity(engine, pool, args.parity, args.parity_tokens, args.seed)
+        print(f"[load] parity {details['parity']}", flush=True)
+        report()
+
+    workloads = []
+    for number, rate in enumerate(rates):
+        times = arrival_times(rate, duration, args.seed + number)
+        lengths = answer_lengths(
+            len(times), median, args.sigma, low, high, args.seed + 100 + number
+        )
+        picks = [index % pool_size for index in range(len(times))]
+        workloads.append((rate, times, lengths, picks))
+    details["mean_length"] = round(statistics.fmean(w for _, _, ls, _ in workloads for w in ls), 1)
+
+    if "static" in engines:
+        static = engine(
+            max_new_tokens=high, min_new_tokens=high, max_batch_size=max([*caps, sat_batch])
+        )
+        forced = forced_length_static(static, max(high, sat_tokens))
+        warm = time.perf_counter()
+        for cap in sorted(set(caps)):
+            forced.max_new_tokens = 4
+            static.generate_token_ids([pool[i % pool_size] for i in range(cap)])
+        details["warm_up_s"]["static"] = round(time.perf_counter() - warm, 2)
+        for rate, times, lengths, picks in workloads:
+            best: dict[str, Any] | None = None
+            for cap in caps:
+                static.config = _with(static.config, max_batch_size=cap)
+                done, info = run_static(static, pool, picks, lengths, times, cap)
+                row = {"engine": "static", "arrival_per_s": rate, **summary(times, done)}
+                details["runs"].append({**row, "cap": cap, **info})
+                print(f"[load] static cap {cap} at {rate}/s: {row}", flush=True)
+                if best is None or row["p95_s"] < best["p95_s"]:
+                    best = row
+            assert best is not None
+            rows.append(best)
+            report()
+        static.config = _with(static.config, max_batch_size=sat_batch)
+        forced.max_new_tokens = sat_tokens
+        sat = [pool[i % pool_size] for i in range(sat_requests)]
+        began = time.perf_counter()
+        for first in range(0, sat_requests, sat_calls):
+            static.generate_token_ids(sat[first : first + sat_calls])
+        saturation["static"] = round(sat_requests / (time.perf_counter() - began), 3)
+        details["saturation_static"] = {"batch": sat_batch, "calls_of": sat_calls}
+        print(f"[load] static saturation {saturation['static']}/s", flush=True)
+        report()
+        del static, forced
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    if "slot" in engines:
+        slot_config = SlotEngineConfig(
+            slots=slots,
+            context_length=-(-(max(len(ids) for ids in _encoded(engine, pool)) + high + 64) // 128)
+            * 128,
+            prefill_tokens_per_step=args.prefill_tokens,
+            steps_per_round=args.steps_per_round,
+            queue_size=max(64, sat_requests),
+            stop_at_json_close=False,
+        )
+        warm = time.perf_counter()
+        slot = SlotEngine(engine(max_new_tokens=high), slot_config)
+        slot.load()
+        for future in [slot.submit(pool[i % pool_size], max_new_tokens=4) for i in range(4)]:
+            future.result()
+        details["warm_up_s"]["slot"] = round(time.perf_counter() - warm, 2)
+        try:
+            for rate, times, lengths, picks in workloads:
+                done, stats = run_slot(slot, pool, picks, lengths, times)
+                row = {"engine": "slot", "arrival_per_s": rate, **summary(times, done)}
+                rows.append(row)
+                details["runs"].append({**row, **stats})
+                print(f"[load] slot at {rate}/s: {row} {stats}", flush=True)
+                report()
+            n = sat_requests
+            done, stats = run_slot(
+                slot, pool, [i % pool_size for i in range(n)], [sat_tokens] * n, [0.0] * n
+            )
+            saturation["slot"] = round(n / max(done), 3)
+            details["saturation_slot"] = stats
+            print(f"[load] slot saturation {saturation['slot']}/s {stats}", flush=True)
+            scheduler = slot.scheduler
+            assert scheduler is not None
+            details["slot_engine"] = {
+                "slots": scheduler.slots,
+                "context": scheduler.decoder.context,
+                "ladder": scheduler.decoder.ladder,
+                "split_attention": scheduler.decoder._split is not None,
+                "compile_error": scheduler.decoder.compile_error,
+                "prefill_tokens_per_step": args.prefill_tokens,
+                "steps_per_round": args.steps_per_round,
+            }
+        finally:
+            slot.close()
+    report()
+    print(f"[load] {json.dumps(rows)} saturation {saturation} -> {out}", flush=True)
+    return 0
+
+
+def parity(make_engine: Any, pool: list[Any], count: int, tokens: int, seed: int) -> dict[str, Any]:
+    """Greedy ids of the slot engine (admissions spread over its steps) against `generate`."""
+    import random
+
+    from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+    requests = [pool[index % len(pool)] for index in range(count)]
+    reference = make_engine(
+        decode="generate", max_batch_size=1, max_new_tokens=tokens, min_new_tokens=tokens
+    )
+    expected = [reference.generate_token_ids([request])[0] for request in requests]
+    longest = max(len(ids) for ids in reference._encode_all(requests))
+    config = SlotEngineConfig(
+        slots=max(1, count - 1),  # one request waits for a slot
+        context_length=-(-(longest + tokens + 64) // 128) * 128,
+        stop_at_json_close=False,
+    )
+    slot = SlotEngine(make_engine(max_new_tokens=tokens, min_new_tokens=tokens), config)
+    slot.load()
+    pause = random.Random(seed)
+    try:
+        futures = []
+        for request in requests:
+            futures.append(slot.submit(request))
+            time.sleep(pause.uniform(0.0, 0.05))
+        got = [list(future.result().token_ids) for future in futures]
+    finally:
+        slot.close()
+    rows = []
+    for a, b in zip(expected, got, strict=True):
+        differs = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        rows.append({"identical": a == b, "first_difference": differs, "tokens": [len(a), len(b)]})
+    return {"requests": count, "new_tokens": tokens, "rows": rows}
+
+
+def _with(config: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def _encoded(make_engine: Any, pool: list[Any]) -> list[list[int]]:
+    encoded: list[list[int]] = make_engine()._encode_all(pool)
+    return encoded
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""The load benchmark's smoke shape runs on CPU and writes the result keys the issue names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.bench_load import answer_lengths, arrival_times, main
+
+ROW_KEYS = {"engine", "arrival_per_s", "achieved_per_s", "p50_s", "p95_s", "p99_s"}
+
+
+def test_workload_is_seeded_and_clipped() -> None:
+    lengths = answer_lengths(2000, 300, 0.5, 120, 900, seed=1)
+    assert lengths == answer_lengths(2000, 300, 0.5, 120, 900, seed=1)
+    assert min(lengths) >= 120 and max(lengths) <= 900
+    assert 280 <= sorted(lengths)[1000] <= 320  # the median
+    times = arrival_times(20.0, 50.0, seed=2)
+    assert times == sorted(times) and times[-1] < 50.0
+    assert 900 <= len(times) <= 1100  # Poisson: about rate x duration
+
+
+def test_smoke_load_benchmark_writes_the_result(tmp_path: Path) -> None:
+    out = tmp_path / "load-smoke.json"
+    assert main(["--smoke", "--parity", "2", "--parity-tokens", "6", "--out", str(out)]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    for key in ("rates", "saturation_per_s", "device", "versions", "length_distribution"):
+        assert key in result
+    assert {row["engine"] for row in result["rates"]} == {"static", "slot"}
+    for row in result["rates"]:
+        assert set(row) == ROW_KEYS
+        assert row["achieved_per_s"] > 0 and 0 < row["p50_s"] <= row["p95_s"] <= row["p99_s"]
+    assert set(result["saturation_per_s"]) == {"static", "slot"}
+    assert all(value > 0 for value in result["saturation_per_s"].values())
+    assert all(row["identical"] for row in result["details"]["parity"]["rows"])
+    slot_runs = [run for run in result["details"]["runs"] if run["engine"] == "slot"]
+    assert slot_runs and all(run["steps"] > 0 for run in slot_runs)
