@@ -1115,6 +1115,20 @@ class _InternVLEngineBase:
     def loaded(self) -> bool:
         return self._model is not None
 
+    @property
+    def model(self) -> Any:
+        """The loaded model object (None before `load()`)."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The loaded tokenizer (None before `load()`)."""
+        return self._tokenizer
+
+    def prompt_ids(self, request: PreparedRequest) -> list[int]:
+        """The token ids this engine feeds the model for `request` (validates it first)."""
+        return self._encode(request)
+
     def load(self) -> None:
         """Load tokenizer and weights from the local folder; idempotent.
 

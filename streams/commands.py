@@ -120,6 +120,54 @@ def register_commands(app: faust.App, settings: Settings) -> None:
             sys.exit(code)
 
     @app.command(
+        option("--model-path", required=True, help="the checkpoint folder to check"),
+        option("--requests", type=int, default=3, help="sample verification requests to run"),
+        option("--device", default="auto", help="auto, cpu, cuda or cuda:N"),
+        option("--json", "json_path", default=None, help="also write the report here as JSON"),
+        option("--max-new-tokens", type=int, default=256, help="greedy budget per request"),
+        option("--no-bf16", is_flag=True, default=False, help="skip the bfloat16 run"),
+        option("--samples", default=None, help="sample requests (JSON lines; default: shipped)"),
+    )
+    async def check_model(
+        self: AppCommand,
+        model_path: str,
+        requests: int,
+        device: str,
+        json_path: str | None,
+        max_new_tokens: int,
+        no_bf16: bool,
+        samples: str | None,
+    ) -> None:
+        """Pre-flight: does the fast engine answer exactly as the checkpoint's own code?
+
+        Exits 1 when a float32 prompt or greedy sequence differs, 2 when the checkpoint
+        cannot be loaded (the same refusal a worker gives at start).
+        """
+        from processors.errors import ProcessingError
+        from processors.model_check import check_model as run_check
+        from processors.model_check import format_report, load_samples
+
+        chosen = load_samples(Path(samples) if samples else SAMPLE_REQUESTS, requests)
+        try:
+            report = await _in_thread(
+                run_check,
+                Path(model_path),
+                chosen,
+                device=device,
+                max_new_tokens=max_new_tokens,
+                bf16=not no_bf16,
+                progress=_progress,
+            )
+        except ProcessingError as exc:
+            self.say(f"check-model: {exc.code.name}: {exc.message}")
+            sys.exit(2)
+        self.say(format_report(report))
+        if json_path:
+            Path(json_path).write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        if not report.passed:
+            sys.exit(1)
+
+    @app.command(
         option("--timeout", type=float, default=180.0, help="seconds to wait for the outputs"),
         option("--keep-running", is_flag=True, default=False, help="leave the workers running"),
     )
@@ -130,6 +178,16 @@ def register_commands(app: faust.App, settings: Settings) -> None:
         code = await _in_thread(run_demo, settings, timeout=timeout, keep_running=keep_running)
         if code:
             sys.exit(code)
+
+
+SAMPLE_REQUESTS = Path(__file__).parent / "samples" / "check_model.jsonl"
+"""The sample verification requests `check-model` runs (images from the categorization set)."""
+
+
+def _progress(items: Any, label: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=label, unit="request", leave=False)
 
 
 async def _in_thread(func: Any, *args: Any, **kwargs: Any) -> Any:
