@@ -15,11 +15,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY streams ./streams
 COPY processors ./processors
 COPY schemas ./schemas
-RUN pip install . && rm -rf /src/build /src/*.egg-info
+# The locked versions, hash-checked, as scripts/setup installs them (the lock also holds
+# the dev tools, a few MB beside PyTorch), then the package itself without a resolver run.
+RUN pip install --require-hashes --no-deps -r requirements.lock \
+    && pip install --no-deps --no-build-isolation . \
+    && rm -rf /src/build /src/*.egg-info
 
 RUN useradd --create-home --uid 10001 visionstream \
     && mkdir -p /data \
@@ -36,4 +40,4 @@ ENV VS_STATE_DIR=/data/state \
 # 6066: inference worker web port (/healthz); the sink uses 6067 (VS_ROLE=sink)
 EXPOSE 6066 6067
 
-CMD ["python", "-m", "streams", "worker", "-l", "info"]
+CMD ["visionstream", "worker", "-l", "info"]

@@ -9,6 +9,7 @@ settings the README documents.
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,15 @@ def test_health_checks_call_a_route_the_role_serves(service: str, tmp_path: Path
     assert int(url.group(1)) == settings.web_port, f"{service}: checks another port"
     assert url.group(2) in served, f"{service}: {url.group(2)} is not one of {sorted(served)}"
     assert str(settings.web_port) in [str(p) for p in SERVICES[service].get("expose", [])]
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_app_services_run_the_worker_through_the_console_command(service: str) -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "scripts"
+    ]
+    command = SERVICES[service]["command"]
+    assert command[0] in scripts and command[1] == "worker", command
 
 
 def test_the_kafka_health_check_uses_its_in_network_listener() -> None:
