@@ -3,9 +3,14 @@
 Contract (Quix Streams style): `setup()` opens the connection and applies the
 migrations; `add()` only buffers; `flush()` writes and tells the caller up to which
 offset of each (topic, partition) the data is stored, so Kafka is acknowledged only
-up to there. If ClickHouse fails, `flush()` raises `SinkUnavailable` and keeps every
-buffered row: nothing is dropped, and the next `flush()` retries the same batches
-with the same deduplication tokens.
+up to there. If ClickHouse is unreachable (or fails for a reason that is not about
+the rows), `flush()` raises `SinkUnavailable` and keeps every buffered row: nothing
+is dropped, and the next `flush()` retries the same batches with the same
+deduplication tokens. If ClickHouse rejects the rows of an insert (a value it cannot
+store, a constraint, more month partitions than one insert may hold), the batch is
+split and the parts inserted, down to single rows; a row still rejected alone is
+recorded in `sink_failures` with the error and its Kafka position, and counts as
+handled (see `processors.sink_rejections`).
 
 Connection: one DSN. `chdb:///path/to/dir` reaches clickhouse-connect's built-in
 in-process chDB backend (`clickhouse_connect.get_client(dsn="chdb:///path")`, no
@@ -40,9 +45,10 @@ Dedup design, two layers:
    copies of a key inside one insert already collapse on write: optimize_on_insert.)
 
 Bad data is data, not an outage: `add()` validates and converts every value to its
-column type (Enum8 members, integer ranges, times), so the server never rejects a
+column type (Enum8 members, integer ranges, times), so the server rarely rejects a
 batch for its content; a record it cannot convert, or from an unknown topic, is
-returned as a `Failure` and counted, and its offset still counts as handled.
+returned as a `Failure` and counted, and its offset still counts as handled. What
+the server still rejects is split and isolated in `flush()`, as above.
 
 Not thread-safe: call it from the one thread that consumes.
 """
@@ -52,7 +58,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,6 +66,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from processors.errors import ErrorCode, Failure
 from processors.records import LISTING_CONTRACT, PICKUP_CONTRACT, input_key
+from processors.sink_rejections import (
+    DEFAULT_MAX_PARTITIONS_PER_INSERT,
+    FAILURE_COLUMNS,
+    FAILURES_TABLE,
+    failure_row,
+    rejection_code,
+    split_rows,
+)
 from schemas import CLICKHOUSE_DIR
 
 if TYPE_CHECKING:
@@ -389,13 +403,17 @@ class FlushResult:
     or rejected as a `Failure` by `add()` (those will never be stored).
     `rows`: rows sent per table (the server drops the ones a token already stored).
     `inserts`: insert statements sent. `rejected`: records `add()` rejected since
-    the previous successful flush.
+    the previous successful flush. `splits`: rejected inserts split into parts.
+    `failed_rows`: rows ClickHouse rejected even alone, recorded in `sink_failures`
+    (their offsets count as handled).
     """
 
     offsets: Mapping[tuple[str, int], int] = field(default_factory=dict)
     rows: Mapping[str, int] = field(default_factory=dict)
     inserts: int = 0
     rejected: int = 0
+    splits: int = 0
+    failed_rows: int = 0
 
     def commit_offsets(self) -> dict[tuple[str, int], int]:
         """The offsets to commit to Kafka: the next offset to read per (topic, partition)."""
@@ -404,7 +422,11 @@ class FlushResult:
 
 @dataclass(frozen=True, slots=True)
 class InsertBatch:
-    """One sealed insert: rows of one table from one offset block of one (topic, partition)."""
+    """One sealed insert: rows of one table from one offset block of one (topic, partition).
+
+    `part` is empty for a whole block, or the path of `split_rows()` labels that cut
+    this part out of a rejected block (e.g. `m200001-200804/r0-9`).
+    """
 
     table: str
     topic: str
@@ -412,11 +434,13 @@ class InsertBatch:
     first_offset: int
     last_offset: int
     rows: tuple[tuple[Any, ...], ...]
+    part: str = ""
 
     @property
     def token(self) -> str:
         """The `insert_deduplication_token`; equal for equal boundaries, in any process."""
-        return f"{self.table}:{self.topic}:{self.partition}:{self.first_offset}-{self.last_offset}"
+        base = f"{self.table}:{self.topic}:{self.partition}:{self.first_offset}-{self.last_offset}"
+        return f"{base}/{self.part}" if self.part else base
 
 
 # Column order of every insert; must match the DDL (a test compares them).
@@ -832,15 +856,21 @@ class AnalyticsSink:
         offset_block: int = 1000,
         client_factory: Callable[[str], AnalyticsClient] = open_client,
         clock: Callable[[], float] = time.monotonic,
+        max_partitions_per_insert: int = DEFAULT_MAX_PARTITIONS_PER_INSERT,
     ) -> None:
         """Record the configuration; no I/O (the client opens in `setup()`).
 
         `offset_block`: width of the aligned offset blocks that bound an insert (see
         the module docstring). `client_factory`: the seam for tests (default
-        `open_client`). Raises `ValueError` for a non-positive limit.
+        `open_client`). `max_partitions_per_insert`: the most month partitions a
+        part of a split block spans (the server's `max_partitions_per_insert_block`).
+        Raises `ValueError` for a non-positive limit.
         """
         if max_rows < 1 or offset_block < 1 or max_interval_s <= 0:
             raise ValueError("max_rows, offset_block and max_interval_s must be positive")
+        if max_partitions_per_insert < 1:
+            raise ValueError("max_partitions_per_insert must be positive")
+        self.max_partitions_per_insert = max_partitions_per_insert
         self._dsn = dsn
         self.max_rows = max_rows
         self.max_interval_s = max_interval_s
@@ -862,6 +892,10 @@ class AnalyticsSink:
         self._rejected = 0
         self.rejected_total = 0
         self.duplicates_skipped = 0
+        # Since the previous successful flush: rejected inserts split, rows isolated.
+        self._splits = 0
+        self._failed_rows = 0
+        self.failed_rows_total = 0
 
     def __repr__(self) -> str:
         return f"AnalyticsSink({redact_dsn(self._dsn)!r}, max_rows={self.max_rows})"
@@ -976,10 +1010,15 @@ class AnalyticsSink:
         """Write everything buffered, one insert per sealed batch, in order.
 
         Returns the offsets now handled per (topic, partition) (inclusive; commit
-        `offset + 1`). If an insert fails, raises `SinkUnavailable` and keeps the
-        failed batch and all after it (batches before it are written and are not
-        sent again); nothing is acknowledged until a later flush writes them all,
-        with the same tokens. Raises `RuntimeError` before `setup()`.
+        `offset + 1`). If an insert fails transiently (connection, timeout, a server
+        problem that is not about the rows: `sink_rejections.rejection_code`), raises
+        `SinkUnavailable` and keeps the failed batch and all after it (batches before
+        it are written and are not sent again); nothing is acknowledged until a later
+        flush writes them all, with the same tokens. If ClickHouse rejects the rows,
+        the batch is replaced by its `split_rows()` parts, each with its own stable
+        token, and the flush goes on; a single row still rejected is written to
+        `sink_failures` instead (if that write fails, `SinkUnavailable`, the row kept).
+        Raises `RuntimeError` before `setup()`.
         """
         client = self.client
         self._seal()
@@ -995,26 +1034,90 @@ class AnalyticsSink:
                     settings={DEDUP_SETTING: batch.token},
                 )
             except Exception as exc:
-                self._since = self._clock()
                 message = _scrub(f"{type(exc).__name__}: {exc}", self._dsn)
-                logger.warning(
-                    "analytics sink: insert into %s failed (%d batches kept): %s",
-                    batch.table,
-                    len(self._pending),
-                    message,
-                )
-                raise SinkUnavailable(
-                    f"insert into {batch.table} at {self.dsn} failed; "
-                    f"{len(self._pending)} batches kept for retry: {message}"
-                ) from exc
+                code = rejection_code(exc)
+                if code is None:
+                    raise self._unavailable(batch, message) from exc
+                self._isolate(client, batch, code, message)
+                continue
             self._pending.pop(0)
             rows[batch.table] = rows.get(batch.table, 0) + len(batch.rows)
             inserts += 1
-        result = FlushResult(dict(self._pending_offsets), rows, inserts, self._rejected)
+        result = FlushResult(
+            dict(self._pending_offsets),
+            rows,
+            inserts,
+            self._rejected,
+            self._splits,
+            self._failed_rows,
+        )
         self._pending_offsets.clear()
-        self._rejected = 0
+        self._rejected = self._splits = self._failed_rows = 0
         self._since = None
         return result
+
+    def _unavailable(self, batch: InsertBatch, message: str) -> SinkUnavailable:
+        self._since = self._clock()
+        logger.warning(
+            "analytics sink: insert into %s failed (%d batches kept): %s",
+            batch.table,
+            len(self._pending),
+            message,
+        )
+        return SinkUnavailable(
+            f"insert into {batch.table} at {self.dsn} failed; "
+            f"{len(self._pending)} batches kept for retry: {message}"
+        )
+
+    def _isolate(
+        self, client: AnalyticsClient, batch: InsertBatch, code: int, message: str
+    ) -> None:
+        """Replace the rejected `batch` (first pending) by its parts, or record its one row."""
+        parts = split_rows(batch.rows, self.max_partitions_per_insert)
+        if parts:
+            logger.warning(
+                "analytics sink: ClickHouse rejected %d rows for %s (code %d); inserting them "
+                "in %d parts: %s",
+                len(batch.rows),
+                batch.table,
+                code,
+                len(parts),
+                message[:300],
+            )
+            prefix = f"{batch.part}/" if batch.part else ""
+            self._pending[0:1] = [
+                replace(batch, rows=part_rows, part=prefix + label) for label, part_rows in parts
+            ]
+            self._splits += 1
+            return
+        columns = COLUMNS[batch.table] + POSITION_COLUMNS
+        failure = failure_row(batch.table, columns, batch.rows[0], code, message, batch.token)
+        try:
+            client.insert(
+                FAILURES_TABLE,
+                [failure],
+                column_names=FAILURE_COLUMNS,
+                settings={DEDUP_SETTING: f"{FAILURES_TABLE}:{batch.token}"},
+            )
+        except Exception as exc:
+            raise self._unavailable(
+                batch,
+                _scrub(f"recording a rejected row failed: {type(exc).__name__}: {exc}", self._dsn),
+            ) from exc
+        logger.error(
+            "analytics sink: ClickHouse rejected a row for %s from %s[%d]@%d (code %d); "
+            "recorded in %s: %s",
+            batch.table,
+            failure[7],
+            failure[8],
+            failure[9],
+            code,
+            FAILURES_TABLE,
+            message[:300],
+        )
+        self._pending.pop(0)
+        self._failed_rows += 1
+        self.failed_rows_total += 1
 
     def close(self) -> None:
         """Close the client. Does not flush: unflushed rows were never acknowledged."""

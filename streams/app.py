@@ -68,9 +68,17 @@ def to_raw(events: Sequence[Any]) -> list[RawMessage]:
             offset=event.message.offset,
             key=event.message.key,
             value=event.message.value,
+            timestamp_ms=kafka_timestamp_ms(event.message.timestamp),
         )
         for event in events
     ]
+
+
+def kafka_timestamp_ms(seconds: float | None) -> int | None:
+    """faust's message timestamp (seconds, float) as Kafka's ms; None when absent (<= 0)."""
+    if seconds is None or seconds <= 0:
+        return None
+    return round(seconds * 1000)
 
 
 async def process_batch(

@@ -55,6 +55,9 @@ class WorkerHealth:
             "partitions_assigned": self._partitions() > 0,
             "models_loaded": loaded if self._role == "inference" else True,
             "sink_reachable": self._runtime.sink_reachable() if self._role == "sink" else True,
+            "sink_accepting_rows": (
+                self._runtime.sink_accepting_rows() if self._role == "sink" else True
+            ),
         }
         return all(checks.values()), checks
 

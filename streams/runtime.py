@@ -264,6 +264,7 @@ class SinkRuntime:
         self.codecs = Codecs(settings.schema_registry_url)
         self._sink = sink
         self._reachable = False
+        self._accepting = True
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
         self.undecodable = 0
@@ -310,13 +311,18 @@ class SinkRuntime:
                     exc,
                 )
                 continue
+            # The Kafka timestamp, as the schema promises (kafka_time, version, the
+            # event_time fallback): a re-read copy gets the same values and partition.
+            timestamp = message.timestamp_ms if message.timestamp_ms is not None else now_ms()
             self.sink.add(
-                SinkRecord(message.topic, message.partition, message.offset, value, now_ms())
+                SinkRecord(message.topic, message.partition, message.offset, value, timestamp)
             )
         with self.metrics.time_phase("sink"):
-            await _retry_while(
+            result = await _retry_while(
                 SinkUnavailable, self.sink.flush, "ClickHouse unavailable", self._mark
             )
+        if result.inserts or result.failed_rows:
+            self._accepting = result.failed_rows == 0
 
     def _mark(self, reachable: bool) -> None:
         self._reachable = reachable
@@ -324,6 +330,14 @@ class SinkRuntime:
     def sink_reachable(self) -> bool:
         """Whether the last ClickHouse call (setup or flush) succeeded."""
         return self._reachable
+
+    def sink_accepting_rows(self) -> bool:
+        """False while the latest flush that wrote rows had rows ClickHouse rejected alone.
+
+        Those rows are in `sink_failures` and their inputs acknowledged; readiness says
+        "database rejecting rows" until a flush stores everything it was given.
+        """
+        return self._accepting
 
     async def stop(self) -> None:
         if self._sink is not None:

@@ -22,6 +22,12 @@ answer 401 unless the request carries `Authorization: Bearer <token>`; liveness 
 readiness stay open for probes. `authorization_error()` is the one check, for any
 view that shows data. The token is compared in constant time and never logged.
 
+Authentication: when a token is given (`VS_WEB_TOKEN`, required by the settings as
+soon as `VS_WEB_HOST` is not a loopback address), `/info`, `/metrics` and `/reports`
+answer 401 unless the request carries `Authorization: Bearer <token>`; liveness and
+readiness stay open for probes. `authorization_error()` is the one check, for any
+view that shows data. The token is compared in constant time and never logged.
+
 Views must be registered before the worker starts: aiohttp freezes its router when
 the server starts. `HealthSource` methods run on the event loop, so they must return
 cached state and never do I/O.
@@ -48,7 +54,16 @@ READINESS_CHECKS: Final = (
     "partitions_assigned",
     "models_loaded",
     "sink_reachable",
+    "sink_accepting_rows",
 )
+#: What a failing check means, for people reading `/readyz`.
+CHECK_REASONS: Final = {
+    "broker_connected": "broker not answering",
+    "partitions_assigned": "no partitions assigned",
+    "models_loaded": "models not loaded",
+    "sink_reachable": "database unreachable",
+    "sink_accepting_rows": "database rejecting rows",
+}
 DEFAULT_REPORT_WINDOW: Final = "7d"
 
 
@@ -138,6 +153,8 @@ def register_views(
             ready, checks, error = _readiness(health)
             failing = sorted(name for name, passed in checks.items() if not passed)
             body: dict[str, Any] = {"ready": ready, "checks": checks, "failing": failing}
+            if failing:
+                body["reasons"] = [CHECK_REASONS.get(name, name) for name in failing]
             if error is not None:
                 body["error"] = error
             return self.json(body, status=200 if ready else 503)

@@ -488,14 +488,14 @@ def test_duplicate_decision_from_another_offset_counts_once_and_the_latest_wins(
 
 def test_migrations_applied_twice_are_a_no_op(module_client: Any, tmp_path: Path) -> None:
     ch = module_client
-    for table in [*COLUMNS, "schema_migrations"]:
+    for table in [*COLUMNS, "sink_failures", "schema_migrations"]:
         ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
-    assert apply_migrations(ch) == [1, 2]
+    assert apply_migrations(ch) == [1, 2, 3]
     tables = ch.query("SHOW TABLES").result_rows
     assert apply_migrations(ch) == []
     assert ch.query("SHOW TABLES").result_rows == tables
-    assert {row[0] for row in tables} == {*COLUMNS, "schema_migrations"}
-    assert count(ch, "SELECT count() FROM schema_migrations") == 2
+    assert {row[0] for row in tables} == {*COLUMNS, "sink_failures", "schema_migrations"}
+    assert count(ch, "SELECT count() FROM schema_migrations") == 3
     # A released migration that was edited afterwards is refused.
     (tmp_path / "0001_init.sql").write_text(
         (MIGRATIONS_DIR / "0001_init.sql").read_text() + "\n-- edited\n"
@@ -516,7 +516,7 @@ def test_split_sql_ignores_semicolons_in_quotes_and_comments() -> None:
         "CREATE TABLE a (x String DEFAULT ';') ENGINE = Memory",
         "SELECT 'it''s;', \"b;\"",
     ]
-    assert [m.version for m in load_migrations()] == [1, 2]
+    assert [m.version for m in load_migrations()] == [1, 2, 3]
 
 
 def test_outage_keeps_the_buffer_and_a_later_flush_delivers_exactly_once(

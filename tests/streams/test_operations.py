@@ -88,6 +88,7 @@ def test_metrics_readiness_and_info_after_known_events(
             "partitions_assigned": True,
             "models_loaded": True,
             "sink_reachable": True,
+            "sink_accepting_rows": True,
         }
         assert wait_for_lag_zero(kafka_bootstrap, f"test-{unique}", [pickups], 60)
         wait_until(

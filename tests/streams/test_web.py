@@ -129,16 +129,22 @@ async def test_readyz_flips_from_503_with_failing_checks_to_200(
     serve: Serve, health: FakeHealth
 ) -> None:
     client = await serve(None)
-    health.checks.update(broker_connected=True, models_loaded=True)
+    health.checks.update(broker_connected=True, models_loaded=True, sink_accepting_rows=True)
 
     response = await client.get("/readyz")
     assert response.status == 503
     body = await response.json()
     assert body["ready"] is False
     assert body["failing"] == ["partitions_assigned", "sink_reachable"]
+    assert body["reasons"] == ["no partitions assigned", "database unreachable"]
     assert body["checks"]["broker_connected"] is True
 
-    health.checks.update(partitions_assigned=True, sink_reachable=True)
+    health.checks.update(sink_reachable=True, sink_accepting_rows=False)
+    body = await (await client.get("/readyz")).json()
+    assert body["failing"] == ["partitions_assigned", "sink_accepting_rows"]
+    assert body["reasons"] == ["no partitions assigned", "database rejecting rows"]
+
+    health.checks.update(partitions_assigned=True, sink_accepting_rows=True)
     response = await client.get("/readyz")
     assert response.status == 200
     assert await response.json() == {
