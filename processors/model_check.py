@@ -478,6 +478,7 @@ def check_model(
     facts = checkpoint_facts(model_path, engine)
     runs.append(fp32)
     del engine
+    _release_memory()
     if bf16:
         run, _ = run_precision(
             model_path,
@@ -489,6 +490,17 @@ def check_model(
         )
         runs.append(run)
     return ModelCheck(facts, tuple(runs))
+
+
+def _release_memory() -> None:
+    """Free the float32 models' GPU memory before the bfloat16 ones load."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def format_report(check: ModelCheck) -> str:
