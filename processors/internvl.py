@@ -1735,7 +1735,7 @@ class RemoteCodeInternVLEngine(_InternVLEngineBase):
     """The checkpoint's own `InternVLChatModel` code (`trust_remote_code=True`, local only).
 
     Builds the queries as the original `model.chat` does (placeholders expanded one image
-    at a time, `internvl2_5` template), pads on the left like `batch_chat`, sets
+    at a time, the checkpoint's chat template), pads on the left like `batch_chat`, sets
     `model.img_context_token_id` and calls `model.generate(pixel_values, input_ids,
     attention_mask, ...)`, which returns only the new tokens. `batch_chat` itself is not
     called: it expands only the first `<image>` of each question, and our requests carry
