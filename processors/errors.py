@@ -64,6 +64,12 @@ class ErrorCode(IntEnum):
     NO_USABLE_INPUT = 1401
     """A listing has neither usable text nor a usable image."""
 
+    # 15xx: publishing outputs
+    OUTPUT_TOO_LARGE = 1501
+    """An output of the input is larger than the broker accepts; a capped dead letter replaces it."""
+    OUTPUT_UNENCODABLE = 1502
+    """An output of the input does not fit its topic's schema; a dead letter replaces it."""
+
     # 19xx: everything else
     INTERNAL = 1901
     """An unexpected exception; the message carries its type and text."""

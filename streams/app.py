@@ -13,9 +13,10 @@ acknowledge the inputs. A worker killed mid-batch therefore re-reads the batch.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import faust
@@ -81,17 +82,47 @@ def kafka_timestamp_ms(seconds: float | None) -> int | None:
     return round(seconds * 1000)
 
 
+BATCH_RETRY_MAX_S = 30.0
+
+
 async def process_batch(
-    handler: BatchHandler, events: Sequence[Any], writer: EventWriter, metrics: Metrics
+    handler: BatchHandler,
+    events: Sequence[Any],
+    new_writer: Callable[[], EventWriter],
+    metrics: Metrics,
+    *,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
 ) -> None:
-    """Handle one micro-batch; acknowledge its inputs only after every output is stored."""
+    """Handle one micro-batch; acknowledge its inputs only after every output is stored.
+
+    Per-event failures are dead letters and publishing failures are retried or replaced
+    inside the writer. If the handler still raises, the whole batch runs again with a
+    new writer after a capped backoff, and nothing is acknowledged meanwhile: the agent
+    never crashes, because faust restarts a crashed agent past its unacknowledged batch.
+    Outputs sent by a failed run may repeat, with the same idempotency keys.
+    """
     messages = to_raw(events)
-    metrics.observe_batch(getattr(handler, "agent", type(handler).__name__), len(messages))
+    agent = getattr(handler, "agent", type(handler).__name__)
+    metrics.observe_batch(agent, len(messages))
     for message in messages:
         metrics.count_in(message.topic)
-    await handler.handle(messages, writer)
-    with metrics.time_phase("publish"):
-        await writer.flush()
+    delay = 0.5
+    while True:
+        writer = new_writer()
+        try:
+            await handler.handle(messages, writer)
+            with metrics.time_phase("publish"):
+                await writer.flush()
+            break
+        except Exception:
+            log.exception(
+                "%s: a batch of %d raised; running it again in %.1fs, nothing acknowledged",
+                agent,
+                len(messages),
+                delay,
+            )
+            await sleep(delay)
+            delay = min(delay * 2, BATCH_RETRY_MAX_S)
     for topic, sent in writer.sent.items():
         metrics.count_out(topic, sent)
     for event in events:
@@ -212,7 +243,7 @@ def _register_inference(
         await runtime.ready.wait()
         assert runtime.verification is not None
         async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
-            writer = runtime.new_writer(publisher)
+            writer = functools.partial(runtime.new_writer, publisher)
             await process_batch(runtime.verification, events, writer, metrics)
             runtime.sync_engine_metrics()
 
@@ -221,7 +252,7 @@ def _register_inference(
         await runtime.ready.wait()
         assert runtime.categorization is not None
         async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
-            writer = runtime.new_writer(publisher)
+            writer = functools.partial(runtime.new_writer, publisher)
             await process_batch(runtime.categorization, events, writer, metrics)
 
     return runtime

@@ -123,7 +123,7 @@ class _Outputs:
         record = dead_letter(
             message, failure, request_uuid=request_uuid, shippingid=shippingid, **context
         )
-        await writer.write(self.topics.dead_letter, message.key, record.to_event())
+        await writer.write(self.topics.dead_letter, message.key, record.to_event(), origin=message)
         self.metrics.count_dead_letter(int(failure.code), failure.code.name, failure.stage)
         if 1200 <= int(failure.code) < 1300:
             self.metrics.count_image_error(failure.code)
@@ -249,7 +249,12 @@ class VerificationHandler:
         request = outcome.input.request
         timings: dict[str, float] = {}
         for attempt in outcome.attempts:
-            await writer.write(self._topics.verification_attempts, request.uuid, attempt.to_event())
+            await writer.write(
+                self._topics.verification_attempts,
+                request.uuid,
+                attempt.to_event(),
+                origin=message,
+            )
             self._metrics.observe_phase("model", attempt.model_ms / 1000)
             timings[f"model_attempt_{attempt.attempt}"] = attempt.model_ms
             if attempt.attempt == 1:
@@ -260,7 +265,10 @@ class VerificationHandler:
         if outcome.decision is not None:
             decision = outcome.decision
             await writer.write(
-                self._topics.verification_decision, request.shippingid, decision.to_event()
+                self._topics.verification_decision,
+                request.shippingid,
+                decision.to_event(),
+                origin=message,
             )
             timings["total"] = decision.total_time * 1000
             self._out.outcome(
@@ -324,5 +332,7 @@ class CategorizationHandler:
             if isinstance(result, Failure):
                 await self._out.dead_letter(writer, message, result)
             else:
-                await writer.write(self._topics.category_tag, listing.product_id, result.to_event())
+                await writer.write(
+                    self._topics.category_tag, listing.product_id, result.to_event(), origin=message
+                )
                 self._out.outcome(message, "categorized", None, None)

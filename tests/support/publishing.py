@@ -1,9 +1,9 @@
-"""A `Publisher` double that records what a handler sends, in order, acknowledged at once."""
+"""`Publisher` doubles: one records what a handler sends, one fails sends as scripted."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -21,3 +21,33 @@ class RecordingPublisher:
 
     def topics(self) -> list[str]:
         return [topic for topic, _, _ in self.sent]
+
+
+class ScriptedPublisher(RecordingPublisher):
+    """Like `RecordingPublisher`, but a send fails as `fail(topic, value, attempt)` says.
+
+    `fail` returns None (acknowledged), or an exception for the delivery future; with
+    `raise_now` the exception is raised by `send` itself (refused before it left).
+    """
+
+    def __init__(
+        self,
+        fail: Callable[[str, bytes, int], BaseException | None],
+        *,
+        raise_now: bool = False,
+    ) -> None:
+        super().__init__()
+        self._fail = fail
+        self._raise_now = raise_now
+        self.attempts: dict[tuple[str, bytes], int] = {}
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        attempt = self.attempts[(topic, value)] = self.attempts.get((topic, value), 0) + 1
+        error = self._fail(topic, value, attempt)
+        if error is None:
+            return await super().send(topic, key, value)
+        if self._raise_now:
+            raise error
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_exception(error)
+        return done
