@@ -159,13 +159,27 @@ def _recommendation(answer: Mapping[str, Any]) -> str:
     confidence = answer.get("pickup_confidence")
     raw = confidence.get("recommendation") if isinstance(confidence, Mapping) else None
     text = as_text(raw).strip()
-    # The schema enforces the exact spelling; tolerate case for callers that skip it.
+    # Case is tolerated; anything else is UNKNOWN_RECOMMENDATION (the schema asks for a string).
     for known in RECOMMENDATION_ACTIONS:
         if text.lower() == known.lower():
             return known
     raise ProcessingError(
         ErrorCode.UNKNOWN_RECOMMENDATION, f"unknown recommendation {raw!r}"[:300], "decide"
     )
+
+
+def unknown_recommendation(answer: Mapping[str, Any]) -> str | None:
+    """Why the answer's recommendation is unusable ("unknown recommendation 'Maybe'"), or None.
+
+    The answer schema only asks for a string, so that a well-formed answer with a
+    recommendation outside Accept, Reject, Partial and Retry is told apart (code
+    UNKNOWN_RECOMMENDATION) from an answer that is not well-formed (MODEL_OUTPUT_INVALID).
+    """
+    try:
+        _recommendation(answer)
+    except ProcessingError as exc:
+        return exc.message
+    return None
 
 
 def _analysis(answer: Mapping[str, Any]) -> Analysis:

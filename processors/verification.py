@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from processors.answer_parsing import parse_answer
-from processors.decision import decide
+from processors.decision import decide, unknown_recommendation
 from processors.errors import ErrorCode, Failure, ProcessingError, failure_from_exception
 from processors.inference import InferenceEngine, PreparedRequest, ReplayEngine
 from processors.prompt import build_prompt, parse_questions, prompt_hash
@@ -113,6 +113,7 @@ class _Item:
     model_s: float = 0.0
     answer: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
+    error_codes: list[ErrorCode] = field(default_factory=list)
     attempts: list[VerificationAttempt] = field(default_factory=list)
     raw_outputs: list[str] = field(default_factory=list)
     gathered: GatheredImages | None = None
@@ -190,10 +191,12 @@ class VerificationPipeline:
             await self._infer(pending, attempt, batch_id)
             pending = [i for i in pending if i.failure is None and i.answer is None]
         for item in pending:
+            # The last attempt names the cause: not well-formed, or an unknown recommendation.
+            code = item.error_codes[-1] if item.error_codes else ErrorCode.MODEL_OUTPUT_INVALID
             item.failure = Failure(
-                ErrorCode.MODEL_OUTPUT_INVALID,
+                code,
                 "; ".join(f"attempt {n}: {e}" for n, e in enumerate(item.errors, 1))[:2000],
-                "parse",
+                "decide" if code is ErrorCode.UNKNOWN_RECOMMENDATION else "parse",
             )
 
         return [self._outcome(item, started) for item in items]
@@ -288,10 +291,18 @@ class VerificationPipeline:
                 continue
             parsed = parse_answer(result.output)
             item.raw_outputs.append(result.output)
+            error = parsed.error
             if parsed.answer is not None:
-                item.answer = parsed.answer
+                # Well-formed, but the recommendation must be one the rules know.
+                error = unknown_recommendation(parsed.answer) or ""
+                if not error:
+                    item.answer = parsed.answer
+                else:
+                    item.error_codes.append(ErrorCode.UNKNOWN_RECOMMENDATION)
             else:
-                item.errors.append(parsed.error)
+                item.error_codes.append(ErrorCode.MODEL_OUTPUT_INVALID)
+            if item.answer is None:
+                item.errors.append(error)
             item.attempts.append(
                 VerificationAttempt(
                     request_uuid=item.request.uuid,
@@ -299,8 +310,8 @@ class VerificationPipeline:
                     attempt=attempt,
                     prompt_hash=prompt_hash(prepared.prompt),
                     raw_output=result.output,
-                    validation_status=VALID if parsed.ok else INVALID,
-                    validation_error=parsed.error,
+                    validation_status=VALID if parsed.ok and not error else INVALID,
+                    validation_error=error,
                     model_version=self._engine.model_version,
                     batch_id=batch_id,
                     batch_size=result.call_size,

@@ -252,7 +252,7 @@ def test_validate_answer_accepts_numeric_strings_and_percent() -> None:
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"pickup_confidence__recommendation": "Maybe"}, "pickup_confidence/recommendation"),
+        ({"pickup_confidence__recommendation": 3}, "pickup_confidence/recommendation"),
         ({"verification_results__0__Confidence": 150}, "verification_results/0/Confidence"),
         ({"verification_results__0__Confidence": "high"}, "verification_results/0/Confidence"),
         ({"pickup_confidence__overall_score": "very high"}, "pickup_confidence/overall_score"),
@@ -277,7 +277,7 @@ def test_validate_answer_non_dict() -> None:
 
 
 def test_validation_error_is_truncated() -> None:
-    answer = _with(pickup_confidence__recommendation="x" * 5000)
+    answer = _with(image_analysis__comparison=["x" * 5000])
     error = validate_answer(answer)
     assert error is not None
     assert len(error) == MAX_ERROR_CHARS
@@ -288,7 +288,7 @@ def test_validator_is_compiled_once() -> None:
 
 
 def test_parse_answer_reports_the_first_answer_like_error() -> None:
-    bad = json.dumps(_with(pickup_confidence__recommendation="Maybe"))
+    bad = json.dumps(_with(pickup_confidence__recommendation=["Accept"]))
     parsed = parse_answer(f"```json\n{bad}\n```")
     assert parsed.answer is None
-    assert parsed.error.startswith("pickup_confidence/recommendation: 'Maybe' is not one of")
+    assert parsed.error.startswith("pickup_confidence/recommendation: ['Accept'] is not of type")

@@ -265,12 +265,27 @@ async def test_invalid_twice_fails_and_keeps_both_outputs() -> None:
     assert [a.validation_status for a in outcome.attempts] == ["invalid", "invalid"]
 
 
-async def test_unknown_recommendation_is_retried_then_fails() -> None:
+async def test_unknown_recommendation_is_retried_then_gets_its_own_code() -> None:
     engine = RecordingEngine({"uuid-1": [_answer("Maybe"), _answer("Perhaps")]})
     [outcome] = await _run(_pipeline(engine), _request(1))
     assert outcome.failure is not None
+    assert outcome.failure.code is ErrorCode.UNKNOWN_RECOMMENDATION
+    assert "unknown recommendation 'Maybe'" in outcome.failure.message
+    assert "unknown recommendation 'Perhaps'" in outcome.failure.message
+    assert [a.validation_status for a in outcome.attempts] == ["invalid", "invalid"]
+
+
+async def test_an_unknown_recommendation_fixed_on_the_retry_is_decided() -> None:
+    engine = RecordingEngine({"uuid-1": [_answer("Maybe"), _answer()]})
+    [outcome] = await _run(_pipeline(engine), _request(1))
+    assert outcome.decision is not None and outcome.failure is None
+
+
+async def test_an_answer_invalid_after_an_unknown_recommendation_is_invalid() -> None:
+    engine = RecordingEngine({"uuid-1": [_answer("Maybe"), INVALID]})
+    [outcome] = await _run(_pipeline(engine), _request(1))
+    assert outcome.failure is not None
     assert outcome.failure.code is ErrorCode.MODEL_OUTPUT_INVALID
-    assert "'Maybe' is not one of" in outcome.failure.message
 
 
 async def test_engine_raising_for_one_request_spares_the_others() -> None:
