@@ -1,16 +1,27 @@
-"""Every topic's schema reads data written with its previous version.
+"""Every topic's schema stays compatible with its previous versions, both ways.
 
-Two sources of "previous": the released files `v1.avsc … vN.avsc` (each version reads
-the one before), and git history (the latest file must read data written with every
-committed state of every released file, so an in-place edit cannot break readers).
+`evolution_problems()` is the rule: each newer schema reads data written with each
+older one (consumers upgraded first), and each older one reads data written with the
+newer (the refund service may still hold an older schema). Two sources of "previous":
+the released files `v1.avsc … vN.avsc`, and git history (every committed state of every
+released file, so an in-place edit cannot break readers). Without git history the
+history test fails when `CI` is set (CI runs on a clone, which has it) and is skipped,
+visibly, elsewhere. Generated previous versions (a field added without a default, a
+field removed that readers need, a type changed) prove that the rule catches a breaking
+change in every topic's schema.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 import itertools
 import json
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +77,33 @@ def read(data: bytes, writer: dict[str, Any], reader: dict[str, Any]) -> Any:
     )
 
 
+def incompatibility(writer: dict[str, Any], reader: dict[str, Any]) -> str | None:
+    """Why `reader` cannot read data written with `writer`, or None when it can."""
+    try:
+        read(write(writer), writer, reader)
+    except Exception as exc:  # fastavro raises SchemaResolutionError, or others for bad types
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def evolution_problems(history: list[dict[str, Any]]) -> list[str]:
+    """Every pair of schemas (oldest first) that cannot read each other's data."""
+    problems = []
+    for (i, older), (j, newer) in itertools.combinations(enumerate(history), 2):
+        for label, writer, reader in (
+            ("new reads old", older, newer),
+            ("old reads new", newer, older),
+        ):
+            problem = incompatibility(writer, reader)
+            if problem is not None:
+                problems.append(f"#{i} -> #{j} ({label}): {problem}")
+    return problems
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
 def committed_versions(path: Path) -> list[dict[str, Any]]:
     relative = path.relative_to(REPO).as_posix()
     try:
@@ -89,20 +127,28 @@ def committed_versions(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("topic", avro_topics())
-def test_each_version_reads_the_previous_one(topic: str) -> None:
+def test_released_versions_are_compatible_both_ways(topic: str) -> None:
     versions = avro_versions(topic)
     assert versions[0] == 1 and versions == list(range(1, len(versions) + 1))
-    for older, newer in itertools.pairwise(versions):
-        writer, reader = avro_schema_json(topic, older), avro_schema_json(topic, newer)
-        assert read(write(writer), writer, reader) is not None
+    released = [avro_schema_json(topic, version) for version in versions]
+    assert evolution_problems(released) == []
 
 
 @pytest.mark.parametrize("topic", avro_topics())
-def test_latest_reads_every_committed_state(topic: str) -> None:
+def test_every_committed_state_is_compatible_with_the_latest(topic: str) -> None:
     latest = avro_schema_json(topic)
-    for version in avro_versions(topic):
-        for committed in committed_versions(AVRO_DIR / topic / f"v{version}.avsc"):
-            assert read(write(committed), committed, latest) is not None
+    committed = [
+        state
+        for version in avro_versions(topic)
+        for state in committed_versions(AVRO_DIR / topic / f"v{version}.avsc")
+    ]
+    if not committed:
+        reason = f"no git history for schemas/avro/{topic} (not a git checkout, or uncommitted)"
+        if in_ci():
+            pytest.fail(f"{reason}: CI must check the committed states, not pass empty")
+        pytest.skip(reason)
+    problems = [p for state in committed for p in evolution_problems([state, latest])]
+    assert problems == []
 
 
 @pytest.mark.parametrize("topic", avro_topics())
@@ -125,9 +171,60 @@ def test_every_field_is_documented(topic: str) -> None:
     check(avro_schema_json(topic))
 
 
-def test_a_field_added_without_default_is_caught() -> None:
-    # The check above must be able to fail: a new required field breaks old data.
-    old = avro_schema_json("product-listed", 1)
-    new = {**old, "fields": [*old["fields"], {"name": "brand", "type": "string", "doc": "x"}]}
-    with pytest.raises(Exception):  # noqa: B017 - fastavro raises SchemaResolutionError
-        read(write(old), old, new)
+def fields_without_default(schema: dict[str, Any]) -> list[str]:
+    return [f["name"] for f in schema["fields"] if "default" not in f]
+
+
+def with_field(schema: dict[str, Any], field: dict[str, Any]) -> dict[str, Any]:
+    return {**copy.deepcopy(schema), "fields": [*copy.deepcopy(schema["fields"]), field]}
+
+
+@pytest.mark.parametrize("topic", avro_topics())
+def test_a_field_added_without_a_default_is_caught(topic: str) -> None:
+    latest = avro_schema_json(topic)
+    broken = with_field(latest, {"name": "added_field", "type": "string", "doc": "x"})
+    assert any("new reads old" in p for p in evolution_problems([latest, broken]))
+    # With a default, the same addition is a compatible change.
+    fine = with_field(latest, {"name": "added_field", "type": "string", "default": "", "doc": "x"})
+    assert evolution_problems([latest, fine]) == []
+
+
+@pytest.mark.parametrize("topic", avro_topics())
+def test_a_removed_field_that_readers_need_is_caught(topic: str) -> None:
+    latest = avro_schema_json(topic)
+    required = fields_without_default(latest)
+    assert required, f"{topic}: every field has a default, nothing to remove"
+    removed = {**latest, "fields": [f for f in latest["fields"] if f["name"] != required[0]]}
+    assert any("old reads new" in p for p in evolution_problems([latest, removed]))
+
+
+@pytest.mark.parametrize("topic", avro_topics())
+def test_a_changed_field_type_is_caught(topic: str) -> None:
+    latest = avro_schema_json(topic)
+    changed = copy.deepcopy(latest)
+    field = next(f for f in changed["fields"] if f["type"] in ("string", ["null", "string"]))
+    field["type"] = "boolean" if field["type"] == "string" else ["null", "boolean"]
+    assert evolution_problems([latest, changed]) != []
+
+
+def test_without_history_ci_fails_instead_of_passing_empty(tmp_path: Path) -> None:
+    # A copy of the schemas and of this file outside any git checkout, run as CI runs it.
+    shutil.copytree(REPO / "schemas", tmp_path / "schemas")
+    (tmp_path / "tests" / "schemas").mkdir(parents=True)
+    for package in ("tests", "tests/schemas"):
+        (tmp_path / package / "__init__.py").write_text("")
+    shutil.copy(Path(__file__), tmp_path / "tests" / "schemas" / "test_avro_evolution.py")
+    run = functools.partial(
+        subprocess.run,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "committed_state"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    env = {k: v for k, v in os.environ.items() if k not in {"CI", "GIT_DIR", "GIT_WORK_TREE"}}
+    in_ci_run = run(env={**env, "CI": "true", "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert in_ci_run.returncode != 0, in_ci_run.stdout
+    assert "CI must check the committed states" in in_ci_run.stdout
+    local_run = run(env={**env, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert local_run.returncode == 0 and "skipped" in local_run.stdout, local_run.stdout
