@@ -267,3 +267,53 @@ def test_outage_stops_acks_while_decisions_flow_then_recovers_exactly_once(
     assert got["verification_decisions"] == 40 and got["pickup_requests"] == 40, got
     raw = query(sink, "SELECT count() AS n FROM verification_decisions")
     assert raw == [{"n": 40}], raw  # no duplicates even before merges
+
+
+def test_a_backfill_spanning_240_months_is_stored_whole_with_its_kafka_timestamps(
+    kafka_bootstrap: str, unique: str, tmp_path: Path, categorizer_artifacts: Path
+) -> None:
+    """240 valid pickups, one a month for 20 years, in one partition: one insert block.
+
+    ClickHouse refuses a block over 100 month partitions (code 252); before the split
+    the sink retried that forever. Each message carries its own Kafka timestamp, which
+    the sink stores (kafka_time, version) instead of its own clock.
+    """
+    from confluent_kafka import Producer
+
+    from tests.processors.test_sink_rejections import backfill_pickup
+
+    env = worker_env(kafka_bootstrap, unique, tmp_path, categorizer_artifacts)
+    ensure_topics(kafka_bootstrap, all_topics(env), 4)
+    topic = env["VS_TOPIC_PICKUP_COMPLETED"]
+    codec = Codecs().for_schema("pickup-completed")
+    kafka_ts = 1_717_199_999_000  # 2024-05-31T23:59:59Z
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 50})
+    for n in range(240):
+        producer.produce(
+            topic, codec.encode(backfill_pickup(n)), partition=0, timestamp=kafka_ts + n
+        )
+    assert producer.flush(60) == 0
+    sink = {**sink_env(env, tmp_path), "VS_SINK_MAX_ROWS": "500", "VS_SINK_MAX_INTERVAL_S": "3"}
+    worker = WorkerProcess(sink, tmp_path / "sink.log")
+    try:
+        assert wait_for_lag_zero(kafka_bootstrap, f"test-{unique}-sink", all_topics(env), 120), (
+            worker.log_tail()
+        )
+        deadline = time.monotonic() + 60
+        while readyz(sink["VS_WEB_PORT"])[0] != 200:
+            assert time.monotonic() < deadline, readyz(sink["VS_WEB_PORT"])
+            time.sleep(0.5)
+    finally:
+        worker.stop()
+    rows = query(
+        sink,
+        "SELECT count() AS n, uniqExact(toYYYYMM(event_time)) AS months, "
+        "min(version) AS lo, max(version) AS hi, "
+        "countIf(toUnixTimestamp64Milli(kafka_time) = version) AS same FROM pickup_requests FINAL",
+    )
+    got = {k: int(v) for k, v in rows[0].items()}
+    assert got == {"n": 240, "months": 240, "lo": kafka_ts, "hi": kafka_ts + 239, "same": 240}
+    failures = query(sink, "SELECT count() AS n FROM sink_failures")
+    assert int(failures[0]["n"]) == 0
+    # The block really was refused for its partitions, then stored in parts.
+    assert "(code 252); inserting them in" in (tmp_path / "sink.log").read_text()
