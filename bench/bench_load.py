@@ -332,44 +332,6 @@ def main(argv: list[str] | None = None) -> int:
         workloads.append((rate, times, lengths, picks))
     details["mean_length"] = round(statistics.fmean(w for _, _, ls, _ in workloads for w in ls), 1)
 
-    if "static" in engines:
-        static = engine(
-            max_new_tokens=high, min_new_tokens=high, max_batch_size=max([*caps, sat_batch])
-        )
-        forced = forced_length_static(static, max(high, sat_tokens))
-        warm = time.perf_counter()
-        for cap in sorted(set(caps)):
-            forced.max_new_tokens = 4
-            static.generate_token_ids([pool[i % pool_size] for i in range(cap)])
-        details["warm_up_s"]["static"] = round(time.perf_counter() - warm, 2)
-        for rate, times, lengths, picks in workloads:
-            best: dict[str, Any] | None = None
-            for cap in caps:
-                static.config = _with(static.config, max_batch_size=cap)
-                done, info = run_static(static, pool, picks, lengths, times, cap)
-                row = {"engine": "static", "arrival_per_s": rate, **summary(times, done)}
-                details["runs"].append({**row, "cap": cap, **info})
-                print(f"[load] static cap {cap} at {rate}/s: {row}", flush=True)
-                if best is None or row["p95_s"] < best["p95_s"]:
-                    best = row
-            assert best is not None
-            rows.append(best)
-            report()
-        static.config = _with(static.config, max_batch_size=sat_batch)
-        forced.max_new_tokens = sat_tokens
-        sat = [pool[i % pool_size] for i in range(sat_requests)]
-        began = time.perf_counter()
-        for first in range(0, sat_requests, sat_calls):
-            static.generate_token_ids(sat[first : first + sat_calls])
-        saturation["static"] = round(sat_requests / (time.perf_counter() - began), 3)
-        details["saturation_static"] = {"batch": sat_batch, "calls_of": sat_calls}
-        print(f"[load] static saturation {saturation['static']}/s", flush=True)
-        report()
-        del static, forced
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-
     if "slot" in engines:
         slot_config = SlotEngineConfig(
             slots=slots,
@@ -414,6 +376,51 @@ def main(argv: list[str] | None = None) -> int:
             }
         finally:
             slot.close()
+        scheduler = None  # drop the last references to the slots' KV cache
+        del slot
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if "static" in engines:
+        static = engine(
+            max_new_tokens=high, min_new_tokens=high, max_batch_size=max([*caps, sat_batch])
+        )
+        forced = forced_length_static(static, max(high, sat_tokens))
+        warm = time.perf_counter()
+        for cap in sorted(set(caps)):
+            forced.max_new_tokens = 4
+            static.generate_token_ids([pool[i % pool_size] for i in range(cap)])
+        details["warm_up_s"]["static"] = round(time.perf_counter() - warm, 2)
+        for rate, times, lengths, picks in workloads:
+            best: dict[str, Any] | None = None
+            for cap in caps:
+                static.config = _with(static.config, max_batch_size=cap)
+                done, info = run_static(static, pool, picks, lengths, times, cap)
+                row = {"engine": "static", "arrival_per_s": rate, **summary(times, done)}
+                details["runs"].append({**row, "cap": cap, **info})
+                print(f"[load] static cap {cap} at {rate}/s: {row}", flush=True)
+                if best is None or row["p95_s"] < best["p95_s"]:
+                    best = row
+            assert best is not None
+            rows.append(best)
+            report()
+        static.config = _with(static.config, max_batch_size=sat_batch)
+        sat = [pool[i % pool_size] for i in range(sat_requests)]
+        forced.max_new_tokens = 4  # warm-up of the saturation batch (capture, allocation)
+        static.generate_token_ids(sat[:sat_batch])
+        forced.max_new_tokens = sat_tokens
+        began = time.perf_counter()
+        for first in range(0, sat_requests, sat_calls):
+            static.generate_token_ids(sat[first : first + sat_calls])
+        saturation["static"] = round(sat_requests / (time.perf_counter() - began), 3)
+        details["saturation_static"] = {"batch": sat_batch, "calls_of": sat_calls}
+        print(f"[load] static saturation {saturation['static']}/s", flush=True)
+        report()
+        del static, forced
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     report()
     print(f"[load] {json.dumps(rows)} saturation {saturation} -> {out}", flush=True)
     return 0

@@ -157,13 +157,15 @@ class SlotDecoder:
             query, key, value = base._rotated_projections(layer, hidden, cos, sin)
             self.stage_keys[index][0, :, start:end] = key[0].transpose(0, 1)
             self.stage_values[index][0, :, start:end] = value[0].transpose(0, 1)
+            # Heads expanded by hand (repeat_kv order): with a mask and `enable_gqa`, SDPA
+            # would fall back to its slow math kernel on CUDA.
+            group = base.heads // base.kv_heads
             attended = functional.scaled_dot_product_attention(
                 query.transpose(1, 2),
-                self.stage_keys[index][:, :, :end],
-                self.stage_values[index][:, :, :end],
+                self.stage_keys[index][:, :, :end].repeat_interleave(group, dim=1),
+                self.stage_values[index][:, :, :end].repeat_interleave(group, dim=1),
                 attn_mask=causal,
                 scale=layer.self_attn.scaling,
-                enable_gqa=True,
             )
             attended = attended.transpose(1, 2).reshape(1, width, base.heads * base.head_dim)
             hidden = base._layer_output(layer, hidden, attended)

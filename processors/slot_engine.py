@@ -63,6 +63,8 @@ class SlotEngineConfig:
         stop_at_json_close: a request also ends when its first JSON object closes.
         memory_fraction: share of free GPU memory the slots may take when `slots` is 0.
         max_slots: upper bound of the automatic slot count.
+        vision_requests: waiting requests whose images go through the vision tower in one
+            call (each of them has a free slot ahead of it).
     """
 
     slots: int = 0
@@ -73,12 +75,19 @@ class SlotEngineConfig:
     stop_at_json_close: bool = True
     memory_fraction: float = 0.5
     max_slots: int = 512
+    vision_requests: int = 8
 
     def __post_init__(self) -> None:
         for name in ("slots", "context_length"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("prefill_tokens_per_step", "steps_per_round", "queue_size", "max_slots"):
+        for name in (
+            "prefill_tokens_per_step",
+            "steps_per_round",
+            "queue_size",
+            "max_slots",
+            "vision_requests",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.memory_fraction <= 1:
@@ -153,6 +162,7 @@ class _Work:
     first: Any = None  # the first token (device), until the next copy to the host
     tokens: list[int] = field(default_factory=list)
     started: float = 0.0
+    vision_ready: bool = False
 
     def extend(self, new: Sequence[int], eos: int, texts: Sequence[str]) -> FinishReason | None:
         """Append new ids up to the first stop; returns why the request ended, if it did."""
@@ -277,33 +287,62 @@ class SlotScheduler:
         self.waiting.append(work)
         return work
 
-    def _start_prefill(self, work: _Work) -> None:
-        """Queue the vision work of `work` (feature cache first); check the token count."""
+    def _vision(self, works: list[_Work]) -> list[tuple[_Work, ProcessingError]]:
+        """Queue the vision work of `works` in one call (feature cache first).
+
+        Returns the requests whose feature count does not match their image tokens.
+        """
         import torch
 
         engine = self.engine
         if self._vision_done is not None:
             # The engine reuses one pinned host buffer: the last copy out of it must be done.
             self._vision_done.synchronize()
-        features = engine._image_features([work.request])[0]
-        image_tokens = work.ids.count(self.context_id)
-        if features:
-            hidden = int(features[0].shape[-1])
-            flat = torch.cat([part.reshape(-1, hidden) for part in features])
-            if int(flat.shape[0]) != image_tokens:
-                raise ProcessingError(
-                    ErrorCode.INVALID_REQUEST, "image features and image tokens do not match", STAGE
-                )
-            work.features = flat
-        elif image_tokens:
-            raise ProcessingError(
-                ErrorCode.INVALID_REQUEST, "image tokens without image features", STAGE
-            )
+        with coded_failure(ErrorCode.MODEL_FAILED, "vision failed"):
+            features_of = engine._image_features([work.request for work in works])
         if engine.device.startswith("cuda"):
             self._vision_done = torch.cuda.Event()
             self._vision_done.record()
-        work.started = time.perf_counter()
-        self.stats["vision"] += 1
+        failed = []
+        now = time.perf_counter()
+        for work, features in zip(works, features_of, strict=True):
+            work.vision_ready = True
+            work.started = now
+            image_tokens = work.ids.count(self.context_id)
+            count = sum(int(part.shape[0]) * int(part.shape[1]) for part in features)
+            if count != image_tokens:
+                failed.append(
+                    (
+                        work,
+                        ProcessingError(
+                            ErrorCode.INVALID_REQUEST,
+                            f"request {work.request.request_id}: {count} image features for "
+                            f"{image_tokens} image tokens",
+                            STAGE,
+                        ),
+                    )
+                )
+            elif features:
+                hidden = int(features[0].shape[-1])
+                work.features = torch.cat([part.reshape(-1, hidden) for part in features])
+        self.stats["vision"] += len(works)
+        return failed
+
+    def _take_next(self) -> tuple[_Work | None, list[tuple[_Work, ProcessingError]]]:
+        """The next waiting request, its vision done (with that of a few after it)."""
+        failed: list[tuple[_Work, ProcessingError]] = []
+        while self.waiting:
+            work = self.waiting[0]
+            if not work.vision_ready:
+                free = self.slots - len(self.rows)
+                group = [w for w in list(self.waiting)[:free] if not w.vision_ready]
+                bad = self._vision(group[: self.config.vision_requests])
+                for item in bad:
+                    self.waiting.remove(item[0])
+                failed.extend(bad)
+                continue
+            return self.waiting.popleft(), failed
+        return None, failed
 
     def _prefill_step(self) -> list[tuple[_Work, ProcessingError]]:
         """Prefill up to the per-step budget; activate requests whose prompt is done."""
@@ -316,15 +355,10 @@ class SlotScheduler:
             if work is None:
                 if not self.waiting or len(self.rows) >= self.slots:
                     break
-                work = self.waiting.popleft()
-                try:
-                    with coded_failure(ErrorCode.MODEL_FAILED, "vision failed"):
-                        self._start_prefill(work)
-                except ProcessingError as exc:
-                    if exc.code != ErrorCode.INVALID_REQUEST:
-                        raise
-                    failed.append((work, exc))
-                    continue
+                work, bad = self._take_next()
+                failed.extend(bad)
+                if work is None:
+                    break
                 self.prefilling = work
             take = min(budget, len(work.ids) - work.done)
             chunk = work.ids[work.done : work.done + take]
