@@ -91,17 +91,24 @@ def _is_transient(exc: Exception) -> bool:
 
 
 async def until_registry_answers(
-    call: Callable[[], T], what: str, *, first_delay_s: float = 0.5, max_delay_s: float = 5.0
+    call: Callable[[], T],
+    what: str,
+    *,
+    blocking: bool = False,
+    first_delay_s: float = 0.5,
+    max_delay_s: float = 5.0,
 ) -> T:
     """Run `call` until it stops raising `RegistryUnavailable`, backing off up to `max_delay_s`.
 
     Other exceptions propagate at once. Used around decode and encode so that a registry
     outage holds the batch (nothing acknowledged, nothing dead-lettered) instead of losing it.
+    `blocking`: `call` will ask the registry (`TopicCodec.needs_registry`), a blocking HTTP
+    call with its own retries, so it runs in a thread and the event loop (heartbeats) goes on.
     """
     delay = first_delay_s
     while True:
         try:
-            return call()
+            return await asyncio.to_thread(call) if blocking else call()
         except RegistryUnavailable as exc:
             log.warning("%s: %s; retrying in %.1fs, nothing acknowledged", what, exc, delay)
             await asyncio.sleep(delay)
@@ -138,6 +145,20 @@ class TopicCodec:
     @property
     def fingerprint(self) -> bytes:
         return self._fingerprint
+
+    def needs_registry(self, data: bytes | None = None) -> bool:
+        """Whether decoding `data` (without it: encoding) must ask the registry first.
+
+        True for a Confluent-framed value whose schema id is not cached yet, or for the
+        first encode with a registry; everything else is answered from memory.
+        """
+        if self._registry is None:
+            return False
+        if data is None:
+            return self._registry_id is None
+        if len(data) < 5 or data[:1] != CONFLUENT_MAGIC:
+            return False
+        return struct.unpack(">I", data[1:5])[0] not in self._writers_by_id
 
     # -- encoding ------------------------------------------------------------------
 

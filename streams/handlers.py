@@ -104,7 +104,11 @@ class _Outputs:
         for message in messages:
             decode = functools.partial(codec.decode, message.value, max_bytes=max_bytes)
             try:
-                record = await until_registry_answers(decode, f"decoding {message.position}")
+                record = await until_registry_answers(
+                    decode,
+                    f"decoding {message.position}",
+                    blocking=codec.needs_registry(message.value),
+                )
                 decoded.append((message, parse(record)))
             except Exception as exc:
                 await self.dead_letter(writer, message, failure_from_exception(exc, "decode"))

@@ -192,7 +192,9 @@ class EventWriter:
             codec = self._codecs.for_schema(self._topics.schema_of(topic))
             # A registry outage while registering an output schema holds the batch, drops nothing.
             encode = functools.partial(codec.encode, record)
-            output.value = await until_registry_answers(encode, f"encoding for {topic}")
+            output.value = await until_registry_answers(
+                encode, f"encoding for {topic}", blocking=codec.needs_registry()
+            )
         except Exception as exc:
             output.error = _Unencodable(f"{type(exc).__name__}: {exc}"[:_TEXT_CAP])
             return
@@ -281,7 +283,9 @@ class EventWriter:
         record = letter.to_event()
         replacement = _Output(topic, output.origin.key, record, output.origin, replaced=True)
         replacement.value = await until_registry_answers(
-            functools.partial(codec.encode, record), f"encoding for {topic}"
+            functools.partial(codec.encode, record),
+            f"encoding for {topic}",
+            blocking=codec.needs_registry(),
         )
         await self._send(replacement)
         return replacement

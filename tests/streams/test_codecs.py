@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 
 import fastavro
 import pytest
@@ -184,6 +185,28 @@ async def test_until_registry_answers_waits_out_an_outage_and_returns() -> None:
 
     record = await until_registry_answers(decode, "test", first_delay_s=0.01)
     assert record["shippingid"] == PICKUP["shippingid"] and down.calls == 3
+
+
+def test_only_uncached_confluent_ids_and_the_first_encode_need_the_registry() -> None:
+    codec = Codecs("mock://needs").for_schema("pickup-completed")
+    assert codec.needs_registry()  # the first encode registers the schema
+    framed = codec.encode(PICKUP)
+    assert not codec.needs_registry() and not codec.needs_registry(framed)
+    assert codec.needs_registry(CONFLUENT_MAGIC + struct.pack(">I", 4242) + b"\x02")
+    assert not codec.needs_registry(codec.encode_json(PICKUP))
+    assert not Codecs().for_schema("pickup-completed").needs_registry(framed)
+
+
+async def test_blocking_registry_calls_run_off_the_event_loop() -> None:
+    threads = []
+
+    def call() -> int:
+        threads.append(threading.current_thread())
+        return 7
+
+    assert await until_registry_answers(call, "test", blocking=True) == 7
+    assert await until_registry_answers(call, "test") == 7
+    assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()
 
 
 def test_json_missing_a_required_field(codec: TopicCodec) -> None:
