@@ -55,11 +55,12 @@ class SlotDecoder:
         cuda_graphs: bool = True,
         compile_step: bool = False,
         ladder: Sequence[int] | None = None,
+        stage_rows: int = 8,
     ) -> None:
         import torch
 
-        if slots < 1 or context < 2 or steps_per_round < 1:
-            raise ValueError("slots, steps_per_round must be >= 1 and context >= 2")
+        if slots < 1 or context < 2 or steps_per_round < 1 or stage_rows < 1:
+            raise ValueError("slots, steps_per_round, stage_rows must be >= 1, context >= 2")
         self.base = base
         self.slots = slots
         self.context = context
@@ -72,7 +73,8 @@ class SlotDecoder:
             raise ValueError(f"the ladder {self.ladder} must cover 1..{slots}")
         layers = len(base.layers)
         shape = (slots, base.kv_heads, context, base.head_dim)
-        stage = (1, base.kv_heads, context, base.head_dim)
+        self.stage_rows = stage_rows
+        stage = (stage_rows, base.kv_heads, context, base.head_dim)
         options = {"device": self.device, "dtype": self.dtype}
         self.keys = [torch.zeros(shape, **options) for _ in range(layers)]
         self.values = [torch.zeros(shape, **options) for _ in range(layers)]
@@ -162,8 +164,8 @@ class SlotDecoder:
             group = base.heads // base.kv_heads
             attended = functional.scaled_dot_product_attention(
                 query.transpose(1, 2),
-                self.stage_keys[index][:, :, :end].repeat_interleave(group, dim=1),
-                self.stage_values[index][:, :, :end].repeat_interleave(group, dim=1),
+                self.stage_keys[index][:1, :, :end].repeat_interleave(group, dim=1),
+                self.stage_values[index][:1, :, :end].repeat_interleave(group, dim=1),
                 attn_mask=causal,
                 scale=layer.self_attn.scaling,
             )
@@ -177,12 +179,62 @@ class SlotDecoder:
             logits[:, self.eos_id] = -float("inf")
         return logits.argmax(-1)
 
-    def activate(self, row: int, prompt_length: int, first_token: Any, min_new: int) -> None:
-        """Copy the staging row's prompt into `row` and make the row decode from there."""
+    def prefill_rows(
+        self, prompts: Sequence[Sequence[int]], image_features: Any, min_new: Sequence[int]
+    ) -> Any:
+        """Prefill whole prompts into staging rows 0..len-1 in one batched call.
+
+        Prompts are right-padded (causal attention never looks at a later pad, as in the
+        static path's prefill); `image_features` holds every image token's features in
+        row order, or None. Returns each row's greedy first token, shape (rows,), with
+        `<|im_end|>` suppressed in rows whose `min_new` is > 0.
+        """
+        import torch
+
+        base = self.base
+        language_model = base.language_model
+        input_ids = self.to_device(prompts, pad=base.eos_id)
+        embeds = language_model.embed_tokens(input_ids)
+        if image_features is not None:
+            mask = (input_ids == base.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+        rows, width = len(prompts), int(input_ids.shape[1])
+        positions = torch.arange(width, device=input_ids.device)[None, :]
+        cos, sin = language_model.rotary_emb(embeds, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        hidden = embeds
+        for index, layer in enumerate(base.layers):
+            hidden, key, value = base._run_prefill_layer(layer, hidden, cos, sin)
+            self.stage_keys[index][:rows, :, :width] = key
+            self.stage_values[index][:rows, :, :width] = value
+        last = torch.stack([hidden[row, len(ids) - 1] for row, ids in enumerate(prompts)])
+        logits = base.lm_head(language_model.norm(last)[:, None, :])[:, -1, :].float()
+        for row, count in enumerate(min_new):
+            if count > 0:
+                logits[row, self.eos_id] = -float("inf")
+        return logits.argmax(-1)
+
+    def to_device(self, prompts: Sequence[Sequence[int]], pad: int) -> Any:
+        """Right-padded ids on the device, through pinned memory (no stream sync)."""
+        import torch
+
+        width = max(len(ids) for ids in prompts)
+        pinned = str(self.device).startswith("cuda")
+        host = torch.full((len(prompts), width), pad, dtype=torch.long, pin_memory=pinned)
+        for row, ids in enumerate(prompts):
+            host[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        return host.to(self.device, non_blocking=True)
+
+    def activate(
+        self, row: int, prompt_length: int, first_token: Any, min_new: int, stage: int = 0
+    ) -> None:
+        """Copy staging row `stage`'s prompt into `row` and make the row decode from there."""
         for index in range(len(self.keys)):
-            self.keys[index][row, :, :prompt_length] = self.stage_keys[index][0, :, :prompt_length]
+            self.keys[index][row, :, :prompt_length] = self.stage_keys[index][
+                stage, :, :prompt_length
+            ]
             self.values[index][row, :, :prompt_length] = self.stage_values[index][
-                0, :, :prompt_length
+                stage, :, :prompt_length
             ]
         self.tokens[row : row + 1] = first_token
         self.lengths[row] = prompt_length

@@ -57,25 +57,28 @@ class SlotEngineConfig:
             (`memory_fraction` of it) on CUDA, 16 on CPU.
         context_length: columns per slot (prompt + answer + one round of overshoot);
             0: 4096 + the engine's max_new_tokens, rounded up to 128.
-        prefill_tokens_per_step: prompt tokens prefilled between two decode steps.
+        prefill_tokens_per_step: prompt tokens prefilled between two decode steps (whole
+            prompts batched; a longer prompt is prefilled in chunks of this size).
         steps_per_round: decode steps between two copies of the new ids to the host.
         queue_size: submissions waiting for the scheduler before `submit` blocks.
         stop_at_json_close: a request also ends when its first JSON object closes.
         memory_fraction: share of free GPU memory the slots may take when `slots` is 0.
         max_slots: upper bound of the automatic slot count.
+        prefill_rows: whole prompts prefilled together in one call (staging rows).
         vision_requests: waiting requests whose images go through the vision tower in one
             call (each of them has a free slot ahead of it).
     """
 
     slots: int = 0
     context_length: int = 0
-    prefill_tokens_per_step: int = 2048
+    prefill_tokens_per_step: int = 8192
     steps_per_round: int = 16
     queue_size: int = 256
     stop_at_json_close: bool = True
     memory_fraction: float = 0.5
     max_slots: int = 512
     vision_requests: int = 8
+    prefill_rows: int = 8
 
     def __post_init__(self) -> None:
         for name in ("slots", "context_length"):
@@ -87,6 +90,7 @@ class SlotEngineConfig:
             "queue_size",
             "max_slots",
             "vision_requests",
+            "prefill_rows",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -207,6 +211,7 @@ class SlotScheduler:
             steps_per_round=config.steps_per_round,
             cuda_graphs=engine.config.cuda_graphs,
             compile_step=engine.config.compile_decode and engine.device.startswith("cuda"),
+            stage_rows=config.prefill_rows,
         )
         self.waiting: deque[_Work] = deque()
         self.prefilling: _Work | None = None
@@ -328,62 +333,94 @@ class SlotScheduler:
         self.stats["vision"] += len(works)
         return failed
 
-    def _take_next(self) -> tuple[_Work | None, list[tuple[_Work, ProcessingError]]]:
+    def _take_next(
+        self, pop: bool = True
+    ) -> tuple[_Work | None, list[tuple[_Work, ProcessingError]]]:
         """The next waiting request, its vision done (with that of a few after it)."""
         failed: list[tuple[_Work, ProcessingError]] = []
         while self.waiting:
             work = self.waiting[0]
             if not work.vision_ready:
                 free = self.slots - len(self.rows)
-                group = [w for w in list(self.waiting)[:free] if not w.vision_ready]
+                group = [w for w in list(self.waiting)[: max(1, free)] if not w.vision_ready]
                 bad = self._vision(group[: self.config.vision_requests])
                 for item in bad:
                     self.waiting.remove(item[0])
                 failed.extend(bad)
                 continue
-            return self.waiting.popleft(), failed
+            return (self.waiting.popleft() if pop else work), failed
         return None, failed
 
     def _prefill_step(self) -> list[tuple[_Work, ProcessingError]]:
-        """Prefill up to the per-step budget; activate requests whose prompt is done."""
-        import torch
+        """Prefill up to the per-step budget; activate requests whose prompt is done.
 
+        Whole prompts that fit the budget are prefilled together (up to the staging
+        rows); a prompt longer than the budget goes in chunks, one chunk per step.
+        """
         failed: list[tuple[_Work, ProcessingError]] = []
         budget = self.config.prefill_tokens_per_step
         while budget > 0:
-            work = self.prefilling
-            if work is None:
-                if not self.waiting or len(self.rows) >= self.slots:
-                    break
-                work, bad = self._take_next()
+            if self.prefilling is not None:
+                budget -= self._prefill_chunk(self.prefilling, budget)
+                continue
+            group: list[_Work] = []
+            tokens = 0
+            work: _Work | None = None
+            while len(self.rows) + len(group) < self.slots and len(group) < self.decoder.stage_rows:
+                work, bad = self._take_next(pop=False)
                 failed.extend(bad)
-                if work is None:
+                if work is None or tokens + len(work.ids) > budget:
                     break
-                self.prefilling = work
-            take = min(budget, len(work.ids) - work.done)
-            chunk = work.ids[work.done : work.done + take]
-            images = chunk.count(self.context_id)
-            features = None
-            if images:
-                features = work.features[work.images_done : work.images_done + images]
-            last = work.done + take == len(work.ids)
-            input_ids = torch.tensor([chunk], dtype=torch.long).to(
-                self.decoder.device, non_blocking=True
-            )
-            first = self.decoder.prefill_chunk(input_ids, work.done, features, last, work.min_new)
-            work.done += take
-            work.images_done += images
-            budget -= take
-            self.stats["prefill_tokens"] += take
-            if last:
-                row = len(self.rows)
-                self.decoder.activate(row, len(work.ids), first, work.min_new)
-                work.first = first
-                work.features = None
-                work.activated_step = self.steps
-                self.rows.append(work)
-                self.prefilling = None
+                group.append(self.waiting.popleft())
+                tokens += len(work.ids)
+            if not group:
+                full_budget = self.config.prefill_tokens_per_step
+                if work is None or len(self.rows) >= self.slots or len(work.ids) <= full_budget:
+                    break  # nothing waits, no slot is free, or it fits the next step whole
+                self.prefilling = self.waiting.popleft()  # longer than any budget: chunks
+                continue
+            self._prefill_group(group)
+            budget -= tokens
         return failed
+
+    def _prefill_group(self, group: list[_Work]) -> None:
+        import torch
+
+        parts = [work.features for work in group if work.features is not None]
+        features = torch.cat(parts) if parts else None
+        first = self.decoder.prefill_rows(
+            [work.ids for work in group], features, [work.min_new for work in group]
+        )
+        for stage, work in enumerate(group):
+            self._activate(work, first[stage : stage + 1], stage)
+        self.stats["prefill_tokens"] += sum(len(work.ids) for work in group)
+
+    def _prefill_chunk(self, work: _Work, budget: int) -> int:
+        """The next chunk (at most `budget` tokens) of a long prompt; returns its size."""
+        take = min(budget, len(work.ids) - work.done)
+        chunk = work.ids[work.done : work.done + take]
+        images = chunk.count(self.context_id)
+        features = None
+        if images:
+            features = work.features[work.images_done : work.images_done + images]
+        last = work.done + take == len(work.ids)
+        input_ids = self.decoder.to_device([chunk], pad=self.eos_id)
+        first = self.decoder.prefill_chunk(input_ids, work.done, features, last, work.min_new)
+        work.done += take
+        work.images_done += images
+        self.stats["prefill_tokens"] += take
+        if last:
+            self._activate(work, first, 0)
+            self.prefilling = None
+        return take
+
+    def _activate(self, work: _Work, first: Any, stage: int) -> None:
+        row = len(self.rows)
+        self.decoder.activate(row, len(work.ids), first, work.min_new, stage)
+        work.first = first
+        work.features = None
+        work.activated_step = self.steps
+        self.rows.append(work)
 
     # ----------------------------------------------------------------- rounds
 

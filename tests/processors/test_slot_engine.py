@@ -93,19 +93,28 @@ def _config(**overrides: object) -> SlotEngineConfig:
     return SlotEngineConfig(**settings)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("budget", "rows"),
+    [(300, 8), (2000, 2)],  # every prompt in chunks; whole prompts batched two at a time
+)
 def test_admission_at_arbitrary_steps_matches_generate(
-    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+    checkpoint: Path,
+    reference: NativeInternVLEngine,
+    requests: list[PreparedRequest],
+    budget: int,
+    rows: int,
 ) -> None:
     expected = _expected(reference, requests)
     limits = {"a": 5, "c": 9}  # early exits by token limit: greedy prefixes
-    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    config = _config(slots=3, prefill_tokens_per_step=budget, prefill_rows=rows)
+    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), config)
     out: dict[str, list[int]] = {}
     scheduler.add(requests[0], max_new_tokens=limits["a"])
     _rounds(scheduler, out, 1)  # "a" decodes alone for a round
-    scheduler.add(requests[1])
-    scheduler.add(requests[2], max_new_tokens=limits["c"])  # waits: two slots only
-    _rounds(scheduler, out, 1)
+    # A short text-only prompt and a long one share a prefill call (so rows cannot mix).
     scheduler.add(requests[3])
+    scheduler.add(requests[1])
+    scheduler.add(requests[2], max_new_tokens=limits["c"])  # waits: three slots only
     _rounds(scheduler, out, 2)  # part-way, then the last one joins a running batch
     scheduler.add(requests[4])
     _drain(scheduler, out)
