@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--static-caps", help="batch caps of the static engine (64,256)")
     parser.add_argument("--slots", type=int, help="slot count (default 512; smoke 8)")
-    parser.add_argument("--prefill-tokens", type=int, default=2048, help="prefill per step")
+    parser.add_argument("--prefill-tokens", type=int, default=8192, help="prefill per step")
     parser.add_argument("--steps-per-round", type=int, default=16)
     parser.add_argument("--saturation-requests", type=int)
     parser.add_argument("--saturation-tokens", type=int)
