@@ -73,7 +73,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=0.5, help="log-normal sigma")
     parser.add_argument("--min-tokens", type=int)
     parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--static-caps", help="batch caps of the static engine (64,256)")
+    parser.add_argument(
+        "--static-caps",
+        help='batch caps of the static engine: "64,256" at every rate, or per rate '
+        '"10:64/256,30:256"',
+    )
     parser.add_argument("--slots", type=int, help="slot count (default 512; smoke 8)")
     parser.add_argument("--prefill-tokens", type=int, default=8192, help="prefill per step")
     parser.add_argument("--steps-per-round", type=int, default=16)
@@ -167,6 +171,18 @@ def forced_length_static(engine: Any, cap: int) -> Any:
     return decoder
 
 
+def static_caps(spec: str) -> dict[float, list[int]]:
+    """Batch caps per rate: "64,256" (every rate) or "10:64/256,30:256" (0.0: every rate)."""
+    out: dict[float, list[int]] = {}
+    for item in spec.split(","):
+        if ":" in item:
+            rate, caps = item.split(":")
+            out[float(rate)] = [int(cap) for cap in caps.split("/")]
+        else:
+            out.setdefault(0.0, []).append(int(item))
+    return out
+
+
 def run_static(
     engine: Any, pool: list[Any], picks: list[int], lengths: list[int], times: list[float], cap: int
 ) -> tuple[list[float], dict[str, Any]]:
@@ -254,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     median = args.median_tokens or (6 if smoke else 300)
     low = args.min_tokens or (3 if smoke else 120)
     high = args.max_tokens or (12 if smoke else 900)
-    caps = [int(c) for c in (args.static_caps or ("4" if smoke else "64,256")).split(",")]
+    caps_of = static_caps(args.static_caps or ("4" if smoke else "64,256"))
+    caps = sorted({cap for chosen in caps_of.values() for cap in chosen})
     slots = args.slots or (8 if smoke else 512)
     sat_requests = args.saturation_requests or (8 if smoke else 1024)
     sat_tokens = args.saturation_tokens or (6 if smoke else 300)
@@ -393,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         details["warm_up_s"]["static"] = round(time.perf_counter() - warm, 2)
         for rate, times, lengths, picks in workloads:
             best: dict[str, Any] | None = None
-            for cap in caps:
+            for cap in caps_of.get(rate, caps_of.get(0.0, caps)):
                 static.config = _with(static.config, max_batch_size=cap)
                 done, info = run_static(static, pool, picks, lengths, times, cap)
                 row = {"engine": "static", "arrival_per_s": rate, **summary(times, done)}
