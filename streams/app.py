@@ -240,7 +240,7 @@ def _register_inference(
 
     @app.agent(pickups, name="verify-pickups")
     async def verify_pickups(stream: faust.StreamT) -> None:
-        await runtime.ready.wait()
+        await runtime.verification_ready.wait()
         assert runtime.verification is not None
         async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
             writer = functools.partial(runtime.new_writer, publisher)

@@ -1,7 +1,8 @@
 """Start-up of a worker's resources: codecs, image gatherer, engines, categorizer, sink.
 
 `InferenceRuntime.start()` is the one explicit step that loads models (off the event
-loop); agents wait for `ready` before taking their first batch. A model that cannot
+loop); the verification agent waits for `verification_ready` (set once the engine is
+loaded, before the categorizer), the categorization agent for `ready`. A model that cannot
 load stops the worker at start with the reason, never per event.
 """
 
@@ -19,7 +20,6 @@ from processors.gathering import ImageGatherer
 from processors.inference import InferenceEngine, ReplayEngine
 from processors.records import CategoryTag, ProductListing, SourcePosition
 from processors.review.images import ReviewCopier
-from processors.tiling import TilingConfig
 from processors.verification import VerificationPipeline
 from streams.codecs import Codecs, now_ms
 from streams.handlers import CategorizationHandler, RawMessage, VerificationHandler
@@ -142,6 +142,9 @@ class InferenceRuntime:
         self.categorization: CategorizationHandler | None = None
         self.model_versions: dict[str, str] = {}
         self.ready = asyncio.Event()
+        # Set as soon as verification can run: a restarted worker decides pickups while
+        # the categorizer is still loading.
+        self.verification_ready = asyncio.Event()
         self.failed: BaseException | None = None
         self._cache_seen = (0, 0)
 
@@ -160,9 +163,13 @@ class InferenceRuntime:
         self._engine = engine
         await asyncio.to_thread(engine.load)
         self.model_versions["verification"] = engine.model_version
-        # The replay engine never looks at pixels, so images are not fetched for it.
-        images = None if isinstance(engine, ReplayEngine) else self.gatherer
-        pipeline = VerificationPipeline(engine, images=images, tiling=TilingConfig())
+        if isinstance(engine, ReplayEngine):
+            # It never looks at pixels: no images fetched, and torch is never imported.
+            pipeline = VerificationPipeline(engine, images=None, tiling=None)
+        else:
+            from processors.tiling import TilingConfig
+
+            pipeline = VerificationPipeline(engine, images=self.gatherer, tiling=TilingConfig())
         review = settings.review
         self.verification = VerificationHandler(
             pipeline,
@@ -172,6 +179,7 @@ class InferenceRuntime:
             self.metrics,
             copier=ReviewCopier(review.copy_limits, settings.gather) if review.copies else None,
         )
+        self.verification_ready.set()
         categorizer = await asyncio.to_thread(self._load_categorizer)
         self.model_versions["categorization"] = categorizer.model_version
         self.categorization = CategorizationHandler(

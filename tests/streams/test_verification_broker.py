@@ -59,6 +59,7 @@ def test_tiny_internvl_end_to_end_records_retries_and_loses_nothing(
         unique,
         tmp_path,
         categorizer_artifacts,
+        VS_ENGINE="internvl",
         VS_MODEL_PATH=str(model),
         VS_MAX_NEW_TOKENS="8",
         VS_BATCH_SIZE="4",
