@@ -174,10 +174,23 @@ def create_app(settings: Settings, **runtime_overrides: Any) -> faust.App:
     else:
         runtime = _register_inference(app, settings, publisher, metrics, runtime_overrides)
     _register_operations(app, settings, app_id, runtime, metrics)
+    if is_sink:
+        _register_review(app, settings, publisher)
     from streams.commands import register_commands
 
     register_commands(app, settings)
     return app
+
+
+def _register_review(app: faust.App, settings: Settings, publisher: FaustPublisher) -> None:
+    """The review copies' upkeep and, with reviewers configured, the review page (sink role)."""
+    from processors.sink import open_client
+    from streams.review_web import register_review_upkeep, register_review_views
+
+    opener = functools.partial(open_client, settings.effective_clickhouse_dsn)
+    register_review_upkeep(app, settings, opener)
+    if settings.review.page_enabled:
+        register_review_views(app, settings, publisher, opener)
 
 
 def _register_operations(
