@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from typing import Any
 
@@ -33,6 +35,21 @@ def review_pickup(n: int, **fields: Any) -> dict[str, Any]:
         "skupickdone": [tiny_png_b64((200, 40, 20), (90, 120)), tiny_png_b64((9, 9, 9))],
         **fields,
     }
+
+
+def sample_photo_b64(
+    name: str, side: int = 280, tint: tuple[int, int, int] = (255, 255, 255)
+) -> str:
+    """A product photo from the in-repo sample set, scaled up and tinted, as base64 PNG."""
+    from PIL import Image, ImageOps
+
+    from streams.settings import SAMPLES_DIR
+
+    grey = Image.open(SAMPLES_DIR / "categorization" / "images" / name).convert("L")
+    photo = ImageOps.colorize(grey.resize((side, side)), black=(245, 245, 240), white=tint)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def evidence_answer(evidence: str, recommendation: str = "Accept", colour: str = "Yes") -> str:
