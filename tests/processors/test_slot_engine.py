@@ -230,3 +230,75 @@ def test_streaming_engine_is_thread_safe_and_pushes_back(
             assert deadline_hit and not engine.has_room()
     finally:
         engine.close()
+
+
+class _Spelled:
+    """Test double of the tokenizer for the JSON stop: chosen ids read as braces, others as x."""
+
+    def __init__(self, tokenizer: object, spelled: dict[int, str]) -> None:
+        self.tokenizer = tokenizer
+        self.spelled = spelled
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.spelled.get(token, "x") for token in ids]
+
+    def decode(self, *args: object, **kwargs: object) -> str:
+        return self.tokenizer.decode(*args, **kwargs)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_a_request_leaves_when_its_json_object_closes(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    expected = _expected(reference, requests[:2])
+    ids = expected[0]
+    opening = next(i for i in range(1, 6) if ids[i] not in ids[:i])
+    closing = next(i for i in range(opening + 2, MAX_NEW) if ids[i] not in ids[:i])
+    scheduler = SlotScheduler(
+        _engine(checkpoint, max_new_tokens=MAX_NEW), _config(stop_at_json_close=True)
+    )
+    scheduler.tokenizer = _Spelled(scheduler.tokenizer, {ids[opening]: "{", ids[closing]: "}"})
+    works = [scheduler.add(request) for request in requests[:2]]
+    finished = {}
+    for _ in range(100):
+        if scheduler.idle:
+            break
+        for work, completion in scheduler.run_round()[0]:
+            finished[work.request.request_id] = completion
+    first = finished[requests[0].request_id]
+    assert first.finish == "json" and list(first.token_ids) == ids[: closing + 1]
+    other = finished[requests[1].request_id]  # its own ids decide (spelled x unless shared)
+    assert list(other.token_ids) == expected[1][: len(other.token_ids)]
+    assert works[0].json is not None
+
+
+def test_a_model_failure_fails_the_requests_in_flight_and_the_engine_goes_on(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    expected = _expected(reference, requests[:3])
+    engine = SlotEngine(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    engine.load()
+    try:
+        scheduler = engine.scheduler
+        assert scheduler is not None
+        step = scheduler.decoder.step
+
+        def broken(active: int) -> None:
+            if active >= 2:  # both requests in flight
+                raise RuntimeError("device lost")
+            step(active)
+
+        scheduler.decoder.step = broken  # type: ignore[method-assign]
+        futures = [engine.submit(request) for request in requests[:2]]
+        for future in futures:
+            with pytest.raises(ProcessingError) as failure:
+                future.result(timeout=120)
+            assert failure.value.code == ErrorCode.MODEL_FAILED
+            assert "device lost" in failure.value.message
+        assert not scheduler.rows and scheduler.decoder.active.sum() == 0
+        alone = engine.submit(requests[2]).result(timeout=120)
+        assert list(alone.token_ids) == expected[2]
+    finally:
+        engine.close()
+    with pytest.raises(ProcessingError) as closed:
+        engine.submit(requests[0])
+    assert closed.value.code == ErrorCode.MODEL_NOT_LOADED
