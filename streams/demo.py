@@ -3,7 +3,9 @@
 Starts the local broker (scripts/kafka), an inference worker and the analytics sink
 (two processes, two consumer groups), produces the sample events plus one malformed
 message, prints every decision, tag and dead letter that comes back, waits until
-the sink has stored everything, then stops the workers.
+the sink has stored everything, then stops the inference worker. The sink keeps
+running so that the review page (docs/review.md) shows the demo's decisions; the demo
+prints its address and a per-run reviewer password, and stops it at its next start.
 
 With no `VS_MODEL_PATH`, the demo asks for the replay engine (`VS_ENGINE=replay`): the
 samples' recorded model outputs stand in for the VLM, and the demo says so.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -53,8 +56,10 @@ def _ensure_categorizer(settings: Settings) -> None:
     train(settings, SAMPLE_TRAINING_CSV, artifacts, image_encoder=settings.image_encoder)
 
 
-def _start_worker(settings: Settings, role: str, log_dir: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "VS_ROLE": role, "VS_STATE_DIR": str(settings.state_dir)}
+def _start_worker(
+    settings: Settings, role: str, log_dir: Path, **extra_env: str
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "VS_ROLE": role, "VS_STATE_DIR": str(settings.state_dir), **extra_env}
     if settings.categorizer_artifacts is not None:
         env["VS_CATEGORIZER_ARTIFACTS"] = str(settings.categorizer_artifacts)
     if settings.model_path is None and not settings.engine:
@@ -67,7 +72,41 @@ def _start_worker(settings: Settings, role: str, log_dir: Path) -> subprocess.Po
         stdout=log_file,
         stderr=subprocess.STDOUT,
         cwd=os.getcwd(),
+        start_new_session=True,  # the sink outlives the demo (the review page stays up)
     )
+
+
+def _review_login(settings: Settings) -> tuple[str, str, dict[str, str]]:
+    """The reviewer the demo's sink accepts: the configured one, else a fresh random password.
+
+    There is no default password: the demo makes one per run and prints it.
+    """
+    if settings.review.users:
+        name, password = settings.review.users[0]
+        return name, password, {}
+    password = secrets.token_urlsafe(12)
+    return "demo", password, {"VS_REVIEW_USERS": f"demo:{password}"}
+
+
+def _stop_previous_sink(pid_file: Path) -> None:
+    """Stop the sink a previous demo left running (it holds the database and the port)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        return
+    _say(f"stopping the review sink of the previous demo (pid {pid})")
+    for _ in range(60):
+        time.sleep(0.5)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+    pid_file.unlink(missing_ok=True)
 
 
 def _read_samples(name: str) -> list[dict[str, Any]]:
@@ -192,10 +231,15 @@ def run_demo(settings: Settings, *, timeout: float = 180.0, keep_running: bool =
     ensure_topics(bootstrap, all_topics, settings.topic_partitions)
     _ensure_categorizer(settings)
     log_dir = settings.state_dir / "logs"
+    pid_file = settings.state_dir / "sink.pid"
+    _stop_previous_sink(pid_file)
+    reviewer, password, review_env = _review_login(settings)
     workers = [
         _start_worker(settings, "inference", log_dir),
-        _start_worker(settings, "sink", log_dir),
+        _start_worker(settings, "sink", log_dir, **review_env),
     ]
+    # The sink listens on VS_WEB_PORT when set (both workers then share it), else 6067.
+    sink_port = settings.web_port if settings.web_port != Settings().web_port else 6067
     _say(f"workers started (logs in {log_dir}); producing the sample events")
     try:
         expected = _produce(settings, uuid.uuid4().hex[:8])
@@ -212,9 +256,19 @@ def run_demo(settings: Settings, *, timeout: float = 180.0, keep_running: bool =
             if caught_up
             else "!! analytics sink lags behind"
         )
-        _say("next: `python -m streams report` prints the outcome reports")
-        return 0 if got == len(expected) and caught_up else 1
+        ok = got == len(expected) and caught_up
+        if ok and workers[1].poll() is None:
+            pid_file.write_text(str(workers[1].pid))
+            _say(
+                f"\nreview page: http://127.0.0.1:{sink_port}/review  "
+                f"user {reviewer}  password {password}\n"
+                f"the sink keeps running for it (reports: http://127.0.0.1:{sink_port}/review/accuracy); "
+                f"stop it with `kill $(cat {pid_file})`, then `python -m streams report` "
+                "prints the outcome reports"
+            )
+        return 0 if ok else 1
     finally:
-        if not keep_running:
-            for process in workers:
+        leave = {workers[1].pid} if pid_file.is_file() else set()
+        for process in workers:
+            if not keep_running and process.pid not in leave:
                 _stop(process)
