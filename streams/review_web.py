@@ -414,7 +414,7 @@ def register_review_views(
                 return page(
                     self, "error.html", status=400, message=str(exc), **common(request, user)
                 )
-            client = (await store())._client
+            client = (await store()).client
 
             def run_all() -> dict[str, Any]:
                 return {

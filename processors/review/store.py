@@ -129,6 +129,11 @@ class ReviewStore:
     def __init__(self, client: AnalyticsClient) -> None:
         self._client = client
 
+    @property
+    def client(self) -> AnalyticsClient:
+        """The client the reads use (the accuracy page runs its reports on it)."""
+        return self._client
+
     def queue(self, wanted: QueueFilter, *, today: date | None = None) -> Page:
         """Decisions (or, with `failures`, dead-lettered pickups), newest first, one page."""
         start, end = wanted.window(today or datetime.now(UTC).date())

@@ -18,11 +18,13 @@ async def load(sink: AnalyticsSink) -> None:
         review_pickup(1, productname="Blue <b>shirt</b>"),
         review_pickup(2, productid="P-TWO"),
         review_pickup(3, previousuuid="req-00001"),
+        review_pickup(4, productname="Broken answer bag"),
     ]
     outputs = {
         "req-00001": evidence_answer("Blue.", "Accept"),
         "req-00002": evidence_answer("Torn sleeve.", "Reject", colour="No"),
         "req-00003": evidence_answer("Retake: blurry.", "Retry", colour="No"),
+        "req-00004": "not json <b>at all</b>",
     }
     codecs, topics = Codecs(), Topics()
     for offset, (topic, _key, value) in enumerate(await decided(pickups, outputs)):
@@ -111,3 +113,15 @@ def test_the_size_budget_deletes_the_oldest_copies(
     apply_retention(ch, 7)
     assert "toIntervalDay(7)" in ch.command("SHOW CREATE TABLE review_images")
     apply_retention(ch, 30)
+
+
+async def test_the_failures_queue_lists_dead_letters_with_their_raw_outputs(
+    ch: Any, dsn: str, sinks: list[AnalyticsSink]
+) -> None:
+    await load(new_sink(sinks, dsn))
+    store = ReviewStore(ch)
+    (failure,) = store.queue(QueueFilter(failures=True)).rows
+    assert failure["request_uuid"] == "req-00004" and failure["error_name"] == "MODEL_FAILED"
+    assert store.queue(QueueFilter(failures=True, product="Broken answer")).rows == [failure]
+    assert store.queue(QueueFilter(failures=True, product="no such product")).rows == []
+    assert len(store.queue(QueueFilter()).rows) == 3  # decisions only
