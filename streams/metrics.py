@@ -231,6 +231,12 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self._sink_failed_rows = Counter(
+            "sink_failed_rows",
+            "Rows ClickHouse rejected even alone, recorded in sink_failures (sink only).",
+            namespace=ns,
+            registry=r,
+        )
         self._ready = Gauge(
             "worker_ready",
             "1 when the worker passes its readiness checks.",
@@ -250,6 +256,10 @@ class Metrics:
     def count_out(self, topic: str, n: int = 1) -> None:
         """Count `n` outputs to `topic` acknowledged by the broker; `ValueError` if `n < 0`."""
         self._events_out.labels(topic=topic).inc(_count(n))
+
+    def count_sink_failed_rows(self, n: int = 1) -> None:
+        """Count `n` rows the sink recorded in `sink_failures`; `ValueError` if `n < 0`."""
+        self._sink_failed_rows.inc(_count(n))
 
     def count_dead_letter(self, code: int, name: str, stage: str) -> None:
         """Count one dead letter (`code`/`name` from `ErrorCode`, `stage` from `Failure`)."""

@@ -273,6 +273,7 @@ class SinkRuntime:
         self._sink = sink
         self._reachable = False
         self._accepting = True
+        self._accepting = True
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
         self.undecodable = 0
@@ -331,6 +332,7 @@ class SinkRuntime:
             )
         if result.inserts or result.failed_rows:
             self._accepting = result.failed_rows == 0
+        self.metrics.count_sink_failed_rows(result.failed_rows)
 
     def _mark(self, reachable: bool) -> None:
         self._reachable = reachable

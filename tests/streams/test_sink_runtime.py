@@ -113,6 +113,8 @@ async def test_readiness_tells_rejected_rows_from_an_unreachable_database(
     try:
         runtime = await store_once(dsn, [tag_message(n) for n in range(6, 9)])
         assert runtime.sink_reachable() and not runtime.sink_accepting_rows()
+        exposition = runtime.metrics.render()[0].decode()
+        assert "visionstream_sink_failed_rows_total 1.0" in exposition
         assert ch.query(f"SELECT source_offset FROM {FAILURES_TABLE}").result_rows == [(7,)]
     finally:
         ch.command("ALTER TABLE category_tags DROP CONSTRAINT no_p7")
