@@ -92,7 +92,13 @@ def _stop_previous_sink(pid_file: Path) -> None:
     """Stop the sink a previous demo left running (it holds the database and the port)."""
     try:
         pid = int(pid_file.read_text().strip())
+        # A recycled pid belongs to some other program: only a streams worker is stopped.
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return
+    if b"streams" not in command or b"worker" not in command:
+        pid_file.unlink(missing_ok=True)
         return
     try:
         os.kill(pid, signal.SIGTERM)
