@@ -200,20 +200,22 @@ class VerificationHandler:
     async def _publish_copies(
         self, outcome: VerificationOutcome | Failure, writer: EventWriter
     ) -> None:
-        """The review copies of a decided request, keyed by content hash; never raises.
+        """The review copies of a verified request (decided or failed by the model), by hash; never raises.
 
         A failure to make them is logged (request uuid and error type only) and skipped:
         a missing copy must not hold back the batch.
         """
-        if self._copier is None or isinstance(outcome, Failure) or outcome.decision is None:
+        if self._copier is None or isinstance(outcome, Failure):
             return
         request = outcome.input.request
+        # A model failure is reviewed too (failures queue): its copies carry the input's key.
+        key = outcome.decision.idempotency_key if outcome.decision else request.idempotency_key
         try:
             copies = await asyncio.to_thread(
                 self._copier.copies,
                 request,
                 outcome.images,
-                outcome.decision.idempotency_key,
+                key,
                 now_ms(),
             )
         except Exception as exc:

@@ -184,7 +184,10 @@ class ReviewStore:
             ORDER BY event_time DESC, original_offset DESC
             LIMIT {{limit:UInt32}} OFFSET {{offset:UInt32}}
         """  # noqa: S608 - fixed clauses; every value is a bound parameter
-        return _dicts(self._client, sql, params)
+        rows = _dicts(self._client, sql, params)
+        for row in rows:  # the review copies of what the model saw, when it got that far
+            row["images"] = self._images(str(row["request_uuid"])) if row["request_uuid"] else {}
+        return rows
 
     def decision(self, key: str) -> DecisionDetail | None:
         """One decision with its answers, attempts, review copies, retake chain and review."""

@@ -78,6 +78,28 @@ async def test_copies_follow_every_decision_of_the_batch_keyed_by_their_hash() -
     ]
 
 
+async def test_a_model_failure_gets_copies_too_keyed_by_its_input() -> None:
+    codecs, topics = Codecs(), Topics()
+    event = {**pickup_event(3), "pickupproductimage": [tiny_png_b64((0, 0, 200))]}
+    handler = VerificationHandler(
+        VerificationPipeline(ReplayEngine({}), images=None, tiling=None),  # no recording: fails
+        codecs,
+        topics,
+        16 * 1024 * 1024,
+        Metrics(),
+        copier=ReviewCopier(CopyLimits(), GatherLimits()),
+    )
+    message = RawMessage(
+        "pickup-completed", 0, 0, b"k", codecs.for_schema("pickup-completed").encode(event)
+    )
+    publisher = RecordingPublisher()
+    writer = EventWriter(publisher, codecs, topics)
+    await handler.handle([message], writer)
+    assert publisher.topics() == ["dead-letter", "review-image", "review-image"]
+    copy = codecs.for_schema("review-image").decode(publisher.sent[1][2])
+    assert copy["request_uuid"] == "req-00003" and copy["decision_key"]
+
+
 async def test_a_failing_copier_never_holds_back_the_decisions() -> None:
     publisher = await run_batch(BrokenCopier(CopyLimits(), GatherLimits()), events())
     assert publisher.topics().count("verification-decision") == 2

@@ -122,6 +122,8 @@ async def test_the_failures_queue_lists_dead_letters_with_their_raw_outputs(
     store = ReviewStore(ch)
     (failure,) = store.queue(QueueFilter(failures=True)).rows
     assert failure["request_uuid"] == "req-00004" and failure["error_name"] == "MODEL_FAILED"
+    assert [i["image_index"] for i in failure["images"]["pickup"]] == [0, 1]
+    assert store.image(failure["images"]["vendor"][0]["sha256"]) is not None
     assert store.queue(QueueFilter(failures=True, product="Broken answer")).rows == [failure]
     assert store.queue(QueueFilter(failures=True, product="no such product")).rows == []
     assert len(store.queue(QueueFilter()).rows) == 3  # decisions only
