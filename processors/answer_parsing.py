@@ -2,16 +2,16 @@
 
 A 1B vision-language model does not reliably emit clean JSON: it wraps the object in
 markdown fences or prose, uses single quotes, Python literals, trailing commas, or stops
-mid-object. `extract_json` tries, from strict to lenient (seed 000, section 13):
+mid-object. `extract_json` tries, from strict to lenient (docs/former-service.md):
 
 1. each fenced block (```json ... ```), then the text without fences, then the raw text;
    for each: `json.loads`, then `yaml.safe_load` (dict results only), then the outermost
    `{...}` through `json.loads` / `ast.literal_eval` / `yaml.safe_load`, then the same
    object repaired (single quotes, trailing commas, True/False/None, bare `85%`);
 2. finally a per-field regex for `image_analysis`, `verification_results` and
-   `pickup_confidence` (seed `extract_json_regex_fields`), for answers with broken glue.
+   `pickup_confidence` (as the former service did), for answers with broken glue.
 
-Deviation from the seed: `json.loads` runs before `yaml.safe_load`. For valid JSON both give
+Deviation from the former service: `json.loads` runs before `yaml.safe_load`. For valid JSON both give
 the same dict, but JSON's reading is exact (YAML 1.1 has other escapes and reads unquoted
 yes/no as booleans), so YAML only handles what JSON cannot.
 
@@ -244,7 +244,7 @@ def _segments(text: str) -> list[str]:
 
 
 def _object_slices(text: str) -> list[str]:
-    """The first balanced `{...}` and the first-`{`-to-last-`}` slice (seed style)."""
+    """The first balanced `{...}` and the first-`{`-to-last-`}` slice (the former service's way)."""
     first = text.find("{")
     if first < 0:
         return []
@@ -259,7 +259,7 @@ def _object_slices(text: str) -> list[str]:
 
 
 def extract_json_regex_fields(text: str) -> dict[str, Any] | None:
-    """The three answer fields found one by one (seed `extract_json_regex_fields`).
+    """The three answer fields found one by one (the former service's field regexes).
 
     Each key's value must be a complete `{...}`/`[...]` block that one of the parsers reads;
     fields that are missing or cut off are left out. None when no field was read.

@@ -1,4 +1,4 @@
-"""The decision rules: from a validated model answer to Pick / Not Pick (seed 000, section 17).
+"""The decision rules: from a validated model answer to Pick / Not Pick (docs/former-service.md).
 
 Recommendation to decision:
 
@@ -29,7 +29,7 @@ Question rules, in the request's order:
 - A request label with no match is a missed question: a boolean question gets the
   opposite of its ValueToCheck (in the same spelling), any other ""; Confidence 0 and
   isRetakeImage "true".
-- Force Pick (as the seed): when there is at least one question, every label matched and
+- Force Pick (as the former service): when there is at least one question, every label matched and
   every model Result equals its ValueToCheck, the decision is Pick (200) whatever the
   recommendation. Equality ignores case and repeated spaces; booleans compare by truth
   value ("yes" == "Yes" == true), numbers by value ("2" == "2.0").
@@ -88,7 +88,7 @@ def find_most_similar(
 ) -> tuple[int, float] | None:
     """(index, score) of the candidate most similar to `label`, or None below `threshold`.
 
-    The seed's `find_most_similar_string`, by index so duplicate labels stay distinct.
+    The former service's label matching, by index so duplicate labels stay distinct.
     """
     processed = default_process(label)
     for index, candidate in enumerate(candidates):

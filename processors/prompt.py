@@ -1,6 +1,6 @@
 """The verification prompt: question parsing, question typing and the prompt text.
 
-Ported from the HTTP service (seed 000, sections 13 and 14): `process_verification_data`,
+Ported from the former HTTP service (docs/former-service.md, "Prompt"): `process_verification_data`,
 `number_to_word`, `prompt_filter` / `contains_patterns`, `type_check` / `opposite_boolean` /
 `fix_bool`, the damage and usage special cases, `std_prompt`, `fix_verification_questions`
 and `generate_question_template`.
@@ -87,7 +87,7 @@ OUTPUT_FORMAT: Final = """{
   }
 }"""
 
-#: Appended on the retry after an unreadable first answer (seed 17: "confidence numeric,
+#: Appended on the retry after an unreadable first answer (as the former service's retry: "confidence numeric,
 #: JSON schema").
 STRICT_RETRY_SUFFIX: Final = """Your previous answer could not be read. This time:
 - Reply with the JSON object only, exactly in the format above, with every key present.
@@ -104,7 +104,7 @@ RETAKE_INSTRUCTION: Final = (
     "otherwise 'false'."
 )
 
-#: Result instruction per answer type (seed `std_prompt`), for ordinary questions.
+#: Result instruction per answer type (the former service's `std_prompt`), for ordinary questions.
 RESULT_TEMPLATES: Final[Mapping[str, str]] = {
     "boolean": (
         "Answer '{label}' by checking {focus}. Set Result to '{yes}' if the answer is yes, "
@@ -195,7 +195,7 @@ CATEGORY_TEXT: Final[Mapping[str, tuple[str, str]]] = {
     ),
 }
 
-#: Keywords per verification category (seed `prompt_filter`). Order matters: the first
+#: Keywords per verification category (the former service's `prompt_filter`). Order matters: the first
 #: category whose keywords occur in a label wins ("price tag" is price, not label).
 CATEGORY_KEYWORDS: Final[Mapping[str, tuple[str, ...]]] = {
     "category_verification": ("category", "product type", "type of product"),
@@ -257,7 +257,7 @@ NEGATIVE_VALUES: Final = frozenset(
 
 #: More questions than this make the prompt longer than the model answers well.
 MAX_QUESTIONS: Final = 50
-#: `number_to_word` covers 1-59, as in the seed.
+#: `number_to_word` covers 1-59, as in the former service.
 MAX_WORD_NUMBER: Final = 59
 
 QuestionKind = Literal["boolean", "numeric", "text", "category"]
@@ -353,7 +353,7 @@ def _invalid(message: str) -> ProcessingError:
 
 
 def _load_question_text(question: str) -> Any:
-    """json.loads, then single quotes to double, then a Python literal (seed order)."""
+    """json.loads, then single quotes to double, then a Python literal (the former service's order)."""
     # RecursionError: json and literal_eval both recurse on nesting like "[[[[...".
     try:
         return json.loads(question)
@@ -419,7 +419,7 @@ def number_to_word(n: int) -> str:
 
 
 def classify_question(label_or_text: str) -> str:
-    """The verification category of a label, by keyword (seed `contains_patterns`).
+    """The verification category of a label, by keyword (the former service's `contains_patterns`).
 
     Returns the first category of `CATEGORY_KEYWORDS` whose keyword occurs as a whole word,
     else `DEFAULT_CATEGORY`.
@@ -457,7 +457,7 @@ def boolean_truth(value: Any) -> bool | None:
 
 
 def value_kind(value: Any) -> Literal["boolean", "numeric", "text"]:
-    """Type of a bare value (seed `type_check`); "1"/"0" count as numbers, not booleans."""
+    """Type of a bare value (the former service's `type_check`); "1"/"0" count as numbers, not booleans."""
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, int | float):
@@ -608,7 +608,7 @@ def build_prompt(
     *,
     strict: bool = False,
 ) -> str:
-    """The full verification prompt (seed `generate_question_template`).
+    """The full verification prompt (the former service's `generate_question_template`).
 
     Holds exactly `vendor_count + pickup_count` `IMAGE_PLACEHOLDER`s, vendor images first, so
     it lines up with the tiles the engine receives. `strict=True` appends

@@ -1,7 +1,7 @@
 """Frozen records that flow between phases.
 
 Field names of the event-facing records follow the existing HTTP service's
-contract (seed 000, sections 10 and 17) where the refund service and the pickup
+contract (docs/former-service.md, request and response) where the refund service and the pickup
 app already depend on them; `to_event()` produces exactly the Avro record.
 
 Every output carries `idempotency_key`, computed once per input by `input_key()`,
@@ -281,7 +281,7 @@ class Analysis:
 
 @dataclass(frozen=True, slots=True)
 class VerificationDecision:
-    """The decision for one pickup (seed 000, section 17, "Response dict")."""
+    """The decision for one pickup (docs/former-service.md, "Response")."""
 
     shippingid: str
     uuid: str
@@ -369,7 +369,7 @@ class TopCategory:
 
 @dataclass(frozen=True, slots=True)
 class CategoryTag:
-    """The categorization of one listing (seed 002 response plus identity)."""
+    """The categorization of one listing (the former categorization response plus identity)."""
 
     product_id: str
     category: str

@@ -1,7 +1,7 @@
 """InternVL dynamic tiling: images to normalized 448 x 448 tiles.
 
 This reproduces the preprocessing of the InternVL2.5 model card, which the HTTP
-service this project replaces used unchanged (seed 000, section 11):
+service this project replaces used unchanged (docs/former-service.md, "Images"):
 
 - the image is resized to the grid of `image_size` tiles (between `min_num` and
   `max_num` tiles) whose aspect ratio is closest to the image's, then cut into tiles

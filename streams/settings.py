@@ -132,7 +132,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from `VS_*` variables (and the seed's `MODEL_PATH`).
+        """Build settings from `VS_*` variables (and the former service's `MODEL_PATH`).
 
         Raises `SettingsError` naming the variable when a value cannot be parsed.
         """

@@ -1,6 +1,6 @@
 """Categorize product listings from text and image with trained artifacts.
 
-The model is the one of the category API this replaces (seed 002): a sentence
+The model is the one of the category API this replaces (docs/former-service.md): a sentence
 embedding of "title description" and an image embedding, concatenated, standardized
 (`StandardScaler`) and classified (`LogisticRegression`), with a `LabelEncoder` for
 the names and a `TfidfVectorizer` whose top terms are the tags.
@@ -10,7 +10,7 @@ not decode) or without text. Instead of filling the missing half with zeros or m
 which the combined classifier never saw in training, the artifacts hold up to three
 heads, each a scaler and a classifier trained on its own features:
 
-- `combined` (text + image; files `scaler.joblib`, `classifier.joblib`, the seed's
+- `combined` (text + image; files `scaler.joblib`, `classifier.joblib`, the former service's
   names), used when both are usable;
 - `text` (`scaler_text.joblib`, `classifier_text.joblib`), when only text is;
 - `image` (`scaler_image.joblib`, `classifier_image.joblib`), when only the image is.
