@@ -5,7 +5,10 @@ The seed's per-request flow (seed 000, section 17) reshaped for batches:
 1. parse each request's questions (a bad one fails only that request);
 2. gather every image of the batch concurrently (`ImageSource`), then tile off the event
    loop; in replay mode (`images=None`) nothing is fetched and each image counts as one tile;
-3. build the prompts and make ONE `engine.generate` call for all first attempts;
+3. build the prompts and make ONE `engine.generate` call for all first attempts; each
+   request carries its own answer schema (`processors.answer_schema`), which an engine
+   that constrains its decoding keeps the answer inside (the InternVL static path), so
+   the retry below is for the engines that do not (replay, remote code, "generate");
 4. parse and validate every answer; make ONE more call, with the stricter prompt
    (`strict=True`, attempt 2), for every request whose first answer was unreadable;
 5. decide the valid ones (`processors.decision.decide`).
@@ -27,15 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from processors.answer_parsing import parse_answer
+from processors.answer_schema import AnswerSchema, answer_schema
 from processors.decision import decide, unknown_recommendation
 from processors.errors import ErrorCode, Failure, ProcessingError, failure_from_exception
 from processors.inference import InferenceEngine, PreparedRequest, ReplayEngine
@@ -66,6 +72,35 @@ class ImageSource(Protocol):
     ) -> list[GatheredImages | Failure]:
         """One result per request, same order; a failing request yields a `Failure`."""
         ...
+
+
+@runtime_checkable
+class SubmittingEngine(Protocol):
+    """An engine that takes one request at a time (`processors.slot_engine.SlotEngine`).
+
+    `submit` returns a future of an object with the answer's `text`; with `timeout=0` it
+    raises `queue.Full` at once while the engine's queue is full. `has_room` says whether
+    a submission would be taken now (the agent stops fetching while it is False).
+    """
+
+    @property
+    def model_version(self) -> str: ...
+
+    def submit(self, request: PreparedRequest, *, timeout: float | None = None) -> Future[Any]: ...
+
+    def has_room(self) -> bool: ...
+
+
+SUBMIT_RETRY_S = 0.01  # how often a submission refused by a full queue is tried again
+
+
+async def submit_when_room(engine: SubmittingEngine, request: PreparedRequest) -> Future[Any]:
+    """Submit without blocking the event loop: while the queue is full, wait and try again."""
+    while True:
+        try:
+            return engine.submit(request, timeout=0)
+        except queue.Full:
+            await asyncio.sleep(SUBMIT_RETRY_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +152,7 @@ class _Item:
     attempts: list[VerificationAttempt] = field(default_factory=list)
     raw_outputs: list[str] = field(default_factory=list)
     gathered: GatheredImages | None = None
+    schema: AnswerSchema | None = None
 
     @property
     def request(self) -> PickupRequest:
@@ -273,12 +309,15 @@ class VerificationPipeline:
             except ProcessingError as exc:
                 item.failure = exc.to_failure("prompt")
                 continue
+            if item.schema is None:
+                item.schema = answer_schema(item.questions)
             prepared = PreparedRequest(
                 request_id=item.request.uuid,
                 attempt=attempt,
                 prompt=prompt,
                 num_patches=item.num_patches,
                 pixel_values=item.pixel_values,
+                answer_schema=item.schema,
             )
             ready.append((item, prepared))
         if not ready:
@@ -328,6 +367,8 @@ class VerificationPipeline:
         The time of a failed batch call is shared among its requests too, so
         `processing_time_ai` counts every second the GPU spent on a request.
         """
+        if isinstance(self._engine, SubmittingEngine):
+            return list(await asyncio.gather(*(self._submit(p) for p in batch)))
         started = self._timer()
         try:
             texts = await asyncio.to_thread(self._engine.generate, batch)
@@ -350,6 +391,20 @@ class VerificationPipeline:
         elapsed_s = self._timer() - started
         share = elapsed_s / len(batch)
         return [_CallResult(str(text), elapsed_s * 1000.0, len(batch), share) for text in texts]
+
+    async def _submit(self, prepared: PreparedRequest) -> _CallResult:
+        """One submission to a `SubmittingEngine`; its time runs from submit to answer."""
+        engine = self._engine
+        assert isinstance(engine, SubmittingEngine)
+        started = self._timer()
+        output: str | Failure
+        try:
+            completion = await asyncio.wrap_future(await submit_when_room(engine, prepared))
+            output = str(completion.text)
+        except Exception as exc:
+            output = _model_failure(exc)
+        elapsed_s = self._timer() - started
+        return _CallResult(output, elapsed_s * 1000.0, 1, elapsed_s)
 
     # ------------------------------------------------------------------------------ decide
 

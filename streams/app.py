@@ -9,6 +9,9 @@ Agents are thin: take a micro-batch bounded by size and time without auto-acks
 (`noack_take`; faust's `take()` acknowledges a batch even when the agent raises),
 hand it to a handler, wait until the broker acknowledged every output, then
 acknowledge the inputs. A worker killed mid-batch therefore re-reads the batch.
+With the slot engine (`VS_ENGINE_MODE=slot`) the pickup agent takes what has arrived
+the same way but hands each input to `streams.streaming.StreamingVerifier`, which
+publishes and acknowledges each one when its own answer is done, in offset order.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ def kafka_timestamp_ms(seconds: float | None) -> int | None:
 
 
 BATCH_RETRY_MAX_S = 30.0
+# Slot mode: how long the agent waits for more arrivals before handing on what it has.
+SLOT_TAKE_WAIT_S = 0.02
 
 
 async def process_batch(
@@ -255,6 +260,11 @@ def _register_inference(
     async def verify_pickups(stream: faust.StreamT) -> None:
         await runtime.verification_ready.wait()
         assert runtime.verification is not None
+        streaming = runtime.streaming_verifier(functools.partial(runtime.new_writer, publisher))
+        if streaming is not None:
+            async for events in micro_batches(stream, settings.batch_size, SLOT_TAKE_WAIT_S):
+                await streaming.dispatch(events, to_raw(events))
+            return
         async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
             writer = functools.partial(runtime.new_writer, publisher)
             await process_batch(runtime.verification, events, writer, metrics)

@@ -4,6 +4,10 @@
 loop); the verification agent waits for `verification_ready` (set once the engine is
 loaded, before the categorizer), the categorization agent for `ready`. A model that cannot
 load stops the worker at start with the reason, never per event.
+
+With `VS_ENGINE_MODE=slot` a native InternVL engine is wrapped in the slot engine
+(`processors.slot_engine.SlotEngine`, continuous batching) and the pickup agent runs on a
+`streams.streaming.StreamingVerifier`; the replay and remote-code engines stay static.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +24,13 @@ from processors.gathering import ImageGatherer
 from processors.inference import InferenceEngine, ReplayEngine
 from processors.records import CategoryTag, ProductListing, SourcePosition
 from processors.review.images import ReviewCopier
-from processors.verification import VerificationPipeline
+from processors.verification import SubmittingEngine, VerificationPipeline
 from streams.codecs import Codecs, now_ms
 from streams.handlers import CategorizationHandler, RawMessage, VerificationHandler
 from streams.metrics import Metrics
 from streams.publishing import EventWriter, Publisher
 from streams.settings import Settings
+from streams.streaming import StreamingVerifier
 
 if TYPE_CHECKING:
     from processors.internvl import EngineConfig
@@ -66,6 +71,35 @@ NO_ENGINE_MESSAGE = (
     "no verification engine chosen: set VS_MODEL_PATH to a local InternVL checkpoint, or "
     "VS_ENGINE=replay to replay recorded model outputs (VS_REPLAY_OUTPUTS)"
 )
+
+
+def slot_engine(settings: Settings, engine: InferenceEngine) -> InferenceEngine:
+    """`engine` wrapped in the slot engine when `VS_ENGINE_MODE=slot` asks for it (unloaded).
+
+    An engine that already takes submissions is kept; only the native InternVL engine can
+    be wrapped, so the replay and remote-code engines stay static (logged).
+    """
+    if settings.engine_mode != "slot" or isinstance(engine, SubmittingEngine):
+        return engine
+    from processors.internvl import NativeInternVLEngine
+
+    if not isinstance(engine, NativeInternVLEngine):
+        log.warning(
+            "VS_ENGINE_MODE=slot needs the native InternVL engine; %s runs static batches",
+            type(engine).__name__,
+        )
+        return engine
+    from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+    return SlotEngine(
+        engine,
+        SlotEngineConfig(
+            slots=settings.slot_count,
+            context_length=settings.slot_context_length,
+            prefill_tokens_per_step=settings.slot_prefill_tokens,
+            queue_size=settings.slot_queue_size,
+        ),
+    )
 
 
 def build_engine(settings: Settings) -> InferenceEngine:
@@ -147,6 +181,7 @@ class InferenceRuntime:
         self.verification_ready = asyncio.Event()
         self.failed: BaseException | None = None
         self._cache_seen = (0, 0)
+        self.streaming: StreamingVerifier | None = None
 
     async def start(self) -> None:
         try:
@@ -159,7 +194,7 @@ class InferenceRuntime:
     async def _start(self) -> None:
         settings = self.settings
         await self.gatherer.start()
-        engine = self._engine or build_engine(settings)
+        engine = slot_engine(settings, self._engine or build_engine(settings))
         self._engine = engine
         await asyncio.to_thread(engine.load)
         self.model_versions["verification"] = engine.model_version
@@ -206,7 +241,8 @@ class InferenceRuntime:
 
     def sync_engine_metrics(self) -> None:
         """Forward the engine's vendor-image feature-cache counters to the metrics."""
-        cache = getattr(self._engine, "feature_cache", None)
+        engine = getattr(self._engine, "engine", self._engine)  # the slot engine wraps one
+        cache = getattr(engine, "feature_cache", None)
         if cache is None:
             return
         hits, misses = int(cache.hits), int(cache.misses)
@@ -220,8 +256,34 @@ class InferenceRuntime:
     def new_writer(self, publisher: Publisher) -> EventWriter:
         return EventWriter(publisher, self.codecs, self.settings.topics)
 
+    def streaming_verifier(self, new_writer: Callable[[], EventWriter]) -> StreamingVerifier | None:
+        """The slot-mode pickup agent's verifier, or None when verification runs static.
+
+        At most the engine's slots plus its queue are in flight (gathering, decoding or
+        publishing).
+        """
+        engine = self._engine
+        if self.verification is None or not isinstance(engine, SubmittingEngine):
+            return None
+        slots = int(getattr(getattr(engine, "scheduler", None), "slots", 0) or 0)
+        self.streaming = StreamingVerifier(
+            self.verification,
+            new_writer,
+            self.metrics,
+            has_room=engine.has_room,
+            max_in_flight=slots + self.settings.slot_queue_size,
+            on_done=self.sync_engine_metrics,
+        )
+        return self.streaming
+
     async def stop(self) -> None:
+        """Drain the slot-mode inputs in flight (half the shutdown budget), then close."""
+        if self.streaming is not None:
+            await self.streaming.drain(self.settings.shutdown_timeout_s / 2)
         await self.gatherer.close()
+        close = getattr(self._engine, "close", None)
+        if self.streaming is not None and callable(close):
+            await asyncio.to_thread(close)
 
 
 async def _retry_while(error: type[BaseException], call: Any, what: str, mark: Any = None) -> Any:
@@ -272,7 +334,6 @@ class SinkRuntime:
         self.codecs = Codecs(settings.schema_registry_url)
         self._sink = sink
         self._reachable = False
-        self._accepting = True
         self._accepting = True
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None

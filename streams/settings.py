@@ -69,6 +69,11 @@ class Settings:
     max_new_tokens: int = 2000
     model_max_batch: int = 32
     model_compile: bool = False
+    engine_mode: str = "static"  # "static" micro-batches or "slot" (continuous batching)
+    slot_count: int = 0  # 0: sized from free GPU memory (16 on CPU)
+    slot_prefill_tokens: int = 8192
+    slot_context_length: int = 0  # 0: 4096 + max_new_tokens, rounded up to 128
+    slot_queue_size: int = 256
     categorizer_artifacts: Path | None = None
     image_encoder: str = "efficientnet-lite0"
     image_input_size: int = 224
@@ -118,6 +123,7 @@ class Settings:
             "schema_registry_url": redact_passwords(self.schema_registry_url or ""),
             "clickhouse_dsn": redact_passwords(self.effective_clickhouse_dsn),
             "engine": self.engine or ("internvl" if self.model_path else None),
+            "engine_mode": self.engine_mode,
             "model_path": str(self.model_path) if self.model_path else None,
             "replay_outputs": str(self.replay_outputs) if self.replay_outputs else None,
             "categorizer_artifacts": str(self.categorizer_artifacts or ""),
@@ -159,6 +165,9 @@ class Settings:
         engine = reader.text("VS_ENGINE", "").lower()
         if engine not in {"", "internvl", "replay"}:
             raise SettingsError(f"VS_ENGINE must be 'internvl' or 'replay', got {engine!r}")
+        engine_mode = reader.text("VS_ENGINE_MODE", default.engine_mode).lower()
+        if engine_mode not in {"static", "slot"}:
+            raise SettingsError(f"VS_ENGINE_MODE must be 'static' or 'slot', got {engine_mode!r}")
         web_port = reader.integer("VS_WEB_PORT", 6067 if role == "sink" else default.web_port)
         instance = reader.text("VS_GROUP_INSTANCE_ID", "")
         if instance.lower() == "off":
@@ -197,6 +206,15 @@ class Settings:
             max_new_tokens=reader.integer("VS_MAX_NEW_TOKENS", default.max_new_tokens),
             model_max_batch=reader.integer("VS_MODEL_MAX_BATCH", default.model_max_batch),
             model_compile=reader.flag("VS_MODEL_COMPILE", default.model_compile),
+            engine_mode=engine_mode,
+            slot_count=reader.integer("VS_SLOT_COUNT", default.slot_count),
+            slot_prefill_tokens=max(
+                1, reader.integer("VS_SLOT_PREFILL_TOKENS", default.slot_prefill_tokens)
+            ),
+            slot_context_length=reader.integer(
+                "VS_SLOT_CONTEXT_LENGTH", default.slot_context_length
+            ),
+            slot_queue_size=max(1, reader.integer("VS_SLOT_QUEUE_SIZE", default.slot_queue_size)),
             categorizer_artifacts=Path(env["VS_CATEGORIZER_ARTIFACTS"])
             if env.get("VS_CATEGORIZER_ARTIFACTS")
             else state_dir / "categorizer",
