@@ -21,9 +21,12 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from processors.errors import ErrorCode, ProcessingError
+
+if TYPE_CHECKING:
+    from processors.answer_schema import AnswerSchema
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -33,7 +36,9 @@ class PreparedRequest:
     """What the model needs for one request and attempt.
 
     `pixel_values` is a float tensor of shape (sum(num_patches), 3, 448, 448), or
-    None for engines that do not look at images (replay).
+    None for engines that do not look at images (replay). `answer_schema`, the request's
+    own answer schema, lets an engine that can constrain its decoding keep the answer
+    inside it (`processors.constrained`); other engines ignore it.
     """
 
     request_id: str
@@ -41,6 +46,7 @@ class PreparedRequest:
     prompt: str
     num_patches: tuple[int, ...]
     pixel_values: Any = None
+    answer_schema: AnswerSchema | None = None
 
 
 @runtime_checkable
