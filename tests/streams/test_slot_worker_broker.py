@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,53 @@ def test_tiny_internvl_on_the_slot_engine_resubmits_invalid_answers(
     }
     # Each attempt was its own submission, not a batch call.
     assert all(a["batch_size"] == 1 for a in attempts)
+
+
+@pytest.mark.slow
+def test_sigterm_with_slow_inputs_in_flight_exits_in_time_and_loses_nothing(
+    kafka_bootstrap: str, unique: str, tmp_path: Path, categorizer_artifacts: Path
+) -> None:
+    count = 200
+    env = worker_env(
+        kafka_bootstrap,
+        unique,
+        tmp_path,
+        categorizer_artifacts,
+        VS_ENGINE_MODE="slot",
+        VS_SLOT_QUEUE_SIZE="16",
+        VS_BATCH_SIZE="8",
+        VS_SHUTDOWN_TIMEOUT_S="12",
+    )
+    topics = {k: v for k, v in env.items() if k.startswith("VS_TOPIC_")}
+    ensure_topics(kafka_bootstrap, topics.values(), 4)
+    events = [pickup_event(n) for n in range(count)]
+    record_outputs(
+        tmp_path / "outputs.jsonl", [e["uuid"] for e in events], [valid_answer()] * count
+    )
+    codec = Codecs().for_schema("pickup-completed")
+    positions = produce(
+        kafka_bootstrap,
+        topics["VS_TOPIC_PICKUP_COMPLETED"],
+        [(e["shippingid"].encode(), codec.encode(e)) for e in events],
+    )
+    decisions_topic = topics["VS_TOPIC_VERIFICATION_DECISION"]
+    wanted = {decisions_topic: "verification-decision"}
+    first = WorkerProcess(env, tmp_path / "worker-1.log", module="tests.support.slot_worker")
+    collect(kafka_bootstrap, wanted, lambda r: len(r[decisions_topic]) >= 60, 120)
+    started = time.monotonic()
+    code = first.stop(timeout=30)
+    stopped_s = time.monotonic() - started
+    print(f"exit code {code} after {stopped_s:.1f} s")
+    assert stopped_s < 12 + 5, first.log_tail()
+    second = WorkerProcess(env, tmp_path / "worker-2.log", module="tests.support.slot_worker")
+    try:
+        records = collect(
+            kafka_bootstrap,
+            wanted,
+            lambda r: {source_of(wanted[t], x) for t in wanted for x in r[t]} >= set(positions),
+            timeout=180,
+        )
+    finally:
+        second.stop()
+    seen = {source_of("verification-decision", x) for x in records[decisions_topic]}
+    assert seen >= set(positions), f"{len(set(positions) - seen)} inputs lost"
