@@ -9,8 +9,11 @@ The seed's per-request flow (seed 000, section 17) reshaped for batches:
    request carries its own answer schema (`processors.answer_schema`), which an engine
    that constrains its decoding keeps the answer inside (the InternVL static path), so
    the retry below is for the engines that do not (replay, remote code, "generate");
+   with a `SubmittingEngine` (the slot engine) each request is submitted on its own
+   instead, and none waits for the others;
 4. parse and validate every answer; make ONE more call, with the stricter prompt
-   (`strict=True`, attempt 2), for every request whose first answer was unreadable;
+   (`strict=True`, attempt 2), for every request whose first answer was unreadable (with
+   a `SubmittingEngine`, a new submission of that request);
 5. decide the valid ones (`processors.decision.decide`).
 
 Failures are data: every input yields exactly one `VerificationOutcome`, in input order,
