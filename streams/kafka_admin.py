@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -78,11 +78,37 @@ def group_lag(
         consumer.close()
 
 
+#: Errors of a cluster in motion (a new topic's leader being elected, a broker briefly away).
+_PASSING_ERRORS = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+
+
+def _passing(exc: KafkaException) -> bool:
+    error = exc.args[0] if exc.args else None
+    return isinstance(error, KafkaError) and (error.retriable() or error.code() in _PASSING_ERRORS)
+
+
 def wait_for_lag_zero(bootstrap: str, group: str, topics: Iterable[str], timeout: float) -> bool:
+    """Whether `group` reaches zero lag on `topics` within `timeout` seconds.
+
+    A retriable broker error (a leader moving while topics are new, say) counts as "not
+    yet" and is asked again; any other Kafka error propagates.
+    """
     topics = list(topics)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if sum(group_lag(bootstrap, group, topics).values()) == 0:
-            return True
+        try:
+            if sum(group_lag(bootstrap, group, topics).values()) == 0:
+                return True
+        except KafkaException as exc:
+            if not _passing(exc):
+                raise
         time.sleep(0.5)
     return False

@@ -68,7 +68,9 @@ def test_an_input_200_bytes_under_the_limit_gets_a_dead_letter_that_fits(
         stop_s = time.monotonic() - stopping
     finally:
         worker.stop()
-    assert code == 0 and stop_s < 10, f"SIGTERM took {stop_s:.1f}s, code {code}"
+    # The old code hung until the 30 s shutdown timeout; a clean stop on a loaded 2-core CI
+    # machine takes a few seconds to about 13.
+    assert code == 0 and stop_s < 20, f"SIGTERM took {stop_s:.1f}s, code {code}"
 
     [letter] = records[topics["VS_TOPIC_DEAD_LETTER"]]
     assert source_of("dead-letter", letter) == big_position
