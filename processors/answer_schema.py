@@ -52,9 +52,11 @@ ANALYSIS_KEYS: Final = ("pickup_images", "vendor_image", "comparison")
 FACTOR_KEYS: Final = ("image_quality", "attribute_visibility", "matching_confidence")
 #: The fields copied from the request, in the prompt's order.
 COPIED_KEYS: Final = ("Type", "Label", "IsMandatory", "ValueToCheck")
-#: A numeric Result: digits, an optional sign and decimals (what `decision._number` reads).
-NUMERIC_PATTERN: Final = r"^-?[0-9]{1,9}(\.[0-9]{1,4})?$"
-NUMERIC_MAX_CHARS: Final = 15
+#: A numeric Result: up to 6 digits, an optional sign and up to 2 decimals (what
+#: `decision._number` reads). Spelled without counted repetition: xgrammar 0.2.9 does not
+#: keep the upper bound of `{1,9}` (tests/processors/test_constrained.py caught 12 digits).
+NUMERIC_PATTERN: Final = r"^-?[0-9][0-9]?[0-9]?[0-9]?[0-9]?[0-9]?(\.[0-9][0-9]?)?$"
+NUMERIC_MAX_CHARS: Final = 10
 #: Bytes of one free character, at most: a surrogate-pair escape ("\\ud83c\\udfa8").
 MAX_CHAR_BYTES: Final = 12
 #: Bytes the layout adds around the fixed parts (indentation, newlines), per value, at most.

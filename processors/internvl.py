@@ -64,6 +64,7 @@ from processors.chat_templates import (
     ChatTemplate,
     resolve_chat_template,
 )
+from processors.constrained import ConstrainedRows, GrammarCache
 from processors.decode_attention import SplitKeyAttention
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import IMAGE_PLACEHOLDER, InferenceEngine, PreparedRequest
@@ -162,6 +163,11 @@ class EngineConfig:
             "sdpa" is one masked `scaled_dot_product_attention` over the whole cache;
             "auto" is "split" on CUDA when Triton is installed, else "sdpa".
         attention_splits: programs per (row, key/value head) of the "split" attention.
+        constrained_decoding: the static path decodes each request that carries an
+            `answer_schema` inside that schema's grammar (`processors.constrained`), so its
+            answer always parses and validates; requests without one decode freely. The
+            "generate" path and the remote-code engine never constrain.
+        grammar_threads: CPU threads that fill the next-token bitmasks of a batch.
 
     Raises `ValueError` on construction when a value is out of its domain.
     """
@@ -187,6 +193,8 @@ class EngineConfig:
     compile_prefill: bool = False
     decode_attention: DecodeAttentionName = "auto"
     attention_splits: int = 1
+    constrained_decoding: bool = True
+    grammar_threads: int = 4
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -207,6 +215,7 @@ class EngineConfig:
             "vision_batch_tiles",
             "cache_length_bucket",
             "attention_splits",
+            "grammar_threads",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -672,6 +681,8 @@ class _DecodeSession:
     out: Any  # (batch, max_new_tokens) generated ids
     graph: Any = None
     prompt_length: int = 0  # padded prompt length of the rows now in the buffers
+    forward_graph: Any = None  # constrained decoding: the step up to the logits only
+    logits: Any = None  # the forward graph's output (batch, vocab)
 
 
 class StaticGreedyDecoder:
@@ -833,6 +844,7 @@ class StaticGreedyDecoder:
         lengths: Any,
         image_features: Any,
         image_tokens: int | None = None,
+        constraint: ConstrainedRows | None = None,
     ) -> Any:
         """Prefill rows [first_row, first_row + len(input_ids)) of `session`.
 
@@ -842,6 +854,8 @@ class StaticGreedyDecoder:
         token of each row (greedy, `<|im_end|>` suppressed while min_new_tokens is not
         reached). `image_tokens`, the count of image tokens in `input_ids` when the caller
         knows it (from host memory), spares a device synchronisation to count them.
+        `constraint` (its bitmask filled for these rows) masks the first token instead of
+        the `<|im_end|>` suppression.
         """
         import torch
 
@@ -877,7 +891,9 @@ class StaticGreedyDecoder:
         last = hidden[torch.arange(batch, device=lengths.device), lengths - 1]
         last = language_model.norm(last)
         logits = self.lm_head(last[:, None, :])[:, -1, :].float()
-        if self.min_new_tokens > 0:
+        if constraint is not None:
+            constraint.apply(logits, rows)
+        elif self.min_new_tokens > 0:
             logits[:, self.eos_id] = -float("inf")
         return logits.argmax(-1)
 
@@ -960,6 +976,80 @@ class StaticGreedyDecoder:
         rows: list[list[int]] = session.out[:, :produced].tolist()
         return rows
 
+    def decode_constrained(
+        self,
+        session: _DecodeSession,
+        first_tokens: Any,
+        constraint: ConstrainedRows,
+        while_running: Callable[[], None] | None = None,
+    ) -> list[list[int]]:
+        """Greedy tokens of every row, each constrained row inside its grammar.
+
+        Per step: the forward pass is queued (one CUDA graph up to the logits), the
+        bitmasks are filled on CPU threads meanwhile, then applied on the device before
+        the argmax; the chosen ids come back to the host (the one synchronisation of the
+        step, which the matchers need) and advance the matchers. Stops once every row has
+        ended (`<|im_end|>`) or at `max_new_tokens`. `min_new_tokens` is not applied: a
+        complete answer may only end. `while_running` is called after the first step
+        is queued.
+        """
+        import torch
+
+        session.tokens.copy_(first_tokens)
+        session.out[:, 0] = first_tokens
+        session.step.fill_(1)
+        session.column.fill_(session.prompt_length)
+        host: list[int] = first_tokens.tolist()
+        constraint.advance(host)
+        ended = [token == self.eos_id for token in host]
+        produced = 1
+        on_cuda = self.device.type == "cuda"
+        chosen_host = torch.empty(session.batch, dtype=torch.long, pin_memory=on_cuda)
+        if on_cuda and self.cuda_graphs and session.forward_graph is None:
+            self._capture_forward(session)
+        pending = while_running
+        while produced < self.max_new_tokens and not all(ended):
+            if session.forward_graph is not None:
+                session.forward_graph.replay()
+                logits = session.logits
+            else:
+                logits = self._forward(session)
+            if pending is not None:
+                pending()
+                pending = None
+            constraint.fill()  # on CPU threads, while the GPU runs the forward pass
+            constraint.apply(logits)
+            chosen = logits.argmax(-1)
+            self._commit(session, chosen)
+            chosen_host.copy_(chosen, non_blocking=on_cuda)
+            if on_cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            host = chosen_host.tolist()
+            constraint.advance(host)
+            ended = [done or token == self.eos_id for done, token in zip(ended, host, strict=True)]
+            produced += 1
+        if pending is not None:
+            pending()
+        rows: list[list[int]] = session.out[:, :produced].tolist()
+        return rows
+
+    def _capture_forward(self, session: _DecodeSession) -> None:
+        """Capture the step up to the logits as a CUDA graph (`session.logits` its output).
+
+        The warm-up runs advance no counter, so the session's state is left as it was."""
+        import torch
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(session)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            session.logits = self._forward(session)
+        session.forward_graph = graph
+
     def _all_ended(self, session: _DecodeSession, produced: int) -> bool:
         if produced < self.min_new_tokens:
             return False
@@ -967,6 +1057,21 @@ class StaticGreedyDecoder:
 
     def _step(self, session: _DecodeSession) -> None:
         """One greedy step for every row, on static buffers only (graph-capturable)."""
+        logits = self._forward(session)
+        if self.min_new_tokens > 0:
+            suppress = session.step < self.min_new_tokens
+            logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
+        self._commit(session, logits.argmax(-1))
+
+    def _commit(self, session: _DecodeSession, chosen: Any) -> None:
+        """Record the chosen tokens and move every row one column on."""
+        session.out.index_copy_(1, session.step.view(1), chosen[:, None])
+        session.tokens.copy_(chosen)
+        session.column.add_(1)
+        session.step.add_(1)
+
+    def _forward(self, session: _DecodeSession) -> Any:
+        """The logits (batch, vocab, float32) of the next token of every row."""
         import torch
 
         # Sizes from tensor shapes (not the session's ints): a compiled layer with dynamic
@@ -998,15 +1103,7 @@ class StaticGreedyDecoder:
                 mask,
             )
         hidden = language_model.norm(hidden)
-        logits = self.lm_head(hidden)[:, -1, :].float()
-        if self.min_new_tokens > 0:
-            suppress = session.step < self.min_new_tokens
-            logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
-        chosen = logits.argmax(-1)
-        session.out.index_copy_(1, session.step.view(1), chosen[:, None])
-        session.tokens.copy_(chosen)
-        session.column.add_(1)
-        session.step.add_(1)
+        return self.lm_head(hidden)[:, -1, :].float()
 
     def _decode_layer(
         self,
@@ -1380,6 +1477,7 @@ class NativeInternVLEngine(_InternVLEngineBase):
         self._pinned: Any = None
         self._vision_stream: Any = None
         self._hash_pool: ThreadPoolExecutor | None = None
+        self._grammars: GrammarCache | None = None
 
     def _load_model(self, raw_config: Mapping[str, Any], tokenizer: Any) -> Any:
         from transformers import InternVLForConditionalGeneration
@@ -1546,7 +1644,8 @@ class NativeInternVLEngine(_InternVLEngineBase):
             vision_done = time.perf_counter()
             self.timings["vision"] += vision_done - started
             rows = [encoded[i] for i in chunk]
-            session, first = wrapped(self._prefill, rows, features)
+            constraint = self._constraint(requests_of(number))
+            session, first = wrapped(self._prefill, rows, features, constraint)
             self._sync()
             prefill_done = time.perf_counter()
             self.timings["prefill"] += prefill_done - vision_done
@@ -1557,7 +1656,12 @@ class NativeInternVLEngine(_InternVLEngineBase):
                 queue_next = functools.partial(_append_call, upcoming, start_vision, number + 1)
             vision_before = self.timings["vision"]
             decode_started = time.perf_counter()
-            tokens = wrapped(self._decoder.decode, session, first, queue_next)
+            if constraint is not None:
+                tokens = wrapped(
+                    self._decoder.decode_constrained, session, first, constraint, queue_next
+                )
+            else:
+                tokens = wrapped(self._decoder.decode, session, first, queue_next)
             # The next batch's host-side vision work ran inside; it is counted as vision.
             spent = time.perf_counter() - decode_started
             spent -= self.timings["vision"] - vision_before
@@ -1585,11 +1689,39 @@ class NativeInternVLEngine(_InternVLEngineBase):
             ready.record(stream)
         return features, ready
 
-    def _prefill(self, encoded: list[list[int]], features: list[list[Any]]) -> tuple[Any, Any]:
-        """Prefill every row of a chunk (sub-batches); returns (session, first tokens)."""
+    @property
+    def grammars(self) -> GrammarCache | None:
+        """The compiled answer grammars (None until a constrained request was decoded)."""
+        return self._grammars
+
+    def _constraint(self, requests: list[PreparedRequest]) -> ConstrainedRows | None:
+        """Matchers for a chunk's requests that carry an answer schema (None: all free)."""
+        schemas = [r.answer_schema for r in requests]
+        if not self.config.constrained_decoding or all(s is None for s in schemas):
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCache(
+                self._tokenizer,
+                vocab_size=int(self._model.lm_head.out_features),
+                stop_id=self._im_end_id,
+                threads=self.config.grammar_threads,
+            )
+        return ConstrainedRows(self._grammars, schemas)
+
+    def _prefill(
+        self,
+        encoded: list[list[int]],
+        features: list[list[Any]],
+        constraint: ConstrainedRows | None = None,
+    ) -> tuple[Any, Any]:
+        """Prefill every row of a chunk (sub-batches); returns (session, first tokens).
+
+        With `constraint`, each row's first token is drawn inside its grammar."""
         import torch
 
         assert self._decoder is not None
+        if constraint is not None:
+            constraint.fill()
         longest = max(len(ids) for ids in encoded)
         session = self._decoder.session(len(encoded), longest)
         first_tokens = []
@@ -1611,6 +1743,7 @@ class NativeInternVLEngine(_InternVLEngineBase):
                     lengths.to(self.device, non_blocking=True),
                     image_features,
                     image_tokens=int((input_ids == self._decoder.image_token_id).sum()),
+                    constraint=constraint,
                 )
             )
         return session, torch.cat(first_tokens)

@@ -69,6 +69,7 @@ class Settings:
     max_new_tokens: int = 2000
     model_max_batch: int = 32
     model_compile: bool = False
+    constrained_decoding: bool = True  # VS_CONSTRAINED_DECODING=0: free decoding + retry
     engine_mode: str = "static"  # "static" micro-batches or "slot" (continuous batching)
     slot_count: int = 0  # 0: sized from free GPU memory (16 on CPU)
     slot_prefill_tokens: int = 8192
@@ -206,6 +207,9 @@ class Settings:
             max_new_tokens=reader.integer("VS_MAX_NEW_TOKENS", default.max_new_tokens),
             model_max_batch=reader.integer("VS_MODEL_MAX_BATCH", default.model_max_batch),
             model_compile=reader.flag("VS_MODEL_COMPILE", default.model_compile),
+            constrained_decoding=reader.flag(
+                "VS_CONSTRAINED_DECODING", default.constrained_decoding
+            ),
             engine_mode=engine_mode,
             slot_count=reader.integer("VS_SLOT_COUNT", default.slot_count),
             slot_prefill_tokens=max(

@@ -107,7 +107,7 @@ class _Generator:
             return "".join(self.random.choice(self.ALPHABET) for _ in range(length))
         sign = self.random.choice(("", "-"))
         decimals = self.random.choice(("", ".5", ".25"))
-        return f"{sign}{self.random.randint(0, 10**9 - 1)}{decimals}"
+        return f"{sign}{self.random.randint(0, 10**6 - 1)}{decimals}"
 
 
 @pytest.mark.parametrize("name", list(QUESTION_SETS))
@@ -176,6 +176,8 @@ def test_copied_fields_are_the_prompt_text_and_results_follow_the_type() -> None
         lambda a: a["verification_results"][0].update(Label="brand logo matches"),
         lambda a: a["verification_results"][0].update(Result="maybe"),
         lambda a: a["verification_results"][1].update(Result="two"),
+        lambda a: a["verification_results"][1].update(Result="1234567"),
+        lambda a: a["verification_results"][1].update(Result="1.234"),
         lambda a: a["verification_results"][2].update(Evidence="x" * 201),
         lambda a: a["verification_results"][2].update(Confidence=101),
         lambda a: a["verification_results"][2].update(Confidence="85"),

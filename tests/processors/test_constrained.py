@@ -1,0 +1,124 @@
+"""Constrained decoding on the tiny random InternVL (CPU): every answer is valid at once,
+and constrained greedy is greedy over the grammar's tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from jsonschema import Draft202012Validator
+
+from processors.answer_parsing import parse_answer
+from processors.answer_schema import FieldLimits, answer_schema
+from processors.decision import unknown_recommendation
+from processors.inference import PreparedRequest
+from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
+from processors.prompt import build_prompt, parse_questions
+from tests.processors.test_answer_schema import QUESTION_SETS
+from tests.support.tiny_internvl import build_tiny_internvl
+
+MAX_NEW = 2500
+#: Short free strings keep the random model's answers (which fill every string to its
+#: bound) a few hundred steps long on CPU.
+LIMITS = FieldLimits(analysis=12, evidence=12, text_result=8)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> NativeInternVLEngine:
+    path = build_tiny_internvl(tmp_path_factory.mktemp("constrained") / "native")
+    loaded = load_engine(EngineConfig(path, max_new_tokens=MAX_NEW, grammar_threads=2))
+    assert isinstance(loaded, NativeInternVLEngine)
+    return loaded
+
+
+def _request(name: str, questions: list[dict[str, Any]], seed: int) -> PreparedRequest:
+    parsed = parse_questions(json.dumps(questions, ensure_ascii=False))
+    pixels = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(seed))
+    prompt = build_prompt("Running shoe «Größe 43»", parsed, 1, 1)
+    return PreparedRequest(
+        name, 1, prompt, (1, 1), pixels, answer_schema=answer_schema(parsed, LIMITS)
+    )
+
+
+def _sets() -> dict[str, list[dict[str, Any]]]:
+    sets = dict(QUESTION_SETS)
+    sets["many questions"] = QUESTION_SETS["many questions"][:8]  # CPU time
+    return sets
+
+
+def test_every_answer_is_valid_on_the_first_attempt(engine: NativeInternVLEngine) -> None:
+    sets = _sets()
+    batch = [_request(name, qs, seed) for seed, (name, qs) in enumerate(sets.items())]
+    texts = engine.generate(batch)
+    for request, text in zip(batch, texts, strict=True):
+        parsed = parse_answer(text)
+        assert parsed.answer is not None, (request.request_id, parsed.error, text[-300:])
+        assert unknown_recommendation(parsed.answer) is None
+        assert request.answer_schema is not None
+        strict = Draft202012Validator(request.answer_schema.json_schema)
+        assert list(strict.iter_errors(parsed.answer)) == [], request.request_id
+    assert engine.grammars is not None and engine.grammars.compilations == len(sets)
+    # The same question set again is served by the cached grammar.
+    engine.generate(batch[:1])
+    assert engine.grammars.compilations == len(sets)
+
+
+def test_free_rows_beside_constrained_rows_decode_as_before(
+    engine: NativeInternVLEngine,
+) -> None:
+    constrained = _request("c", QUESTION_SETS["one boolean"], seed=4)
+    free = PreparedRequest("f", 1, constrained.prompt, (1, 1), constrained.pixel_values)
+    alone = engine.generate_token_ids([free])[0]
+    mixed = engine.generate_token_ids([constrained, free])
+    assert mixed[1] == alone
+    assert parse_answer(engine.tokenizer.decode(mixed[0])).ok
+
+
+def test_constrained_greedy_is_the_masked_argmax_of_the_model(
+    engine: NativeInternVLEngine,
+) -> None:
+    """Each chosen id is the argmax of the model's own logits over the grammar's tokens,
+    so wherever the model's unmasked argmax is inside the grammar, the two agree."""
+    request = _request("g", QUESTION_SETS["mixed types"], seed=7)
+    ids = engine.generate_token_ids([request])[0]
+    prompt = engine.prompt_ids(request)
+    assert request.answer_schema is not None and engine.grammars is not None
+    with torch.inference_mode():
+        logits = (
+            engine.model(
+                input_ids=torch.tensor([prompt + ids]),
+                pixel_values=request.pixel_values.to(engine.dtype),
+            )
+            .logits[0, len(prompt) - 1 : len(prompt) + len(ids) - 1]
+            .float()
+        )
+    matcher = engine.grammars.matcher(request.answer_schema)
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(1, engine.grammars.vocab_size)
+    agreed = 0
+    for step, token in enumerate(ids):
+        matcher.fill_next_token_bitmask(bitmask)
+        row = logits[step : step + 1].clone()
+        free_choice = int(row.argmax())
+        xgrammar.apply_token_bitmask_inplace(row, bitmask)
+        assert int(row.argmax()) == token, step
+        if free_choice == token:
+            agreed += 1
+        assert matcher.accept_token(token)
+    assert matcher.is_completed()
+    assert parse_answer(engine.tokenizer.decode(ids)).ok
+    assert 0 <= agreed <= len(ids)
+
+
+def test_off_switch_decodes_freely(tmp_path: Path) -> None:
+    path = build_tiny_internvl(tmp_path / "native")
+    free = load_engine(EngineConfig(path, max_new_tokens=16, constrained_decoding=False))
+    on = load_engine(EngineConfig(path, max_new_tokens=16))
+    request = _request("o", QUESTION_SETS["one boolean"], seed=2)
+    unconstrained = PreparedRequest("o", 1, request.prompt, (1, 1), request.pixel_values)
+    assert free.generate_token_ids([request]) == on.generate_token_ids([unconstrained])
+    assert on.generate_token_ids([request]) != free.generate_token_ids([request])
