@@ -14,10 +14,13 @@ decoding"). Two pieces, both reusable by any decoder that picks one token per ro
   matchers after the argmax. `reset_row(row, schema)` gives a row to a new request (a slot
   engine refilling a slot).
 
-A matcher stops at `<|im_end|>` (`stop_id`): once the answer is complete, that is the only
-token its row may take. A row whose matcher refuses a token (which `apply` makes
-impossible) or has terminated is `done`, and its bitmask allows every token from then on,
-so a finished row never leaves a whole row of the logits at minus infinity.
+The grammar admits a subset of the schema: xgrammar 0.2.9 writes a string with `maxLength`
+without escape sequences, so free strings hold no quote, backslash or control character
+(the copied constants keep theirs). A matcher stops at `<|im_end|>` (`stop_id`): once the
+answer is complete, that is the only token its row may take. A row whose matcher refuses
+a token (which `apply` makes impossible) or has terminated is `done`, and its bitmask
+allows every token from then on, so a finished row never leaves a whole row of the
+logits at minus infinity.
 
 Failure behaviour: `GrammarCache.compiled` raises `ValueError` for a schema xgrammar
 cannot compile; everything else is total.

@@ -118,7 +118,55 @@ def test_off_switch_decodes_freely(tmp_path: Path) -> None:
     path = build_tiny_internvl(tmp_path / "native")
     free = load_engine(EngineConfig(path, max_new_tokens=16, constrained_decoding=False))
     on = load_engine(EngineConfig(path, max_new_tokens=16))
+    assert isinstance(free, NativeInternVLEngine) and isinstance(on, NativeInternVLEngine)
     request = _request("o", QUESTION_SETS["one boolean"], seed=2)
     unconstrained = PreparedRequest("o", 1, request.prompt, (1, 1), request.pixel_values)
     assert free.generate_token_ids([request]) == on.generate_token_ids([unconstrained])
     assert on.generate_token_ids([request]) != free.generate_token_ids([request])
+
+
+def test_rows_are_filled_advanced_and_reset_one_by_one(engine: NativeInternVLEngine) -> None:
+    """The per-row API a slot engine uses: fill a subset of rows, advance rows after the
+    argmax, give a row to a new request; a complete answer may only end."""
+    from processors.constrained import ConstrainedRows, GrammarCache
+    from tests.processors.test_answer_schema import _Generator
+
+    grammars = GrammarCache(
+        engine.tokenizer,
+        vocab_size=int(engine.model.lm_head.out_features),
+        stop_id=int(engine.tokenizer.convert_tokens_to_ids("<|im_end|>")),
+        threads=2,
+    )
+    first = answer_schema(parse_questions(json.dumps(QUESTION_SETS["mixed types"])), LIMITS)
+    other = answer_schema(parse_questions(json.dumps(QUESTION_SETS["one boolean"])), LIMITS)
+    rows = ConstrainedRows(grammars, [first, None, other])
+    rows.fill([0, 2])
+    assert bool((rows.bitmask[1] == -1).all())  # a free row allows everything
+    assert not bool((rows.bitmask[0] == -1).all())
+
+    class _NoEscapes(_Generator):
+        # xgrammar's bounded strings admit no escape sequence (see processors/constrained.py)
+        ALPHABET = "ab Z09.,;:!?'-_/()é深🎨"
+
+    answer = _NoEscapes(seed=5).instance(first.json_schema)
+    text = json.dumps(answer, indent=2, ensure_ascii=False)
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    opening = rows.bitmask[0].clone()
+    for token in ids:
+        rows.fill([0])
+        assert (int(rows.bitmask[0, token // 32]) >> (token % 32)) & 1, token
+        rows.advance([token], [0])
+    assert not rows.done[0]
+    rows.fill([0])
+    stop = grammars.stop_id
+    allowed = [
+        t for t in range(grammars.vocab_size) if (int(rows.bitmask[0, t // 32]) >> (t % 32)) & 1
+    ]
+    assert allowed == [stop]
+    rows.advance([stop], [0])
+    assert rows.done[0] and rows.active  # row 2 still constrained
+    rows.reset_row(2, first)
+    rows.fill([2])
+    assert bool((rows.bitmask[2] == opening).all())
+    rows.reset_row(2, None)
+    assert not rows.active
