@@ -29,6 +29,7 @@ cannot compile; everything else is total.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final
@@ -71,6 +72,9 @@ class GrammarCache:
         self._max_grammars = max_grammars
         self._lock = threading.Lock()
         self.compilations = 0
+        # Seconds spent filling bitmasks and the number of fills (one per decode step).
+        self.fill_s = 0.0
+        self.fill_steps = 0
 
     def compiled(self, schema: AnswerSchema) -> Any:
         """The compiled grammar of `schema` (compiled once per key)."""
@@ -135,9 +139,12 @@ class ConstrainedRows:
             if self.done[row]:
                 self.bitmask[row].fill_(-1)
         if live:
+            started = time.perf_counter()
             self.cache.batch.batch_fill_next_token_bitmask(
                 [self.matchers[r] for r in live], self.bitmask, indices=live
             )
+            self.cache.fill_s += time.perf_counter() - started
+            self.cache.fill_steps += 1
 
     def apply(self, logits: Any, rows: slice | None = None) -> None:
         """Mask `logits` (rows x vocab, any device) in place with the host bitmask.
