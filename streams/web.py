@@ -22,12 +22,6 @@ answer 401 unless the request carries `Authorization: Bearer <token>`; liveness 
 readiness stay open for probes. `authorization_error()` is the one check, for any
 view that shows data. The token is compared in constant time and never logged.
 
-Authentication: when a token is given (`VS_WEB_TOKEN`, required by the settings as
-soon as `VS_WEB_HOST` is not a loopback address), `/info`, `/metrics` and `/reports`
-answer 401 unless the request carries `Authorization: Bearer <token>`; liveness and
-readiness stay open for probes. `authorization_error()` is the one check, for any
-view that shows data. The token is compared in constant time and never logged.
-
 Views must be registered before the worker starts: aiohttp freezes its router when
 the server starts. `HealthSource` methods run on the event loop, so they must return
 cached state and never do I/O.
