@@ -18,25 +18,33 @@ __all__ = ["collect", "produce", "source_of"]
 def produce(
     bootstrap: str, topic: str, values: Iterable[tuple[bytes | None, bytes]]
 ) -> list[tuple[str, int, int]]:
-    """Produce raw (key, value) pairs; returns their (topic, partition, offset) positions."""
+    """Produce raw (key, value) pairs; returns their (topic, partition, offset) positions.
+
+    Positions come back in the order of `values`, whatever order the broker acknowledged
+    them in (a large record can be appended before smaller ones sent earlier).
+    """
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 20_000_000}
     )
-    positions: list[tuple[str, int, int]] = []
+    positions: dict[int, tuple[str, int, int]] = {}
     errors: list[str] = []
 
-    def delivered(err: Any, msg: Any) -> None:
-        if err is not None:
-            errors.append(str(err))
-        else:
-            positions.append((msg.topic(), msg.partition(), msg.offset()))
+    def delivered_as(index: int) -> Callable[[Any, Any], None]:
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+            else:
+                positions[index] = (msg.topic(), msg.partition(), msg.offset())
 
-    for key, value in values:
-        producer.produce(topic, value, key=key, on_delivery=delivered)
+        return delivered
+
+    count = 0
+    for count, (key, value) in enumerate(values, start=1):
+        producer.produce(topic, value, key=key, on_delivery=delivered_as(count - 1))
         producer.poll(0)
     assert producer.flush(60) == 0, "broker did not acknowledge"
     assert not errors, errors
-    return positions
+    return [positions[index] for index in range(count)]
 
 
 def collect(
