@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,21 @@ def categorizer_artifacts() -> Path:
     if not (out / "manifest.json").is_file():
         train(Settings(), SAMPLE_TRAINING_CSV, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The embedded ClickHouse (chDB) of this test process: one engine path per process."""
+    return f"chdb://{tmp_path_factory.getbasetemp() / 'chdb-engine'}"
+
+
+@pytest.fixture(scope="module")
+def module_client(dsn: str) -> Iterator[Any]:
+    """A client of `dsn` with every migration applied, for one test module."""
+    from processors.sink import apply_migrations, open_client
+
+    client = open_client(dsn)
+    apply_migrations(client)
+    yield client
+    client.command("SYSTEM START MERGES")
+    client.close()

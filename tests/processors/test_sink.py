@@ -54,20 +54,6 @@ EVER = timedelta(days=3650)
 MAY_1 = date(2024, 5, 1)
 
 
-@pytest.fixture(scope="module")
-def dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"chdb://{tmp_path_factory.getbasetemp() / 'chdb-engine'}"
-
-
-@pytest.fixture(scope="module")
-def module_client(dsn: str) -> Iterator[Any]:
-    client = open_client(dsn)
-    apply_migrations(client)
-    yield client
-    client.command("SYSTEM START MERGES")
-    client.close()
-
-
 @pytest.fixture
 def ch(module_client: Any) -> Any:
     """The module's client over freshly emptied tables, background merges stopped.

@@ -22,26 +22,10 @@ from processors.sink import (
     AnalyticsSink,
     SinkRecord,
     SinkUnavailable,
-    apply_migrations,
-    open_client,
 )
 from processors.sink_rejections import FAILURES_TABLE, rejection_code, split_rows
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00:00Z
-
-
-@pytest.fixture(scope="module")
-def dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"chdb://{tmp_path_factory.getbasetemp() / 'chdb-engine'}"
-
-
-@pytest.fixture(scope="module")
-def module_client(dsn: str) -> Iterator[Any]:
-    client = open_client(dsn)
-    apply_migrations(client)
-    yield client
-    client.command("SYSTEM START MERGES")
-    client.close()
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ Uses the suite's one chDB engine directory (see tests/processors/test_sink.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from processors.records import CategoryTag, SourcePosition, TopCategory
-from processors.sink import COLUMNS, apply_migrations, open_client
+from processors.sink import COLUMNS
 from processors.sink_rejections import FAILURES_TABLE
 from streams.app import kafka_timestamp_ms
 from streams.codecs import Codecs
@@ -23,20 +22,6 @@ from streams.settings import Settings
 
 # 2024-05-31T23:59:59.500Z: the last half second of a month, long before the test runs.
 KAFKA_TS = 1_717_199_999_500
-
-
-@pytest.fixture(scope="module")
-def dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"chdb://{tmp_path_factory.getbasetemp() / 'chdb-engine'}"
-
-
-@pytest.fixture(scope="module")
-def module_client(dsn: str) -> Iterator[Any]:
-    client = open_client(dsn)
-    apply_migrations(client)
-    yield client
-    client.command("SYSTEM START MERGES")
-    client.close()
 
 
 @pytest.fixture

@@ -13,23 +13,9 @@ import pytest
 from PIL import Image
 
 from processors.review.verdicts import AnswerMark, Verdict
-from processors.sink import COLUMNS, AnalyticsSink, SinkRecord, apply_migrations, open_client
+from processors.sink import COLUMNS, AnalyticsSink, SinkRecord
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00:00Z
-
-
-@pytest.fixture(scope="module")
-def dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"chdb://{tmp_path_factory.getbasetemp() / 'chdb-engine'}"
-
-
-@pytest.fixture(scope="module")
-def module_client(dsn: str) -> Iterator[Any]:
-    client = open_client(dsn)
-    apply_migrations(client)
-    yield client
-    client.command("SYSTEM START MERGES")
-    client.close()
 
 
 @pytest.fixture
