@@ -1,12 +1,14 @@
-"""Throughput of InternVL verification: the seed's one-request path against the batched engine.
+"""Throughput of InternVL verification: the former one-request path against the batched engine.
 
 Builds an InternVL2.5-1B-shaped model with random weights (InternViT-300M + Qwen2-0.5B,
 real Qwen vocabulary), makes verification requests through the project's own prompt
 (`processors.prompt.build_prompt`) and tiling (`processors.tiling`) code, and measures
 in one process, on the same model object:
 
-- `seed_path`: one request at a time through `model.generate` (dynamic cache), i.e. the
-  engine with `decode="generate", max_batch_size=1` (what the service did before);
+- `seed_path` (the former service's path; the key keeps its first name): one request at
+  a time through `model.generate` (dynamic cache), i.e. the engine with
+  `decode="generate", max_batch_size=1` (what the former service did,
+  docs/former-service.md);
 - `batched`: the production engine (`decode="static"`: batched vision, prefill in
   sub-batches, static KV cache, CUDA-graph decode, image-feature cache) at each batch size
   asked for; the fastest is reported as `batched`.

@@ -1,6 +1,6 @@
 """Return verification for one micro-batch: requests in, decisions or failures out.
 
-The seed's per-request flow (seed 000, section 17) reshaped for batches:
+The former service's per-request flow (docs/former-service.md) reshaped for batches:
 
 1. parse each request's questions (a bad one fails only that request);
 2. gather every image of the batch concurrently (`ImageSource`), then tile off the event
@@ -460,7 +460,11 @@ class ReplaySummary:
 
 
 def failure_event(shippingid: Any, uuid: Any, failure: Failure) -> dict[str, Any]:
-    """The error record of a failed request, in the seed's error shape."""
+    """The error record of a failed request: `{shippingid, uuid, errorMsg, code}`.
+
+    The former service's error shape (docs/former-service.md, "Errors"), with the
+    failure's own code instead of 1099.
+    """
     return {
         "shippingid": shippingid if isinstance(shippingid, str) else None,
         "uuid": uuid if isinstance(uuid, str) else None,
