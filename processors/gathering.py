@@ -13,9 +13,11 @@ policy:
 - bodies are streamed and cut off at `max_image_bytes`;
 - 5xx answers, timeouts and connection errors are retried with exponential backoff
   inside one overall deadline; 4xx answers never are;
-- decoding runs off the event loop, with a pixel limit against decompression bombs,
-  a short list of image formats, EXIF orientation applied and every mode
-  normalized to RGB.
+- decoding runs off the event loop (`processors.image_decoding`: a pixel limit
+  against decompression bombs, a short list of image formats, EXIF orientation
+  applied and every mode normalized to RGB).
+
+The limits themselves are `processors.gather_limits.GatherLimits` (re-exported here).
 
 Every failure is a `ProcessingError` with an `IMAGE_*` code and stage "gather";
 messages name the URL without its query string or credentials and never include
@@ -25,96 +27,33 @@ base64 payloads.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import ipaddress
 import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from types import TracebackType
 from typing import Self
 
 import aiohttp
-import numpy as np
 from aiohttp.abc import AbstractResolver, ResolveResult
-from PIL import Image, ImageOps
+from PIL import Image
 from yarl import URL
 
 from processors.addresses import address_refusal, non_canonical_ipv4
 from processors.errors import ErrorCode, Failure, ProcessingError, failure_from_exception
+from processors.gather_limits import DEFAULT_IMAGE_FORMATS, MIB, GatherLimits
+from processors.image_decoding import STAGE, decode_base64_image, decode_image
 from processors.records import MAX_IMAGES_PER_KIND, PickupRequest
-
-STAGE = "gather"
-
-MIB = 1024 * 1024
 
 Resolver = Callable[[str], Awaitable[Sequence[str]]]
 """Resolves a host name to IP address strings (IPv4 or IPv6); raises OSError on failure."""
 
-# Formats customers' phones and vendors' CDNs actually produce. Pillow can open many
-# more (EPS would even run Ghostscript), none of which an untrusted body should reach.
-DEFAULT_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
-
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES = 64 * 1024
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_DATA_URL_RE = re.compile(r"^data:image/[A-Za-z0-9.+-]+(?:;[^,;]*)*;base64,", re.IGNORECASE)
-_WHITESPACE = re.compile(r"\s+")
 _USER_AGENT = "visionstream-gatherer/1"
-
-
-@dataclass(frozen=True)
-class GatherLimits:
-    """Limits and policy for fetching and decoding images.
-
-    `total_timeout_s` bounds one `fetch_image` call as a whole: every redirect hop,
-    retry and backoff sleep happens inside it. `connect_timeout_s` bounds each TCP
-    (and TLS) connect. `retries` counts extra attempts after the first one.
-
-    `url_rewrites` are (prefix, replacement) pairs applied to a source URL before
-    anything else; the first matching prefix wins (the old service hard-coded an
-    S3 to CDN rewrite). `max_pixels` is the decompression-bomb limit (width x height)
-    applied to every decode, independently of Pillow's global `MAX_IMAGE_PIXELS`
-    (which is neither read for this limit nor changed). `image_formats` are the Pillow
-    format names tried when decoding; names this Pillow build lacks are skipped.
-    `per_host_concurrency` bounds open connections per host; the connector's overall
-    bound stays aiohttp's default (100).
-    """
-
-    max_image_bytes: int = 10 * MIB
-    max_images_per_request: int = 20
-    connect_timeout_s: float = 5.0
-    total_timeout_s: float = 20.0
-    retries: int = 2
-    backoff_s: float = 0.25
-    per_host_concurrency: int = 8
-    max_redirects: int = 3
-    allow_loopback: bool = False
-    allow_private: bool = False
-    url_rewrites: tuple[tuple[str, str], ...] = ()
-    max_pixels: int = 40_000_000
-    image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
-
-    def __post_init__(self) -> None:
-        positive = {
-            "max_image_bytes": self.max_image_bytes,
-            "max_images_per_request": self.max_images_per_request,
-            "connect_timeout_s": self.connect_timeout_s,
-            "total_timeout_s": self.total_timeout_s,
-            "per_host_concurrency": self.per_host_concurrency,
-            "max_pixels": self.max_pixels,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"GatherLimits.{name} must be positive, got {value}")
-        if self.retries < 0 or self.backoff_s < 0 or self.max_redirects < 0:
-            raise ValueError("GatherLimits.retries, backoff_s and max_redirects must be >= 0")
-        if not self.image_formats:
-            raise ValueError("GatherLimits.image_formats must name at least one format")
 
 
 @dataclass(frozen=True)
@@ -124,148 +63,6 @@ class GatheredImages:
     vendor: tuple[Image.Image, ...]
     pickup: tuple[Image.Image, ...]
     gather_ms: float
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def decode_image(data: bytes, limits: GatherLimits) -> Image.Image:
-    """Decode image bytes into a fully loaded RGB image.
-
-    Only `limits.image_formats` are tried. EXIF orientation is applied (a malformed
-    EXIF block is ignored rather than failing the image). Palette, grey, CMYK,
-    16-bit and float images are converted to 8-bit RGB; transparency is composited
-    on white. Multi-frame files yield their first frame.
-
-    Raises `ProcessingError`: IMAGE_TOO_LARGE when width x height exceeds
-    `limits.max_pixels` (or Pillow's own bomb check fires), IMAGE_DECODE_FAILED for
-    anything Pillow cannot decode, including truncated files.
-    """
-    if not data:
-        raise ProcessingError(ErrorCode.IMAGE_DECODE_FAILED, "image body is empty", STAGE)
-    try:
-        formats = _available_formats(limits.image_formats)
-        with Image.open(io.BytesIO(data), formats=formats) as opened:
-            # Only the header has been read: refuse bombs before any pixel is decoded.
-            _check_pixels(opened.size, limits)
-            opened.load()
-            _check_pixels(opened.size, limits)
-            try:
-                oriented = ImageOps.exif_transpose(opened)
-            except Exception:
-                # A broken EXIF block must not cost a usable photo; keep it unrotated.
-                oriented = opened.copy()
-            return _to_rgb(oriented)
-    except ProcessingError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ProcessingError(ErrorCode.IMAGE_TOO_LARGE, str(exc), STAGE) from exc
-    except Image.UnidentifiedImageError as exc:
-        raise ProcessingError(
-            ErrorCode.IMAGE_DECODE_FAILED,
-            f"bytes are not an image in an accepted format ({', '.join(limits.image_formats)})",
-            STAGE,
-        ) from exc
-    except Exception as exc:
-        # Pillow's decoders raise a wide variety of types on hostile input
-        # (OSError, SyntaxError, ValueError, struct.error, EOFError, ...).
-        raise ProcessingError(
-            ErrorCode.IMAGE_DECODE_FAILED,
-            f"cannot decode image: {type(exc).__name__}: {str(exc)[:300]}",
-            STAGE,
-        ) from exc
-
-
-@lru_cache(maxsize=8)
-def _available_formats(wanted: tuple[str, ...]) -> tuple[str, ...]:
-    """The wanted formats this Pillow build can open (Pillow raises KeyError for others)."""
-    Image.init()
-    return tuple(name for name in (w.upper() for w in wanted) if name in Image.OPEN)
-
-
-def _check_pixels(size: tuple[int, int], limits: GatherLimits) -> None:
-    width, height = size
-    if width <= 0 or height <= 0:
-        raise ProcessingError(
-            ErrorCode.IMAGE_DECODE_FAILED, f"image has no pixels ({width}x{height})", STAGE
-        )
-    if width * height > limits.max_pixels:
-        raise ProcessingError(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"image is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{limits.max_pixels}",
-            STAGE,
-        )
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        image = _high_depth_to_l(image)
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        background.alpha_composite(rgba)
-        return background.convert("RGB")
-    return image.convert("RGB")
-
-
-def _high_depth_to_l(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer and float grey images to 8 bits instead of clipping them."""
-    values = np.asarray(image, dtype=np.float64)
-    high = float(values.max()) if values.size else 0.0
-    if image.mode == "F" and high <= 1.0:
-        values = values * 255.0
-    elif high > 255.0:
-        values = values * (255.0 / max(high, 65535.0))
-    return Image.fromarray(np.clip(values, 0.0, 255.0).astype(np.uint8), mode="L")
-
-
-def _decode_base64(source: str, limits: GatherLimits) -> bytes:
-    """Bytes of a base64 image (optionally a `data:image/...;base64,` URL)."""
-    match = _DATA_URL_RE.match(source)
-    payload = source[match.end() :] if match else source
-    if not match and source[:5].lower() == "data:":
-        raise ProcessingError(
-            ErrorCode.IMAGE_BASE64_INVALID,
-            "data URL is not of the form data:image/<type>;base64,<payload>",
-            STAGE,
-        )
-    payload = _WHITESPACE.sub("", payload)
-    if not payload:
-        raise ProcessingError(ErrorCode.IMAGE_BASE64_INVALID, "base64 payload is empty", STAGE)
-    # Refuse before decoding: 4 characters carry 3 bytes.
-    if len(payload) // 4 * 3 > limits.max_image_bytes + 3:
-        raise ProcessingError(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"base64 image is over {limits.max_image_bytes} bytes",
-            STAGE,
-        )
-    # Clients send both alphabets and often drop the padding.
-    payload = payload.replace("-", "+").replace("_", "/")
-    payload += "=" * (-len(payload) % 4)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProcessingError(
-            ErrorCode.IMAGE_BASE64_INVALID,
-            f"image is neither an http(s) URL nor valid base64 ({len(source)} characters)",
-            STAGE,
-        ) from None
-    if len(data) > limits.max_image_bytes:
-        raise ProcessingError(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"base64 image is {len(data)} bytes, over the limit of {limits.max_image_bytes}",
-            STAGE,
-        )
-    return data
-
-
-def _decode_base64_image(source: str, limits: GatherLimits) -> Image.Image:
-    return decode_image(_decode_base64(source, limits), limits)
 
 
 # --------------------------------------------------------------------------- address policy
@@ -360,6 +157,7 @@ class ImageGatherer:
 
     @property
     def limits(self) -> GatherLimits:
+        """The limits every fetch and decode of this gatherer applies."""
         return self._limits
 
     async def start(self) -> None:
@@ -426,7 +224,7 @@ class ImageGatherer:
                 else f"only http and https URLs are fetched, not {scheme!r}"
             )
             raise ProcessingError(ErrorCode.IMAGE_ADDRESS_REFUSED, reason, STAGE)
-        return await asyncio.to_thread(_decode_base64_image, source, self._limits)
+        return await asyncio.to_thread(decode_base64_image, source, self._limits)
 
     def _rewrite(self, source: str) -> str:
         for prefix, replacement in self._limits.url_rewrites:
@@ -701,6 +499,7 @@ def _label(exc: BaseException, kind: str, index: int) -> BaseException:
 
 __all__ = [
     "DEFAULT_IMAGE_FORMATS",
+    "MIB",
     "GatherLimits",
     "GatheredImages",
     "ImageGatherer",

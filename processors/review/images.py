@@ -29,7 +29,8 @@ from typing import Any
 from PIL import Image
 
 from processors.errors import ProcessingError
-from processors.gathering import GatheredImages, GatherLimits, _decode_base64, decode_image
+from processors.gathering import GatheredImages, GatherLimits
+from processors.image_decoding import decode_base64, decode_image
 from processors.records import PickupRequest
 
 JPEG_QUALITIES = (82, 70, 55, 40)
@@ -147,7 +148,7 @@ class ReviewCopier:
                     yield (
                         role,
                         index,
-                        decode_image(_decode_base64(source, self._gather), self._gather),
+                        decode_image(decode_base64(source, self._gather), self._gather),
                     )
                 except ProcessingError:
                     continue

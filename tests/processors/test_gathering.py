@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import socket
-import struct
 import time
-import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -27,57 +24,22 @@ from processors.gathering import (
     GatherLimits,
     ImageGatherer,
     address_refusal,
-    decode_image,
     redact_url,
 )
 from processors.records import PickupRequest
+from tests.support.images import (
+    BIG_DIMENSIONS_PNG,
+    JPEG,
+    PNG,
+    dominant,
+    encode,
+    pixel,
+    png_declaring,
+)
 
 # --------------------------------------------------------------------------------------
 # Test images
 # --------------------------------------------------------------------------------------
-
-
-def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def two_halves(width: int = 40, height: int = 20) -> Image.Image:
-    """Left half red, right half blue."""
-    image = Image.new("RGB", (width, height), (255, 0, 0))
-    image.paste((0, 0, 255), (width // 2, 0, width, height))
-    return image
-
-
-JPEG = encode(two_halves(64, 48), "JPEG", quality=95)
-PNG = encode(Image.new("RGB", (30, 20), (0, 200, 0)), "PNG")
-# A real image whose pixel count is over a lowered bomb limit; compresses to a few KB.
-BIG_DIMENSIONS_PNG = encode(Image.new("L", (2000, 1500), 0), "PNG")
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares `width` x `height` with almost no data (a bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
-
-
-def pixel(image: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
-    value = image.getpixel(xy)
-    assert isinstance(value, tuple)
-    return (value[0], value[1], value[2])
-
-
-def dominant(rgb: tuple[int, int, int]) -> int:
-    return int(np.argmax(rgb))
 
 
 # --------------------------------------------------------------------------------------
@@ -554,82 +516,6 @@ async def test_base64_message_never_echoes_payload(make_gatherer: GathererFactor
     big = base64.b64encode(b"\x00" * (LIMIT + 10)).decode()
     error = await expect_error(gatherer, big, ErrorCode.IMAGE_TOO_LARGE)
     assert big[:50] not in error.message
-
-
-# --------------------------------------------------------------------------------------
-# Decoding (pure)
-# --------------------------------------------------------------------------------------
-
-
-def test_exif_orientation_is_applied() -> None:
-    # Stored 40x20 (left red, right blue) with orientation 6 ("rotate 90 CW to view"):
-    # displayed 20x40 with red on top.
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    data = encode(two_halves(40, 20), "JPEG", quality=95, exif=exif.tobytes())
-    image = decode_image(data, GatherLimits())
-    assert image.size == (20, 40)
-    assert dominant(pixel(image, (10, 5))) == 0
-    assert dominant(pixel(image, (10, 35))) == 2
-
-
-def test_cmyk_becomes_rgb() -> None:
-    data = encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
-    image = decode_image(data, GatherLimits())
-    assert image.mode == "RGB"
-    red, green, blue = pixel(image, (8, 8))
-    assert red > 230 and green < 30 and blue < 30
-
-
-def test_palette_transparency_composited_on_white() -> None:
-    palette_image = Image.new("P", (10, 10), 0)
-    palette_image.putpalette([0, 0, 0, 255, 0, 0] + [0] * (254 * 3))
-    palette_image.paste(1, (5, 0, 10, 10))
-    data = encode(palette_image, "PNG", transparency=0)
-    image = decode_image(data, GatherLimits())
-    assert image.mode == "RGB"
-    assert image.getpixel((1, 1)) == (255, 255, 255)  # transparent index -> white, not black
-    assert image.getpixel((8, 8)) == (255, 0, 0)
-
-
-def test_rgba_and_la_alpha_composited_on_white() -> None:
-    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 128))
-    rgba.paste((0, 0, 0, 0), (5, 0, 10, 10))
-    image = decode_image(encode(rgba, "PNG"), GatherLimits())
-    red, green, blue = pixel(image, (1, 1))
-    assert red == 255 and abs(green - 127) <= 1 and abs(blue - 127) <= 1
-    assert image.getpixel((8, 8)) == (255, 255, 255)
-    la = decode_image(encode(Image.new("LA", (4, 4), (0, 0)), "PNG"), GatherLimits())
-    assert la.getpixel((0, 0)) == (255, 255, 255)
-
-
-def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
-    values = np.full((8, 8), 32768, dtype=np.uint16)
-    values[:, 4:] = 65535
-    data = encode(Image.fromarray(values), "PNG")
-    image = decode_image(data, GatherLimits())
-    assert image.mode == "RGB"
-    assert abs(pixel(image, (1, 1))[0] - 128) <= 1
-    assert image.getpixel((6, 6)) == (255, 255, 255)
-
-
-def test_formats_outside_the_list_are_refused() -> None:
-    data = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PPM")
-    with pytest.raises(ProcessingError) as caught:
-        decode_image(data, GatherLimits())
-    assert caught.value.code == ErrorCode.IMAGE_DECODE_FAILED
-    assert decode_image(data, GatherLimits(image_formats=("PPM",))).getpixel((0, 0)) == (1, 2, 3)
-    # A format this Pillow build lacks is skipped instead of breaking every decode.
-    assert decode_image(PNG, GatherLimits(image_formats=("NOSUCH", "PNG"))).size == (30, 20)
-
-
-def test_bomb_limit_does_not_touch_pillow_global() -> None:
-    before = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(ProcessingError) as caught:
-        decode_image(BIG_DIMENSIONS_PNG, GatherLimits(max_pixels=1_000_000))
-    assert caught.value.code == ErrorCode.IMAGE_TOO_LARGE
-    assert before == Image.MAX_IMAGE_PIXELS
-    assert decode_image(BIG_DIMENSIONS_PNG, GatherLimits()).size == (2000, 1500)
 
 
 # --------------------------------------------------------------------------------------
