@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import re
 from functools import lru_cache
 
@@ -22,6 +23,8 @@ from processors.errors import ErrorCode, ProcessingError
 from processors.gather_limits import GatherLimits
 
 STAGE = "gather"
+
+log = logging.getLogger(__name__)
 
 _DATA_URL_RE = re.compile(r"^data:image/[A-Za-z0-9.+-]+(?:;[^,;]*)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -50,8 +53,9 @@ def decode_image(data: bytes, limits: GatherLimits) -> Image.Image:
             _check_pixels(opened.size, limits)
             try:
                 oriented = ImageOps.exif_transpose(opened)
-            except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises many unrelated types
+            except Exception:
                 # A broken EXIF block must not cost a usable photo; keep it unrotated.
+                log.debug("EXIF orientation unreadable; image kept unrotated", exc_info=True)
                 oriented = opened.copy()
             return _to_rgb(oriented)
     except ProcessingError:
