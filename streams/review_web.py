@@ -405,7 +405,7 @@ def register_review_views(
             user = may_read(request)
             if user is None:
                 return to_login(self)
-            from processors.reports import parse_since, report_description, run_report
+            from processors.analytics.reports import parse_since, report_description, run_report
 
             since_text = request.query.get("since") or "30d"
             try:

@@ -310,7 +310,7 @@ async def _retry_while(error: type[BaseException], call: Any, what: str, mark: A
 
 def build_sink(settings: Settings, **options: Any) -> Any:
     """The analytics sink the settings describe (not set up yet); `options` go to it."""
-    from processors.sink import AnalyticsSink
+    from processors.analytics.sink import AnalyticsSink
 
     return AnalyticsSink(
         settings.effective_clickhouse_dsn,
@@ -348,7 +348,7 @@ class SinkRuntime:
 
     async def start(self) -> None:
         """Open ClickHouse and apply migrations; while it is unreachable, wait and retry."""
-        from processors.sink import SinkUnavailable
+        from processors.analytics.sink import SinkUnavailable
 
         try:
             if self._sink is None:
@@ -363,7 +363,7 @@ class SinkRuntime:
         self.ready.set()
 
     async def store(self, messages: Sequence[RawMessage]) -> None:
-        from processors.sink import SinkRecord, SinkUnavailable
+        from processors.analytics.sink import SinkRecord, SinkUnavailable
 
         for message in messages:
             try:
@@ -424,13 +424,13 @@ class SinkReports:
         self._client: Any = None
 
     def list_reports(self) -> list[str]:
-        from processors.reports import list_reports
+        from processors.analytics.reports import list_reports
 
         return list(list_reports())
 
     def run(self, name: str, since: str) -> dict[str, Any]:
-        from processors.reports import parse_since, run_report, to_json
-        from processors.sink import open_client
+        from processors.analytics.reports import parse_since, run_report, to_json
+        from processors.analytics.sink import open_client
 
         if self._client is None:
             self._client = open_client(self._dsn)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from processors.analytics.sink import SinkTopics
 from processors.gathering import GatherLimits
-from processors.sink import SinkTopics
 from streams.logs import redact_passwords
 from streams.review_settings import ReviewSettings, ReviewSettingsError
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from processors.analytics.reports import list_reports
 from processors.errors import ErrorCode
-from processors.reports import list_reports
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 SETTINGS_SOURCE = (Path(__file__).resolve().parents[1] / "streams" / "settings.py").read_text()

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from processors.sink import (
+from processors.analytics.sink import (
     DECISIONS,
     Rows,
     SinkRecord,

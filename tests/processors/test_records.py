@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from processors.analytics.sink import SinkRecord, SinkTopics, rows_for
 from processors.records import (
     LISTING_CONTRACT,
     PICKUP_CONTRACT,
@@ -12,7 +13,6 @@ from processors.records import (
     ProductListing,
     input_key,
 )
-from processors.sink import SinkRecord, SinkTopics, rows_for
 from streams.codecs import Codecs
 from tests.support.events import pickup_event, tiny_png_b64
 

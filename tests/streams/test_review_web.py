@@ -16,8 +16,14 @@ import faust
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from processors.reports import run_report
-from processors.sink import COLUMNS, AnalyticsSink, SinkRecord, apply_migrations, open_client
+from processors.analytics.reports import run_report
+from processors.analytics.sink import (
+    COLUMNS,
+    AnalyticsSink,
+    SinkRecord,
+    apply_migrations,
+    open_client,
+)
 from streams.codecs import Codecs
 from streams.review_web import register_review_views
 from streams.settings import Settings, Topics

@@ -280,7 +280,7 @@ def test_a_backfill_spanning_240_months_is_stored_whole_with_its_kafka_timestamp
     """
     from confluent_kafka import Producer
 
-    from tests.processors.test_sink_rejections import backfill_pickup
+    from tests.processors.analytics.test_rejections import backfill_pickup
 
     env = worker_env(kafka_bootstrap, unique, tmp_path, categorizer_artifacts)
     ensure_topics(kafka_bootstrap, all_topics(env), 4)

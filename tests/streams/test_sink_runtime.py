@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from processors.analytics.rejections import FAILURES_TABLE
+from processors.analytics.sink import COLUMNS
 from processors.records import CategoryTag, SourcePosition, TopCategory
-from processors.sink import COLUMNS
-from processors.sink_rejections import FAILURES_TABLE
 from streams.app import kafka_timestamp_ms
 from streams.codecs import Codecs
 from streams.handlers import RawMessage

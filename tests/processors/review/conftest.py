@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from processors.analytics.sink import COLUMNS, AnalyticsSink, SinkRecord
 from processors.review.verdicts import AnswerMark, Verdict
-from processors.sink import COLUMNS, AnalyticsSink, SinkRecord
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00:00Z
 

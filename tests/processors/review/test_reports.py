@@ -6,8 +6,8 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from processors.reports import list_reports, run_report
-from processors.sink import AnalyticsSink
+from processors.analytics.reports import list_reports, run_report
+from processors.analytics.sink import AnalyticsSink
 from tests.processors.review.conftest import T0, new_sink, rec, verdict
 
 NOW = datetime.fromtimestamp(T0 / 1000, UTC) + timedelta(days=2)

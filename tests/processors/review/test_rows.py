@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from processors.analytics.sink import AnalyticsSink, SinkRecord, rows_for
 from processors.errors import Failure
-from processors.sink import AnalyticsSink, SinkRecord, rows_for
 from tests.processors.review.conftest import (
     T0,
     image_event,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
+from processors.analytics.sink import AnalyticsSink, SinkRecord
 from processors.review.store import QueueFilter, ReviewStore, apply_retention, enforce_budget
-from processors.sink import AnalyticsSink, SinkRecord
 from streams.codecs import Codecs
 from streams.settings import Topics
 from tests.processors.review.conftest import T0, image_event, jpeg, new_sink, rec, verdict

@@ -16,22 +16,8 @@ from typing import Any
 
 import pytest
 
-from processors.errors import ErrorCode, Failure
-from processors.records import (
-    Analysis,
-    CategoryTag,
-    DeadLetter,
-    PickupRequest,
-    ProductListing,
-    QuestionAnswer,
-    SourcePosition,
-    TopCategory,
-    VerificationAttempt,
-    VerificationDecision,
-    input_key,
-)
-from processors.reports import run_report
-from processors.sink import (
+from processors.analytics.reports import run_report
+from processors.analytics.sink import (
     COLUMNS,
     DEDUP_SETTING,
     MIGRATIONS_DIR,
@@ -47,6 +33,20 @@ from processors.sink import (
     redact_dsn,
     rows_for,
     split_sql,
+)
+from processors.errors import ErrorCode, Failure
+from processors.records import (
+    Analysis,
+    CategoryTag,
+    DeadLetter,
+    PickupRequest,
+    ProductListing,
+    QuestionAnswer,
+    SourcePosition,
+    TopCategory,
+    VerificationAttempt,
+    VerificationDecision,
+    input_key,
 )
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00:00Z

@@ -28,7 +28,7 @@ from functools import cache
 from typing import Any
 from uuid import UUID
 
-from processors.sink import AnalyticsClient, split_sql
+from processors.analytics.sink import AnalyticsClient, split_sql
 from schemas import CLICKHOUSE_DIR
 
 REPORTS_DIR = CLICKHOUSE_DIR / "reports"

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from processors.clickhouse import (
+from processors.analytics.client import (
     DEDUP_SETTING,
     MIGRATIONS_DIR,
     AnalyticsClient,
@@ -71,10 +71,8 @@ from processors.clickhouse import (
     redact_dsn,
     split_sql,
 )
-from processors.clickhouse import scrub_secrets as _scrub
-from processors.errors import ErrorCode, Failure
-from processors.records import LISTING_CONTRACT, PICKUP_CONTRACT, input_key
-from processors.sink_rejections import (
+from processors.analytics.client import scrub_secrets as _scrub
+from processors.analytics.rejections import (
     DEFAULT_MAX_PARTITIONS_PER_INSERT,
     FAILURE_COLUMNS,
     FAILURES_TABLE,
@@ -82,6 +80,8 @@ from processors.sink_rejections import (
     rejection_code,
     split_rows,
 )
+from processors.errors import ErrorCode, Failure
+from processors.records import LISTING_CONTRACT, PICKUP_CONTRACT, input_key
 
 logger = logging.getLogger(__name__)
 

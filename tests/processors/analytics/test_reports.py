@@ -15,6 +15,23 @@ from typing import Any
 
 import pytest
 
+from processors.analytics.reports import (
+    ReportResult,
+    format_table,
+    list_reports,
+    parse_since,
+    report_description,
+    run_query,
+    run_report,
+    to_json,
+)
+from processors.analytics.sink import (
+    COLUMNS,
+    AnalyticsSink,
+    SinkRecord,
+    apply_migrations,
+    open_client,
+)
 from processors.errors import ErrorCode
 from processors.records import (
     Analysis,
@@ -26,17 +43,6 @@ from processors.records import (
     VerificationAttempt,
     VerificationDecision,
 )
-from processors.reports import (
-    ReportResult,
-    format_table,
-    list_reports,
-    parse_since,
-    report_description,
-    run_query,
-    run_report,
-    to_json,
-)
-from processors.sink import COLUMNS, AnalyticsSink, SinkRecord, apply_migrations, open_client
 
 NOW = datetime(2024, 5, 10, tzinfo=UTC)
 WEEK = timedelta(days=7)  # from 2024-05-03: the April events fall outside

@@ -1,0 +1,1 @@
+"""The ClickHouse analytics side: client, migrations, rows, the sink and the reports."""
