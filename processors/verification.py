@@ -18,9 +18,13 @@ The former service's per-request flow (docs/former-service.md) reshaped for batc
 
 Failures are data: every input yields exactly one `VerificationOutcome`, in input order,
 holding either a decision or a `Failure`. If the engine raises for a whole call, it is
-called again per request, so one bad request cannot sink the batch; a request whose own
-call raises fails with MODEL_FAILED (or the engine's own `ProcessingError` code). A request
-unreadable twice fails with MODEL_OUTPUT_INVALID and keeps both raw outputs.
+called again per request (`processors.batching.run_isolated`), so one bad request cannot
+sink the batch; a request whose own call raises fails with MODEL_FAILED (or the engine's
+own `ProcessingError` code). A request unreadable twice fails with MODEL_OUTPUT_INVALID
+and keeps both raw outputs.
+
+Phases are timed once per batch: `on_phase` (the worker's metrics) is told the wall time
+of gathering, tiling, all model calls of the batch together, and deciding.
 
 Every model attempt that produced text is recorded as a `VerificationAttempt`; engine
 failures produce no attempt record (the failure itself is the record).
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import time
 from collections import Counter
@@ -45,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from processors.answer_parsing import parse_answer
 from processors.answer_schema import AnswerSchema, answer_schema
+from processors.batching import PhaseObserver, run_isolated, timed
 from processors.decision import decide, unknown_recommendation
 from processors.errors import ErrorCode, Failure, ProcessingError, failure_from_exception
 from processors.inference import InferenceEngine, PreparedRequest, ReplayEngine
@@ -59,6 +65,8 @@ from processors.records import (
 if TYPE_CHECKING:
     from processors.gathering import GatheredImages
     from processors.tiling import TiledRequest, TilingConfig
+
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2
 VALID = "valid"
@@ -87,11 +95,14 @@ class SubmittingEngine(Protocol):
     """
 
     @property
-    def model_version(self) -> str: ...
+    def model_version(self) -> str:
+        """The version the decisions of this engine name."""
 
-    def submit(self, request: PreparedRequest, *, timeout: float | None = None) -> Future[Any]: ...
+    def submit(self, request: PreparedRequest, *, timeout: float | None = None) -> Future[Any]:
+        """Queue `request`; `queue.Full` when the queue stays full for `timeout` s."""
 
-    def has_room(self) -> bool: ...
+    def has_room(self) -> bool:
+        """Whether a submission would be taken now."""
 
 
 SUBMIT_RETRY_S = 0.01  # how often a submission refused by a full queue is tried again
@@ -183,7 +194,9 @@ class VerificationPipeline:
     With an `ImageSource`, `tiling` is required; `tile` defaults to
     `processors.tiling.tile_images` (imported on first use, so replay never loads torch).
     `clock` gives decision and attempt timestamps (timezone-aware); `timer` measures
-    durations in seconds.
+    durations in seconds. `on_phase(phase, seconds)` is told, once per `run`, the wall
+    time of each phase the batch went through: "gather" and "tile" (not in replay mode),
+    "model" (every engine call of the batch, both attempts) and "decide".
     """
 
     def __init__(
@@ -195,7 +208,9 @@ class VerificationPipeline:
         clock: Callable[[], datetime] = _utc_now,
         timer: Callable[[], float] = time.perf_counter,
         tile: Tiler | None = None,
+        on_phase: PhaseObserver | None = None,
     ) -> None:
+        """Keep the collaborators; nothing is loaded. `ValueError` for images without tiling."""
         if images is not None and tiling is None:
             raise ValueError("an ImageSource needs a TilingConfig")
         self._engine = engine
@@ -204,6 +219,7 @@ class VerificationPipeline:
         self._clock = clock
         self._timer = timer
         self._tile = tile
+        self._on_phase = on_phase
 
     async def run(
         self, inputs: Sequence[VerificationInput], *, batch_id: str
@@ -224,11 +240,16 @@ class VerificationPipeline:
         await self._prepare_images([i for i in items if i.failure is None])
 
         pending = [i for i in items if i.failure is None]
+        model_s: float | None = None  # None: the engine was never called
         for attempt in range(1, MAX_ATTEMPTS + 1):
             if not pending:
                 break
-            await self._infer(pending, attempt, batch_id)
+            call_s = await self._infer(pending, attempt, batch_id)
+            if call_s is not None:
+                model_s = (model_s or 0.0) + call_s
             pending = [i for i in pending if i.failure is None and i.answer is None]
+        if model_s is not None and self._on_phase is not None:
+            self._on_phase("model", model_s)
         for item in pending:
             # The last attempt names the cause: not well-formed, or an unknown recommendation.
             code = item.error_codes[-1] if item.error_codes else ErrorCode.MODEL_OUTPUT_INVALID
@@ -238,7 +259,8 @@ class VerificationPipeline:
                 "decide" if code is ErrorCode.UNKNOWN_RECOMMENDATION else "parse",
             )
 
-        return [self._outcome(item, started) for item in items]
+        with timed(self._on_phase, "decide", self._timer):
+            return [self._outcome(item, started) for item in items]
 
     # ------------------------------------------------------------------------------ images
 
@@ -252,23 +274,26 @@ class VerificationPipeline:
         if not items:
             return
         try:
-            gathered = await self._images.gather_batch([i.request for i in items])
+            with timed(self._on_phase, "gather", self._timer):
+                gathered = await self._images.gather_batch([i.request for i in items])
             if len(gathered) != len(items):
                 raise RuntimeError(f"image source returned {len(gathered)} for {len(items)}")
         except Exception as exc:
             # Whole-batch failure of the image source: every request fails with its cause.
+            log.debug("image source failed for a batch of %d", len(items), exc_info=True)
             failure = failure_from_exception(exc, "gather")
             for item in items:
                 item.failure = failure
             return
         # Each call writes its tiles (or its failure) into its item.
-        await asyncio.gather(
-            *(
-                self._tile_one(item, result)
-                for item, result in zip(items, gathered, strict=True)
-                if not isinstance(result, Failure)
-            )
-        )
+        tiling = [
+            self._tile_one(item, result)
+            for item, result in zip(items, gathered, strict=True)
+            if not isinstance(result, Failure)
+        ]
+        if tiling:
+            with timed(self._on_phase, "tile", self._timer):
+                await asyncio.gather(*tiling)
         for item, result in zip(items, gathered, strict=True):
             if isinstance(result, Failure):
                 item.failure = result
@@ -286,6 +311,7 @@ class VerificationPipeline:
         try:
             result = await asyncio.to_thread(tile, gathered, config)
         except Exception as exc:
+            log.debug("tiling %s failed", item.request.uuid, exc_info=True)
             item.failure = failure_from_exception(exc, "tile")
             return
         item.pixel_values = result.pixel_values
@@ -297,8 +323,11 @@ class VerificationPipeline:
 
     # ------------------------------------------------------------------------------ model
 
-    async def _infer(self, items: list[_Item], attempt: int, batch_id: str) -> None:
-        """One engine call for `items` at `attempt`; records outputs, answers and failures."""
+    async def _infer(self, items: list[_Item], attempt: int, batch_id: str) -> float | None:
+        """One engine call for `items` at `attempt`; records outputs, answers and failures.
+
+        Returns the wall time of the call in seconds (None when no item had a prompt).
+        """
         ready: list[tuple[_Item, PreparedRequest]] = []
         for item in items:
             try:
@@ -324,8 +353,10 @@ class VerificationPipeline:
             )
             ready.append((item, prepared))
         if not ready:
-            return
+            return None
+        started = self._timer()
         results = await self._call_engine([prepared for _, prepared in ready])
+        elapsed_s = self._timer() - started
         for (item, prepared), result in zip(ready, results, strict=True):
             item.model_s += result.share_s
             if isinstance(result.output, Failure):
@@ -363,37 +394,45 @@ class VerificationPipeline:
                     occurred_at_ms=int(self._clock().timestamp() * 1000),
                 )
             )
+        return elapsed_s
 
     async def _call_engine(self, batch: list[PreparedRequest]) -> list[_CallResult]:
-        """Generate for the whole batch; if that raises, once per request.
+        """Generate for the whole batch; if that raises, once per request (`run_isolated`).
 
         The time of a failed batch call is shared among its requests too, so
         `processing_time_ai` counts every second the GPU spent on a request.
         """
         if isinstance(self._engine, SubmittingEngine):
             return list(await asyncio.gather(*(self._submit(p) for p in batch)))
-        started = self._timer()
-        try:
-            texts = await asyncio.to_thread(self._engine.generate, batch)
-            if len(texts) != len(batch):
-                raise RuntimeError(f"engine returned {len(texts)} texts for {len(batch)}")
-        except Exception as exc:
-            failed_s = self._timer() - started
-            if len(batch) == 1:
-                return [_CallResult(_model_failure(exc), failed_s * 1000.0, 1, failed_s)]
-            results: list[_CallResult] = []
-            for prepared in batch:
-                single = await self._call_engine([prepared])
-                own = single[0]
-                results.append(
-                    _CallResult(
-                        own.output, own.call_ms, own.call_size, own.share_s + failed_s / len(batch)
-                    )
-                )
+        failed_s: list[float] = []  # wall time of each call that raised, latest last
+        batch_failed_s = 0.0
+
+        async def generate(part: Sequence[PreparedRequest]) -> list[_CallResult]:
+            started = self._timer()
+            try:
+                texts = await asyncio.to_thread(self._engine.generate, list(part))
+                if len(texts) != len(part):
+                    raise RuntimeError(f"engine returned {len(texts)} texts for {len(part)}")
+            except Exception:
+                failed_s.append(self._timer() - started)
+                raise
+            elapsed_s = self._timer() - started
+            share = elapsed_s / len(part)
+            return [_CallResult(str(text), elapsed_s * 1000.0, len(part), share) for text in texts]
+
+        def failed(_: PreparedRequest, exc: Exception) -> _CallResult:
+            own_s = failed_s[-1]
+            return _CallResult(_model_failure(exc), own_s * 1000.0, 1, own_s)
+
+        def batch_failed(_: Exception) -> None:
+            nonlocal batch_failed_s
+            batch_failed_s = failed_s[-1]
+
+        results = await run_isolated(generate, batch, failed, on_batch_error=batch_failed)
+        if not batch_failed_s:
             return results
-        elapsed_s = self._timer() - started
-        share = elapsed_s / len(batch)
-        return [_CallResult(str(text), elapsed_s * 1000.0, len(batch), share) for text in texts]
+        extra_s = batch_failed_s / len(batch)
+        return [_CallResult(r.output, r.call_ms, r.call_size, r.share_s + extra_s) for r in results]
 
     async def _submit(self, prepared: PreparedRequest) -> _CallResult:
         """One submission to a `SubmittingEngine`; its time runs from submit to answer."""
@@ -405,6 +444,7 @@ class VerificationPipeline:
             completion = await asyncio.wrap_future(await submit_when_room(engine, prepared))
             output = str(completion.text)
         except Exception as exc:
+            log.debug("submission of %s failed", prepared.request_id, exc_info=True)
             output = _model_failure(exc)
         elapsed_s = self._timer() - started
         return _CallResult(output, elapsed_s * 1000.0, 1, elapsed_s)
@@ -426,6 +466,7 @@ class VerificationPipeline:
                     now=self._clock(),
                 )
             except Exception as exc:
+                log.debug("deciding %s failed", item.request.uuid, exc_info=True)
                 item.failure = failure_from_exception(exc, "decide")
         if decision is None and item.failure is None:
             item.failure = Failure(ErrorCode.INTERNAL, "no answer and no failure", "decide")
@@ -502,8 +543,10 @@ def _read_replay_line(line: Any) -> _ReplayLine:
 
 
 def _chunks(lines: Iterable[_ReplayLine], size: int) -> Iterator[list[_ReplayLine]]:
-    """Batches of at most `size`; a uuid seen twice starts a new batch, because the
-    `ReplayEngine` of a batch is keyed by request uuid."""
+    """Batches of at most `size`; a uuid seen twice starts a new batch.
+
+    The `ReplayEngine` of a batch is keyed by request uuid.
+    """
     chunk: list[_ReplayLine] = []
     seen: set[str] = set()
     for line in lines:

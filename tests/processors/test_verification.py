@@ -476,6 +476,50 @@ async def test_image_source_raising_fails_the_whole_batch() -> None:
     assert engine.calls == []
 
 
+async def test_each_phase_is_reported_once_per_batch_with_its_wall_time() -> None:
+    timer = FakeTimer()
+
+    def tile(gathered: GatheredImages, config: TilingConfig) -> Any:
+        timer.now += 0.5  # every tiling call takes half a second of the fake clock
+        count = len(gathered.vendor) + len(gathered.pickup)
+        return _Tiled(None, (1,) * count, len(gathered.vendor), len(gathered.pickup))
+
+    source = FakeImageSource({f"SHIP-{n}": _gathered(1, 1) for n in (1, 2, 3)})
+    # Request 2 answers unreadably first: two engine calls, one "model" observation.
+    engine = RecordingEngine(
+        {"uuid-1": [_answer()], "uuid-2": [INVALID, _answer()], "uuid-3": [_answer()]},
+        timer=timer,
+        seconds_per_call=2.0,
+    )
+    phases: list[tuple[str, float]] = []
+    pipeline = _pipeline(
+        engine,
+        images=source,
+        tiling=TilingConfig(),
+        tile=tile,
+        timer=timer,
+        on_phase=lambda phase, seconds: phases.append((phase, seconds)),
+    )
+    outcomes = await _run(pipeline, _request(1), _request(2), _request(3))
+    assert all(o.decision is not None for o in outcomes)
+    assert len(engine.calls) == 2
+    assert [phase for phase, _ in phases] == ["gather", "tile", "model", "decide"]
+    seconds = dict(phases)
+    assert seconds["model"] == pytest.approx(4.0)  # both calls, once
+    assert seconds["tile"] == pytest.approx(1.5)  # three tilings in one phase
+    assert seconds["gather"] == seconds["decide"] == 0.0  # the fake clock did not move
+
+
+async def test_replay_mode_reports_only_the_model_and_decide_phases() -> None:
+    phases: list[str] = []
+    pipeline = _pipeline(
+        RecordingEngine({"uuid-1": [_answer()]}),
+        on_phase=lambda phase, seconds: phases.append(phase),
+    )
+    await _run(pipeline, _request(1), _request(2))  # 2 has no recording: MODEL_FAILED
+    assert phases == ["model", "decide"]
+
+
 def test_image_source_needs_tiling_config() -> None:
     with pytest.raises(ValueError, match="TilingConfig"):
         VerificationPipeline(RecordingEngine({}), images=FakeImageSource({}), tiling=None)
