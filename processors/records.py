@@ -19,11 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from processors.contracts import PICKUP_COMPLETED, PRODUCT_LISTED
 from processors.errors import ErrorCode, ProcessingError
 
 MAX_IMAGES_PER_KIND = 10
-PICKUP_CONTRACT: Final = "pickup-completed"
-LISTING_CONTRACT: Final = "product-listed"
 # Fields that do not identify a request's content: the ids themselves and the clock.
 _NOT_CONTENT: Final = frozenset({"event_id", "uuid", "occurred_at"})
 
@@ -65,7 +64,7 @@ def input_key(contract: str, event: Mapping[str, Any]) -> str:
     It identifies the request, not the shipment: the producer's `event_id` when present,
     else the request `uuid` when the producer sent one, else a hash of the whole request
     content (`content_hash`: photos, `previousuuid` and every other field). `contract` is
-    the schema's name (`PICKUP_CONTRACT`, `LISTING_CONTRACT`), never a configured topic
+    the schema's name (`PICKUP_COMPLETED`, `PRODUCT_LISTED`), never a configured topic
     name, so renaming topics keeps the keys. A redelivery of a message maps to the same
     key; a retake (new uuid or new photos) to a new one.
     """
@@ -136,7 +135,7 @@ class PickupRequest:
 
     def __post_init__(self) -> None:
         if not self.idempotency_key:
-            key = input_key(PICKUP_CONTRACT, {"event_id": self.event_id})
+            key = input_key(PICKUP_COMPLETED, {"event_id": self.event_id})
             object.__setattr__(self, "idempotency_key", key)
 
     @classmethod
@@ -147,7 +146,7 @@ class PickupRequest:
         question = _require_str(event, "question", max_len=100_000)
         vendor = _str_list(event, "pickupproductimage", low=1, high=MAX_IMAGES_PER_KIND)
         pickup = _str_list(event, "skupickdone", low=1, high=MAX_IMAGES_PER_KIND)
-        key = input_key(PICKUP_CONTRACT, event)
+        key = input_key(PICKUP_COMPLETED, event)
         event_id = _event_id(event, key)
         request_uuid = _optional_str(event, "uuid") or str(
             uuid_module.uuid5(uuid_module.NAMESPACE_URL, f"visionstream:{event_id}")
@@ -198,7 +197,7 @@ class ProductListing:
 
     def __post_init__(self) -> None:
         if not self.idempotency_key:
-            key = input_key(LISTING_CONTRACT, {"event_id": self.event_id})
+            key = input_key(PRODUCT_LISTED, {"event_id": self.event_id})
             object.__setattr__(self, "idempotency_key", key)
 
     @classmethod
@@ -213,7 +212,7 @@ class ProductListing:
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 50:
             raise ProcessingError(ErrorCode.INVALID_EVENT, "top_k_tags must be an integer 0-50")
         occurred = event.get("occurred_at", 0)
-        key = input_key(LISTING_CONTRACT, event)
+        key = input_key(PRODUCT_LISTED, event)
         return cls(
             event_id=_event_id(event, key),
             occurred_at_ms=int(occurred) if isinstance(occurred, int | float) else 0,

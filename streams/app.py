@@ -189,7 +189,7 @@ def create_app(settings: Settings, **runtime_overrides: Any) -> faust.App:
 
 def _register_review(app: faust.App, settings: Settings, publisher: FaustPublisher) -> None:
     """The review copies' upkeep and, with reviewers configured, the review page (sink role)."""
-    from processors.analytics.sink import open_client
+    from processors.analytics.client import open_client
     from streams.review_web import register_review_upkeep, register_review_views
 
     opener = functools.partial(open_client, settings.effective_clickhouse_dsn)

@@ -83,8 +83,8 @@ def register_commands(app: faust.App, settings: Settings) -> None:
     )
     async def query(self: AppCommand, sql: str, as_json: bool) -> None:
         """Run one read-only SQL statement against the analytics database."""
+        from processors.analytics.client import open_client
         from processors.analytics.reports import format_table, run_query, to_json
-        from processors.analytics.sink import open_client
 
         client = open_client(settings.effective_clickhouse_dsn)
         result = await _in_thread(run_query, client, sql)
@@ -97,6 +97,7 @@ def register_commands(app: faust.App, settings: Settings) -> None:
     )
     async def report(self: AppCommand, name: str | None, since: str, as_json: bool) -> None:
         """Named outcome reports; without a name, every report."""
+        from processors.analytics.client import open_client
         from processors.analytics.reports import (
             format_table,
             list_reports,
@@ -104,7 +105,6 @@ def register_commands(app: faust.App, settings: Settings) -> None:
             run_report,
             to_json,
         )
-        from processors.analytics.sink import open_client
 
         names = [name] if name else list_reports()
         client = open_client(settings.effective_clickhouse_dsn)

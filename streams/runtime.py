@@ -348,7 +348,7 @@ class SinkRuntime:
 
     async def start(self) -> None:
         """Open ClickHouse and apply migrations; while it is unreachable, wait and retry."""
-        from processors.analytics.sink import SinkUnavailable
+        from processors.analytics.client import SinkUnavailable
 
         try:
             if self._sink is None:
@@ -363,7 +363,8 @@ class SinkRuntime:
         self.ready.set()
 
     async def store(self, messages: Sequence[RawMessage]) -> None:
-        from processors.analytics.sink import SinkRecord, SinkUnavailable
+        from processors.analytics.client import SinkUnavailable
+        from processors.analytics.rows import SinkRecord
 
         for message in messages:
             try:
@@ -429,8 +430,8 @@ class SinkReports:
         return list(list_reports())
 
     def run(self, name: str, since: str) -> dict[str, Any]:
+        from processors.analytics.client import open_client
         from processors.analytics.reports import parse_since, run_report, to_json
-        from processors.analytics.sink import open_client
 
         if self._client is None:
             self._client = open_client(self._dsn)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from processors.analytics.sink import SinkTopics
+# Re-exported: the streams layer names the topics `streams.settings.Topics`.
+from processors.contracts import Topics as Topics
 from processors.gathering import GatherLimits
 from streams.logs import redact_passwords
 from streams.review_settings import ReviewSettings, ReviewSettingsError
@@ -28,18 +29,6 @@ SAMPLES_DIR = PACKAGE_DIR / "samples"
 
 class SettingsError(ValueError):
     """An environment variable has an unusable value; the message names it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Topics(SinkTopics):
-    """Topic names; each defaults to the contract's name (the sink reads all of them)."""
-
-    def schema_of(self, topic: str) -> str:
-        """The contract (schema folder name) of a configured topic name."""
-        for item in fields(self):
-            if getattr(self, item.name) == topic:
-                return item.name.replace("_", "-")
-        raise KeyError(f"unknown topic {topic!r}")
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,8 @@ def dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def module_client(dsn: str) -> Iterator[Any]:
     """A client of `dsn` with every migration applied, for one test module."""
-    from processors.analytics.sink import apply_migrations, open_client
+    from processors.analytics.client import open_client
+    from processors.analytics.migrations import apply_migrations
 
     client = open_client(dsn)
     apply_migrations(client)

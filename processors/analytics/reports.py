@@ -28,7 +28,8 @@ from functools import cache
 from typing import Any
 from uuid import UUID
 
-from processors.analytics.sink import AnalyticsClient, split_sql
+from processors.analytics.client import AnalyticsClient
+from processors.analytics.migrations import split_sql
 from schemas import CLICKHOUSE_DIR
 
 REPORTS_DIR = CLICKHOUSE_DIR / "reports"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from processors.analytics.sink import AnalyticsClient
+from processors.analytics.client import AnalyticsClient
 
 PAGE_SIZE = 25
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from processors.analytics.sink import SinkRecord, SinkTopics, rows_for
+from processors.analytics.rows import SinkRecord, rows_for
+from processors.contracts import PICKUP_COMPLETED, PRODUCT_LISTED, Topics
 from processors.records import (
-    LISTING_CONTRACT,
-    PICKUP_CONTRACT,
     PickupRequest,
     ProductListing,
     input_key,
@@ -85,19 +84,19 @@ def test_listings_follow_the_same_rule() -> None:
     key = ProductListing.from_event(listing).idempotency_key
     other_image = {**listing, "image": "https://images.example.com/b.jpg"}
     assert ProductListing.from_event(other_image).idempotency_key != key
-    assert key == input_key(LISTING_CONTRACT, listing)
+    assert key == input_key(PRODUCT_LISTED, listing)
     with_id = {**listing, "event_id": "catalog:1"}
     assert ProductListing.from_event(with_id).idempotency_key == input_key(
-        LISTING_CONTRACT, {"event_id": "catalog:1"}
+        PRODUCT_LISTED, {"event_id": "catalog:1"}
     )
 
 
 def test_renamed_topics_keep_the_key_the_worker_and_the_sink_agree_on() -> None:
-    topics = SinkTopics(pickup_completed="prod.pickups", product_listed="prod.listings")
+    topics = Topics(pickup_completed="prod.pickups", product_listed="prod.listings")
     codec = Codecs().for_schema("pickup-completed")
     for event in (pickup_event(3), legacy_pickup()):
         decoded = codec.decode(codec.encode(event))
         rows = rows_for(SinkRecord("prod.pickups", 0, 1, decoded, 1_000), topics)
         assert not isinstance(rows, Exception) and isinstance(rows, dict), rows
         [row] = rows["pickup_requests"]
-        assert row[2] == key_of(decoded) == input_key(PICKUP_CONTRACT, decoded)
+        assert row[2] == key_of(decoded) == input_key(PICKUP_COMPLETED, decoded)

@@ -16,14 +16,11 @@ import faust
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from processors.analytics.client import open_client
+from processors.analytics.migrations import apply_migrations
 from processors.analytics.reports import run_report
-from processors.analytics.sink import (
-    COLUMNS,
-    AnalyticsSink,
-    SinkRecord,
-    apply_migrations,
-    open_client,
-)
+from processors.analytics.rows import COLUMNS, SinkRecord
+from processors.analytics.sink import AnalyticsSink
 from streams.codecs import Codecs
 from streams.review_web import register_review_views
 from streams.settings import Settings, Topics

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from processors.analytics.rejections import FAILURES_TABLE
-from processors.analytics.sink import COLUMNS
+from processors.analytics.rows import COLUMNS
 from processors.records import CategoryTag, SourcePosition, TopCategory
 from streams.app import kafka_timestamp_ms
 from streams.codecs import Codecs

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from processors.analytics.sink import open_client
+from processors.analytics.client import open_client
 from streams.app import create_app
 from streams.runtime import build_sink
 from streams.settings import Settings

@@ -15,14 +15,10 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError
 
+from processors.analytics.client import DEDUP_SETTING, SinkUnavailable
 from processors.analytics.rejections import FAILURES_TABLE, rejection_code, split_rows
-from processors.analytics.sink import (
-    COLUMNS,
-    DEDUP_SETTING,
-    AnalyticsSink,
-    SinkRecord,
-    SinkUnavailable,
-)
+from processors.analytics.rows import COLUMNS, SinkRecord
+from processors.analytics.sink import AnalyticsSink
 from processors.records import CategoryTag, PickupRequest, SourcePosition, TopCategory
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00:00Z

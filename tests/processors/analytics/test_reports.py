@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from processors.analytics.client import open_client
+from processors.analytics.migrations import apply_migrations
 from processors.analytics.reports import (
     ReportResult,
     format_table,
@@ -25,13 +27,8 @@ from processors.analytics.reports import (
     run_report,
     to_json,
 )
-from processors.analytics.sink import (
-    COLUMNS,
-    AnalyticsSink,
-    SinkRecord,
-    apply_migrations,
-    open_client,
-)
+from processors.analytics.rows import COLUMNS, SinkRecord
+from processors.analytics.sink import AnalyticsSink
 from processors.errors import ErrorCode
 from processors.records import (
     Analysis,

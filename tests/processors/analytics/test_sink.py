@@ -16,24 +16,18 @@ from typing import Any
 
 import pytest
 
-from processors.analytics.reports import run_report
-from processors.analytics.sink import (
-    COLUMNS,
-    DEDUP_SETTING,
+from processors.analytics.client import DEDUP_SETTING, SinkUnavailable, open_client, redact_dsn
+from processors.analytics.migrations import (
     MIGRATIONS_DIR,
-    POSITION_COLUMNS,
-    AnalyticsSink,
     MigrationError,
-    SinkRecord,
-    SinkTopics,
-    SinkUnavailable,
     apply_migrations,
     load_migrations,
-    open_client,
-    redact_dsn,
-    rows_for,
     split_sql,
 )
+from processors.analytics.reports import run_report
+from processors.analytics.rows import COLUMNS, POSITION_COLUMNS, SinkRecord, rows_for
+from processors.analytics.sink import AnalyticsSink
+from processors.contracts import Topics
 from processors.errors import ErrorCode, Failure
 from processors.records import (
     Analysis,
@@ -589,7 +583,7 @@ def test_bad_records_are_returned_as_failures_and_never_stop_the_flush(
 
 
 def test_topics_are_configurable() -> None:
-    topics = SinkTopics(verification_decision="prod.decisions")
+    topics = Topics(verification_decision="prod.decisions")
     routed = rows_for(SinkRecord("prod.decisions", 0, 0, decision("k"), T0), topics)
     assert isinstance(routed, dict) and set(routed) == {
         "verification_decisions",
@@ -598,7 +592,7 @@ def test_topics_are_configurable() -> None:
     assert isinstance(
         rows_for(SinkRecord("verification-decision", 0, 0, decision("k"), T0), topics), Failure
     )
-    assert SinkTopics().all() == (
+    assert Topics().all() == (
         "pickup-completed", "product-listed", "verification-decision", "category-tag",
         "verification-attempts", "dead-letter", "verification-review", "review-image",
     )  # fmt: skip

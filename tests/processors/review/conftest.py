@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from processors.analytics.sink import COLUMNS, AnalyticsSink, SinkRecord
+from processors.analytics.rows import COLUMNS, SinkRecord
+from processors.analytics.sink import AnalyticsSink
 from processors.review.verdicts import AnswerMark, Verdict
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00:00Z

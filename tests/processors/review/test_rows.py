@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from processors.analytics.sink import AnalyticsSink, SinkRecord, rows_for
+from processors.analytics.rows import SinkRecord, rows_for
+from processors.analytics.sink import AnalyticsSink
 from processors.errors import Failure
 from tests.processors.review.conftest import (
     T0,

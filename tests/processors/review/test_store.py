@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from processors.analytics.sink import AnalyticsSink, SinkRecord
+from processors.analytics.rows import SinkRecord
+from processors.analytics.sink import AnalyticsSink
 from processors.review.store import QueueFilter, ReviewStore, apply_retention, enforce_budget
 from streams.codecs import Codecs
 from streams.settings import Topics
