@@ -30,11 +30,11 @@ class AnalyticsClient(Protocol):
 
     def command(
         self, cmd: str, parameters: Any = None, data: Any = None, settings: Any = None
-    ) -> Any: ...
+    ) -> Any:
+        """Run one statement that returns no rows (DDL); raises on a server error."""
 
-    def query(
-        self, query: str | None = None, parameters: Any = None, settings: Any = None
-    ) -> Any: ...
+    def query(self, query: str | None = None, parameters: Any = None, settings: Any = None) -> Any:
+        """Run one query; the result has `column_names` and `result_rows`. Raises on error."""
 
     def insert(
         self,
@@ -46,9 +46,11 @@ class AnalyticsClient(Protocol):
         column_type_names: Any = None,
         column_oriented: bool = False,
         settings: Any = None,
-    ) -> Any: ...
+    ) -> Any:
+        """Insert `data` (rows) into `table`; raises when the server or the client refuses."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the connection (or the embedded engine's session)."""
 
 
 class SinkUnavailable(Exception):
@@ -138,6 +140,8 @@ def open_client(
                 connect_timeout=connect_timeout,
                 send_receive_timeout=send_receive_timeout,
             )
+    # Blind on purpose: whatever the driver raises must become SinkUnavailable, and the
+    # chain is dropped (`from None`) so that no traceback carries the password.
     except Exception as exc:
         message = scrub_secrets(f"{type(exc).__name__}: {exc}", dsn)
         raise SinkUnavailable(f"cannot open ClickHouse at {redact_dsn(dsn)}: {message}") from None

@@ -39,6 +39,7 @@ class Migration:
     checksum: str
 
     def statements(self) -> list[str]:
+        """The file's statements, in order (`split_sql`)."""
         return split_sql(self.sql)
 
 

@@ -18,6 +18,7 @@ statement; errors of the ClickHouse client propagate unchanged.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import re
@@ -84,12 +85,11 @@ def _query(client: AnalyticsClient, sql: str, parameters: dict[str, Any] | None)
     if not columns and not rows:
         # chDB sends no Native bytes, hence no column names, for an empty result;
         # a LIMIT 0 wrapper takes clickhouse-connect's metadata probe instead.
-        try:
+        # Best effort, whatever fails (SHOW cannot be wrapped, say) keeps no columns.
+        with contextlib.suppress(Exception):
             wrapped = f"SELECT * FROM (\n{sql}\n) LIMIT 0"  # noqa: S608 - a report or checked query
             probe = client.query(wrapped, parameters=parameters)
             columns = tuple(probe.column_names)
-        except Exception:  # noqa: S110 - e.g. SHOW cannot be wrapped; keep no columns
-            pass
     return ReportResult(columns=columns, rows=rows)
 
 

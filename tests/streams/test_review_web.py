@@ -55,7 +55,10 @@ async def load(sink: AnalyticsSink) -> None:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
-    """The suite's one chDB engine path (see tests/processors/test_sink.py) and a client."""
+    """The suite's one chDB engine path and a client.
+
+    See tests/processors/analytics/test_sink.py for why there is one path.
+    """
     dsn = f"chdb://{tmp_path_factory.getbasetemp() / 'chdb-engine'}"
     client = open_client(dsn)
     apply_migrations(client)

@@ -1,6 +1,6 @@
 """The sink role's runtime over the embedded ClickHouse: Kafka timestamps and readiness.
 
-Uses the suite's one chDB engine directory (see tests/processors/test_sink.py).
+Uses the suite's one chDB engine directory (see tests/processors/analytics/test_sink.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Inserts ClickHouse rejects: split, isolate, record in sink_failures, move on (embedded chDB).
 
-Uses the suite's one chDB engine directory (see tests/processors/test_sink.py). The
-rejections are real: a block spanning 240 month partitions (code 252), and a CHECK
+Uses the suite's one chDB engine directory (see tests/processors/analytics/test_sink.py).
+The rejections are real: a block spanning 240 month partitions (code 252), and a CHECK
 constraint added to a table (code 469) that one row breaks.
 """
 

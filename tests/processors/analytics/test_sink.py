@@ -11,23 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import date, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from processors.analytics.client import DEDUP_SETTING, SinkUnavailable, open_client, redact_dsn
-from processors.analytics.migrations import (
-    MIGRATIONS_DIR,
-    MigrationError,
-    apply_migrations,
-    load_migrations,
-    split_sql,
-)
+from processors.analytics.client import DEDUP_SETTING, SinkUnavailable
 from processors.analytics.reports import run_report
 from processors.analytics.rows import COLUMNS, POSITION_COLUMNS, SinkRecord, rows_for
 from processors.analytics.sink import AnalyticsSink
-from processors.contracts import Topics
 from processors.errors import ErrorCode, Failure
 from processors.records import (
     Analysis,
@@ -256,37 +247,6 @@ class FlakyClient:
 # -------------------------------------------------------------------------- tests
 
 
-def test_redact_dsn_hides_passwords() -> None:
-    dsn = "https://analyst:s3cr%40t!@ch.example:8443/visionstream?password=p2&compress=1"
-    redacted = redact_dsn(dsn)
-    assert "s3cr" not in redacted and "p2" not in redacted
-    assert redacted == "https://analyst:***@ch.example:8443/visionstream?password=***&compress=1"
-    assert redact_dsn("http://default@localhost:8123/db") == "http://default@localhost:8123/db"
-    assert redact_dsn("chdb:///var/lib/vs") == "chdb:///var/lib/vs"
-    assert redact_dsn("http://[::1") == "<unparseable dsn>"
-    sink = AnalyticsSink("http://u:hunter2@ch:8123/db")
-    assert "hunter2" not in repr(sink) and "hunter2" not in sink.dsn
-
-
-def test_open_client_errors_never_show_the_password() -> None:
-    with pytest.raises(ValueError, match="unsupported DSN") as bad_scheme:
-        open_client("mysql://u:hunter2@db:3306/x")
-    assert "hunter2" not in str(bad_scheme.value)
-    # Nothing listens on port 1: the connection is refused at once.
-    dsn = "http://u:hunter2@127.0.0.1:1/db"
-    with pytest.raises(SinkUnavailable) as refused:
-        open_client(dsn, connect_timeout=2, send_receive_timeout=2)
-    assert "hunter2" not in str(refused.value)
-    assert "u:***@127.0.0.1:1" in str(refused.value)
-
-
-def test_chdb_refuses_a_second_engine_path_while_one_is_open(
-    module_client: Any, tmp_path: Path
-) -> None:
-    with pytest.raises(SinkUnavailable, match=r"already initialized|cannot connect"):
-        open_client(f"chdb://{tmp_path / 'other-engine'}")
-
-
 def test_columns_match_the_ddl(ch: Any) -> None:
     for table, columns in COLUMNS.items():
         described = [row[0] for row in ch.query(f"DESCRIBE TABLE {table}").result_rows]
@@ -466,39 +426,6 @@ def test_duplicate_decision_from_another_offset_counts_once_and_the_latest_wins(
     assert kept.result_rows == [("Not Pick",)]
 
 
-def test_migrations_applied_twice_are_a_no_op(module_client: Any, tmp_path: Path) -> None:
-    ch = module_client
-    for table in [*COLUMNS, "sink_failures", "schema_migrations"]:
-        ch.command(f"DROP TABLE IF EXISTS {table} SYNC")
-    assert apply_migrations(ch) == [1, 2, 3]
-    tables = ch.query("SHOW TABLES").result_rows
-    assert apply_migrations(ch) == []
-    assert ch.query("SHOW TABLES").result_rows == tables
-    assert {row[0] for row in tables} == {*COLUMNS, "sink_failures", "schema_migrations"}
-    assert count(ch, "SELECT count() FROM schema_migrations") == 3
-    # A released migration that was edited afterwards is refused.
-    (tmp_path / "0001_init.sql").write_text(
-        (MIGRATIONS_DIR / "0001_init.sql").read_text() + "\n-- edited\n"
-    )
-    with pytest.raises(MigrationError, match="changed after it was applied"):
-        apply_migrations(ch, tmp_path)
-    (tmp_path / "init.sql").write_text("SELECT 1")
-    with pytest.raises(MigrationError, match="NNNN_name"):
-        load_migrations(tmp_path)
-
-
-def test_split_sql_ignores_semicolons_in_quotes_and_comments() -> None:
-    text = (
-        "-- a; comment\nCREATE TABLE a (x String DEFAULT ';') ENGINE = Memory;\n\n"
-        "SELECT 'it''s;', \"b;\" ;"
-    )
-    assert split_sql(text) == [
-        "CREATE TABLE a (x String DEFAULT ';') ENGINE = Memory",
-        "SELECT 'it''s;', \"b;\"",
-    ]
-    assert [m.version for m in load_migrations()] == [1, 2, 3]
-
-
 def test_outage_keeps_the_buffer_and_a_later_flush_delivers_exactly_once(
     ch: Any, dsn: str, sinks: list[AnalyticsSink]
 ) -> None:
@@ -580,22 +507,6 @@ def test_bad_records_are_returned_as_failures_and_never_stop_the_flush(
     assert count(ch, "SELECT count() FROM verification_decisions") == 0
     not_a_mapping = rows_for(SinkRecord("category-tag", 0, 0, [1, 2], T0))  # type: ignore[arg-type]
     assert isinstance(not_a_mapping, Failure)
-
-
-def test_topics_are_configurable() -> None:
-    topics = Topics(verification_decision="prod.decisions")
-    routed = rows_for(SinkRecord("prod.decisions", 0, 0, decision("k"), T0), topics)
-    assert isinstance(routed, dict) and set(routed) == {
-        "verification_decisions",
-        "question_answers",
-    }
-    assert isinstance(
-        rows_for(SinkRecord("verification-decision", 0, 0, decision("k"), T0), topics), Failure
-    )
-    assert Topics().all() == (
-        "pickup-completed", "product-listed", "verification-decision", "category-tag",
-        "verification-attempts", "dead-letter", "verification-review", "review-image",
-    )  # fmt: skip
 
 
 def test_should_flush_on_row_count_or_interval(dsn: str) -> None:

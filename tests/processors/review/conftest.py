@@ -1,4 +1,7 @@
-"""chDB fixtures and event builders shared by the review tests (see tests/processors/test_sink.py)."""
+"""chDB fixtures and event builders shared by the review tests.
+
+The chDB engine directory is the suite's one (see tests/processors/analytics/test_sink.py).
+"""
 
 from __future__ import annotations
 
