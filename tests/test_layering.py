@@ -60,3 +60,34 @@ def test_a_planted_upward_import_is_found(tmp_path: Path) -> None:
     assert {"streams", "faust"} <= roots
     assert not roots & {"processors", "schemas"}
     assert roots & FORBIDDEN["processors"] == {"streams", "faust"}
+
+
+def analytics_imports(path: Path) -> set[str]:
+    """The `processors.analytics` modules `path` imports from, by their last name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "processors.analytics":
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "processors.analytics."
+        ):
+            found.add(str(node.module).rsplit(".", 1)[1])
+    return found
+
+
+def test_reports_use_only_the_client_and_the_migrations_of_the_analytics_package() -> None:
+    assert analytics_imports(REPO / "processors" / "analytics" / "reports.py") == {
+        "client",
+        "migrations",
+    }
+
+
+def test_topics_map_to_contracts_in_one_module() -> None:
+    defining = sorted(
+        str(path.relative_to(REPO))
+        for package in ("streams", "processors")
+        for path in (REPO / package).rglob("*.py")
+        if "def schema_of(" in path.read_text(encoding="utf-8")
+    )
+    assert defining == ["processors/contracts.py"]

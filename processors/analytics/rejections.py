@@ -99,7 +99,7 @@ def rejection_code(exc: BaseException) -> int | None:
     and every server error outside `REJECTING_CODES` are transient (retry, do not
     split): splitting would send good rows to `sink_failures` for a server problem.
     """
-    # Deferred, as in processors.sink: importing clickhouse-connect is slow.
+    # Deferred, as in client.open_client: importing clickhouse-connect is slow.
     from clickhouse_connect.driver import exceptions as ch_errors
 
     if isinstance(exc, ConnectionError | TimeoutError):

@@ -4,7 +4,7 @@ Each report is one SQL file, `schemas/clickhouse/reports/<name>.sql`, whose lead
 `--` comment describes it and its columns. Every report takes one parameter,
 `{since:DateTime64(3, 'UTC')}`, bound by clickhouse-connect (server-side binding,
 never string formatting), and counts each input once (`ORDER BY version DESC
-LIMIT 1 BY <key>`; see `processors/sink.py` for the dedup design).
+LIMIT 1 BY <key>`; see `processors/analytics/sink.py` for the dedup design).
 
 `run_report` and `run_query` return a `ReportResult`; `format_table` renders it as
 a plain aligned text table and `to_json` as JSON. `parse_since` reads the window

@@ -1,7 +1,7 @@
 """Reads for the review page, and the upkeep of the stored review copies.
 
 Every read takes the latest copy of each key, as the reports do (`ORDER BY version
-DESC LIMIT 1 BY <key>`, see processors/sink.py), and binds every value server-side
+DESC LIMIT 1 BY <key>`, see processors/analytics/sink.py), and binds every value server-side
 (`{name:Type}` parameters, never string formatting): the optional filters of the
 queue only switch fixed SQL clauses on or off.
 
