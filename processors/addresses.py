@@ -12,13 +12,17 @@ from typing import Protocol
 
 
 class AddressLimits(Protocol):
-    """The switches of the policy (`processors.gathering.GatherLimits` has them)."""
+    """The switches of the policy (`processors.gather_limits.GatherLimits` has them)."""
 
     @property
-    def allow_loopback(self) -> bool: ...
+    def allow_loopback(self) -> bool:
+        """Whether loopback addresses (127.0.0.0/8, ::1) are allowed."""
+        ...
 
     @property
-    def allow_private(self) -> bool: ...
+    def allow_private(self) -> bool:
+        """Whether private and other non-global unicast addresses are allowed (link-local never)."""
+        ...
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix

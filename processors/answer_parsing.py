@@ -66,6 +66,7 @@ class ParsedAnswer:
 
     @property
     def ok(self) -> bool:
+        """Whether an answer was parsed."""
         return self.answer is not None
 
 
@@ -187,11 +188,11 @@ def _single_quoted_end(text: str, start: int) -> int:
 
 
 def repair_json(text: str) -> str:
-    """Best-effort JSON from near-JSON: single-quoted strings become double-quoted,
-    True/False/None become true/false/null, trailing commas go, and bare `85%` is quoted.
+    """Best-effort JSON from near-JSON.
 
-    Text inside double-quoted strings is left alone. Returns the repaired text, which may
-    still be invalid JSON.
+    Single-quoted strings become double-quoted, True/False/None become true/false/null,
+    trailing commas go, and bare `85%` is quoted. Text inside double-quoted strings is
+    left alone. Returns the repaired text, which may still be invalid JSON.
     """
     out: list[str] = []
     i = 0
@@ -352,8 +353,10 @@ def _validator() -> Draft202012Validator:
 
 
 def validate_answer(obj: Any) -> str | None:
-    """None when `obj` meets `schemas/json/model_answer.schema.json`, else the most relevant
-    error as "path: message", cut to `MAX_ERROR_CHARS`."""
+    """None when `obj` meets `schemas/json/model_answer.schema.json`, else the error.
+
+    The error is the most relevant one, as "path: message", cut to `MAX_ERROR_CHARS`.
+    """
     error = best_match(_validator().iter_errors(obj))
     if error is None:
         return None

@@ -69,6 +69,7 @@ class ChatTemplate:
         return self.sep.strip()
 
     def with_system_message(self, system_message: str) -> ChatTemplate:
+        """A copy of this template with another system message."""
         return replace(self, system_message=system_message)
 
 

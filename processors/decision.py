@@ -127,8 +127,11 @@ def _number(value: Any) -> float | None:
 
 
 def values_equal(kind: str, result: Any, expected: Any) -> bool:
-    """Whether a model Result equals a ValueToCheck: by truth value for booleans, by value
-    for numbers, else ignoring case and repeated spaces."""
+    """Whether a model Result equals a ValueToCheck.
+
+    Booleans compare by truth value, numbers by value, anything else as text ignoring
+    case and repeated spaces.
+    """
     if kind == "boolean":
         truth = boolean_truth(result)
         if truth is not None and truth == boolean_truth(expected):

@@ -97,6 +97,7 @@ class ProcessingError(Exception):
         self.stage = stage
 
     def to_failure(self, stage: str | None = None) -> Failure:
+        """This error as a `Failure`; `stage` overrides the error's own, else "unknown"."""
         return Failure(self.code, self.message, stage or self.stage or "unknown")
 
 

@@ -54,7 +54,9 @@ class InferenceEngine(Protocol):
     """Batch in, raw texts out; `generate` is synchronous and runs off the event loop."""
 
     @property
-    def model_version(self) -> str: ...
+    def model_version(self) -> str:
+        """The version recorded with every result this engine produced."""
+        ...
 
     def load(self) -> None:
         """Load weights; raises `ProcessingError(MODEL_NOT_LOADED)` with the reason on failure."""
@@ -85,12 +87,19 @@ class ReplayEngine:
 
     @property
     def model_version(self) -> str:
+        """The version given at construction ("replay" by default)."""
         return self._version
 
     def load(self) -> None:
+        """Nothing to load: the outputs were given at construction."""
         return None
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[str]:
+        """The recorded text of each request's attempt, in order.
+
+        Raises:
+            ProcessingError: `MODEL_FAILED` when a request or attempt has no recording.
+        """
         if self._latency_s > 0:
             time.sleep(self._latency_s)
         results: list[str] = []

@@ -156,10 +156,12 @@ class RequestCheck:
 
     @property
     def prompt_equal(self) -> bool:
+        """Whether both paths built the same prompt ids."""
         return self.prompt_diff is None
 
     @property
     def tokens_equal(self) -> bool:
+        """Whether both paths generated the same greedy ids."""
         return self.token_diff is None
 
 
@@ -174,14 +176,17 @@ class PrecisionRun:
 
     @property
     def prompts_equal(self) -> bool:
+        """Whether every request's prompt ids are equal on both paths."""
         return all(r.prompt_equal for r in self.requests)
 
     @property
     def tokens_equal(self) -> bool:
+        """Whether every request's greedy ids are equal on both paths."""
         return all(r.tokens_equal for r in self.requests)
 
     @property
     def decisions_agree(self) -> bool:
+        """Whether every request leads to the same decision on both paths."""
         return all(r.decisions_agree for r in self.requests)
 
 
@@ -209,6 +214,8 @@ class CheckpointFacts:
 
 @dataclass(frozen=True, slots=True)
 class ModelCheck:
+    """The checkpoint's facts and one run per dtype; `passed` is the verdict."""
+
     facts: CheckpointFacts
     runs: tuple[PrecisionRun, ...]
 
@@ -219,6 +226,7 @@ class ModelCheck:
         return bool(exact) and all(run.prompts_equal and run.tokens_equal for run in exact)
 
     def to_json(self) -> dict[str, Any]:
+        """The report as plain JSON values, with the derived verdicts of every run."""
         out = asdict(self)
         out["passed"] = self.passed
         for run, raw in zip(self.runs, out["runs"], strict=True):
@@ -240,6 +248,7 @@ def first_difference(reference: Sequence[int], fast: Sequence[int]) -> int | Non
 
 
 def token_diff(tokenizer: Any, reference: Sequence[int], fast: Sequence[int]) -> TokenDiff | None:
+    """Where two id sequences first differ, with each side's token there; None when equal."""
     position = first_difference(reference, fast)
     if position is None:
         return None

@@ -534,8 +534,11 @@ def is_negative_value(value: Any) -> bool:
 
 
 def clean_string(value: str) -> str:
-    """Drop characters that could break the prompt (`<>`, braces, backticks, control
-    characters) and collapse whitespace; a label with `<image>` must not add a placeholder."""
+    """Drop characters that could break the prompt and collapse whitespace.
+
+    The dropped characters are `<>`, braces, backticks and control characters: a label
+    with `<image>` must not add a placeholder.
+    """
     return _SPACES_RE.sub(" ", _UNSAFE_CHARS_RE.sub(" ", value)).strip()
 
 
@@ -566,8 +569,10 @@ def _result_instruction(question: Mapping[str, Any], label: str, value: str) -> 
 
 
 def fix_verification_questions(questions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Questions as the prompt shows them: Type/Label/IsMandatory/ValueToCheck as cleaned text,
-    and Result/Evidence/Confidence/isRetakeImage holding the instruction for each field.
+    """Questions as the prompt shows them.
+
+    Type/Label/IsMandatory/ValueToCheck become cleaned text, and
+    Result/Evidence/Confidence/isRetakeImage hold the instruction for each field.
 
     Never raises: unknown types are inferred from ValueToCheck, unknown labels fall back to
     `DEFAULT_CATEGORY`.

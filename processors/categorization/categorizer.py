@@ -44,6 +44,8 @@ import numpy as np
 from PIL import Image
 
 from processors.categorization.encoders import (
+    ENCODER_ERRORS,
+    IMAGE_DECODE_ERRORS,
     ImageEncoder,
     TextEncoder,
     compose_text,
@@ -296,6 +298,7 @@ class Categorizer:
 
     @property
     def model_version(self) -> str:
+        """The version training recorded in manifest.json."""
         return str(self.manifest["model_version"])
 
     @classmethod
@@ -317,38 +320,10 @@ class Categorizer:
         manifest = read_manifest(artifact_dir)
         check_encoders(manifest, text_encoder, image_encoder)
         files: Mapping[str, str] = manifest.get("files") or {}
-
-        def read(name: str) -> Any:
-            path = artifact_dir / name
-            expected = files.get(name)
-            if expected is None:
-                raise ArtifactError(f"{name} is not listed in {artifact_dir / MANIFEST}")
-            if not path.is_file():
-                raise ArtifactError(f"artifact file missing: {path}")
-            if _sha256(path) != expected:
-                raise ArtifactError(f"{path} changed since training (SHA-256 differs)")
-            try:
-                return joblib.load(path)
-            except Exception as exc:
-                raise ArtifactError(f"cannot load {path}: {exc}") from exc
-
-        label_encoder = read(LABEL_ENCODER_FILE)
-        tfidf = read(TFIDF_FILE) if TFIDF_FILE in files else None
-        heads: dict[str, Head] = {}
-        for name in manifest.get("heads", []):
-            if name not in HEAD_FILES:
-                raise ArtifactError(f"unknown head {name!r} in {artifact_dir / MANIFEST}")
-            scaler_file, classifier_file = HEAD_FILES[name]
-            heads[name] = Head(name, read(scaler_file), read(classifier_file))
-        if not heads:
-            raise ArtifactError(f"{artifact_dir} holds no trained head")
-        sklearn_version = _sklearn_version()
-        if manifest.get("sklearn_version") != sklearn_version:
-            log.warning(
-                "categorizer artifacts were pickled with scikit-learn %s, running %s",
-                manifest.get("sklearn_version"),
-                sklearn_version,
-            )
+        label_encoder = _read_artifact(artifact_dir, files, LABEL_ENCODER_FILE)
+        tfidf = _read_artifact(artifact_dir, files, TFIDF_FILE) if TFIDF_FILE in files else None
+        heads = _read_heads(artifact_dir, files, manifest.get("heads", []))
+        _warn_on_sklearn_version(manifest)
         if load_encoders:
             if heads.keys() & {HEAD_TEXT, HEAD_COMBINED}:
                 text_encoder.load()
@@ -390,82 +365,18 @@ class Categorizer:
         could not be fetched). An image that fails to decode here is treated as
         missing. One text forward and one image forward serve the whole batch.
         Failures: `NO_USABLE_INPUT` (no usable text or image, or none the artifacts
-        have a head for), `MODEL_FAILED` (an encoder raised for the batch). Raises
-        `ValueError` only when the sequences' lengths differ.
+        have a head for), `MODEL_FAILED` (an encoder raised one of `ENCODER_ERRORS`
+        for the batch; other exceptions are bugs and propagate). Raises `ValueError`
+        only when the sequences' lengths differ.
         """
         n = len(listings)
         if len(images) != n or len(idempotency_keys) != n or (sources and len(sources) != n):
             raise ValueError("listings, images, idempotency_keys and sources must align")
         texts = [compose_text(item.title, item.description) for item in listings]
-        prepared: list[Image.Image | None] = []
-        image_errors: list[str] = []
-        for image in images:
-            if image is None:
-                prepared.append(None)
-                image_errors.append("no image")
-                continue
-            try:
-                prepared.append(square_resize(image, self.image_encoder.input_size))
-                image_errors.append("")
-            except Exception as exc:  # Pillow raises many types for broken files
-                prepared.append(None)
-                image_errors.append(f"image did not decode ({type(exc).__name__}: {exc})")
-
+        prepared, image_errors = self._prepare_images(images)
         results: list[CategoryTag | Failure | None] = [None] * n
-        routes: list[str | None] = []
-        for i in range(n):
-            route = choose_head(bool(texts[i]), prepared[i] is not None, self.heads)
-            routes.append(route)
-            if route is None:
-                reasons = ["empty title and description" if not texts[i] else "no text head"]
-                reasons.append(image_errors[i] or "no image head")
-                results[i] = Failure(
-                    ErrorCode.NO_USABLE_INPUT,
-                    f"listing {listings[i].product_id}: nothing to categorize from "
-                    f"({'; '.join(reasons)})",
-                    STAGE,
-                )
-
-        need_text = [i for i, r in enumerate(routes) if r in (HEAD_TEXT, HEAD_COMBINED)]
-        need_image = [i for i, r in enumerate(routes) if r in (HEAD_IMAGE, HEAD_COMBINED)]
-        text_rows = {item: row for row, item in enumerate(need_text)}
-        image_rows = {item: row for row, item in enumerate(need_image)}
-        text_emb = image_emb = None
-        # An encoder failure fails the listings that need that encoder, not the batch.
-        try:
-            if need_text:
-                text_emb = self.text_encoder.encode([texts[i] for i in need_text])
-        except Exception as exc:
-            self._fail(results, routes, need_text, exc)
-        try:
-            if need_image:
-                image_emb = self.image_encoder.encode(
-                    [im for im in (prepared[i] for i in need_image) if im is not None]
-                )
-        except Exception as exc:
-            self._fail(results, routes, need_image, exc)
-
-        probs: dict[int, np.ndarray] = {}
-        for name, head in self.heads.items():
-            members = [i for i, r in enumerate(routes) if r == name]
-            if not members:
-                continue
-            text_part = (
-                text_emb[[text_rows[i] for i in members]]
-                if text_emb is not None and name != HEAD_IMAGE
-                else None
-            )
-            image_part = (
-                image_emb[[image_rows[i] for i in members]]
-                if image_emb is not None and name != HEAD_TEXT
-                else None
-            )
-            head_probs = head.predict_proba(
-                head_features(name, text_part, image_part), len(self.labels)
-            )
-            for row, i in enumerate(members):
-                probs[i] = head_probs[row]
-
+        routes = self._routes(listings, texts, prepared, image_errors, results)
+        probs = self._probabilities(texts, prepared, routes, results)
         tags = tfidf_tags(
             self.tfidf,
             [texts[i] if i in probs else "" for i in range(n)],
@@ -492,6 +403,150 @@ class Categorizer:
                 result = Failure(ErrorCode.INTERNAL, "listing was not categorized", STAGE)
             final.append(result)
         return final
+
+    def _prepare_images(
+        self, images: Sequence[Image.Image | None]
+    ) -> tuple[list[Image.Image | None], list[str]]:
+        """Each image resized for the encoder (None when absent or broken) and why not."""
+        prepared: list[Image.Image | None] = []
+        image_errors: list[str] = []
+        for image in images:
+            if image is None:
+                prepared.append(None)
+                image_errors.append("no image")
+                continue
+            try:
+                prepared.append(square_resize(image, self.image_encoder.input_size))
+                image_errors.append("")
+            except IMAGE_DECODE_ERRORS as exc:
+                prepared.append(None)
+                image_errors.append(f"image did not decode ({type(exc).__name__}: {exc})")
+        return prepared, image_errors
+
+    def _routes(
+        self,
+        listings: Sequence[ProductListing],
+        texts: Sequence[str],
+        prepared: Sequence[Image.Image | None],
+        image_errors: Sequence[str],
+        results: list[CategoryTag | Failure | None],
+    ) -> list[str | None]:
+        """The head of each listing; a listing no head can take gets its failure here."""
+        routes: list[str | None] = []
+        for i, listing in enumerate(listings):
+            route = choose_head(bool(texts[i]), prepared[i] is not None, self.heads)
+            routes.append(route)
+            if route is None:
+                reasons = ["empty title and description" if not texts[i] else "no text head"]
+                reasons.append(image_errors[i] or "no image head")
+                results[i] = Failure(
+                    ErrorCode.NO_USABLE_INPUT,
+                    f"listing {listing.product_id}: nothing to categorize from "
+                    f"({'; '.join(reasons)})",
+                    STAGE,
+                )
+        return routes
+
+    def _probabilities(
+        self,
+        texts: Sequence[str],
+        prepared: Sequence[Image.Image | None],
+        routes: list[str | None],
+        results: list[CategoryTag | Failure | None],
+    ) -> dict[int, np.ndarray]:
+        """Label probabilities of every listing whose encoders ran, by listing index.
+
+        One forward per encoder for the whole batch. An encoder failure fails the
+        listings that need that encoder (their route becomes None), not the batch.
+        """
+        need_text = [i for i, r in enumerate(routes) if r in (HEAD_TEXT, HEAD_COMBINED)]
+        need_image = [i for i, r in enumerate(routes) if r in (HEAD_IMAGE, HEAD_COMBINED)]
+        text_rows = {item: row for row, item in enumerate(need_text)}
+        image_rows = {item: row for row, item in enumerate(need_image)}
+        text_emb = image_emb = None
+        try:
+            if need_text:
+                text_emb = self.text_encoder.encode([texts[i] for i in need_text])
+        except ENCODER_ERRORS as exc:
+            self._fail(results, routes, need_text, exc)
+        try:
+            if need_image:
+                image_emb = self.image_encoder.encode(
+                    [im for im in (prepared[i] for i in need_image) if im is not None]
+                )
+        except ENCODER_ERRORS as exc:
+            self._fail(results, routes, need_image, exc)
+
+        probs: dict[int, np.ndarray] = {}
+        for name, head in self.heads.items():
+            members = [i for i, r in enumerate(routes) if r == name]
+            if not members:
+                continue
+            text_part = (
+                text_emb[[text_rows[i] for i in members]]
+                if text_emb is not None and name != HEAD_IMAGE
+                else None
+            )
+            image_part = (
+                image_emb[[image_rows[i] for i in members]]
+                if image_emb is not None and name != HEAD_TEXT
+                else None
+            )
+            head_probs = head.predict_proba(
+                head_features(name, text_part, image_part), len(self.labels)
+            )
+            for row, i in enumerate(members):
+                probs[i] = head_probs[row]
+        return probs
+
+
+def _read_artifact(artifact_dir: Path, files: Mapping[str, str], name: str) -> Any:
+    """Unpickle one listed artifact file after checking its SHA-256.
+
+    Raises `ArtifactError` when the file is not listed, missing, changed or unreadable.
+    """
+    path = artifact_dir / name
+    expected = files.get(name)
+    if expected is None:
+        raise ArtifactError(f"{name} is not listed in {artifact_dir / MANIFEST}")
+    if not path.is_file():
+        raise ArtifactError(f"artifact file missing: {path}")
+    if _sha256(path) != expected:
+        raise ArtifactError(f"{path} changed since training (SHA-256 differs)")
+    try:
+        return joblib.load(path)
+    except Exception as exc:  # unpickling raises any type; all mean "unreadable"
+        raise ArtifactError(f"cannot load {path}: {exc}") from exc
+
+
+def _read_heads(
+    artifact_dir: Path, files: Mapping[str, str], names: Sequence[str]
+) -> dict[str, Head]:
+    """The trained heads the manifest names; raises `ArtifactError` for none or unknown."""
+    heads: dict[str, Head] = {}
+    for name in names:
+        if name not in HEAD_FILES:
+            raise ArtifactError(f"unknown head {name!r} in {artifact_dir / MANIFEST}")
+        scaler_file, classifier_file = HEAD_FILES[name]
+        heads[name] = Head(
+            name,
+            _read_artifact(artifact_dir, files, scaler_file),
+            _read_artifact(artifact_dir, files, classifier_file),
+        )
+    if not heads:
+        raise ArtifactError(f"{artifact_dir} holds no trained head")
+    return heads
+
+
+def _warn_on_sklearn_version(manifest: Mapping[str, Any]) -> None:
+    """Log a warning when the artifacts were pickled with another scikit-learn."""
+    sklearn_version = _sklearn_version()
+    if manifest.get("sklearn_version") != sklearn_version:
+        log.warning(
+            "categorizer artifacts were pickled with scikit-learn %s, running %s",
+            manifest.get("sklearn_version"),
+            sklearn_version,
+        )
 
 
 def _sklearn_version() -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,21 @@ IMAGE_ENCODER_NAMES = (EFFICIENTNET_LITE0, RESNET50)
 _IMAGE_DIMS = {EFFICIENTNET_LITE0: 1280, RESNET50: 2048}
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# What Pillow raises on a broken or hostile image file during a full decode (OSError
+# covers truncated files and UnidentifiedImageError; the decoders also raise these).
+IMAGE_DECODE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    EOFError,
+    IndexError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+# What a loaded encoder's forward raises for a batch it cannot run: torch's RuntimeError
+# (CUDA out of memory included), ValueError for bad inputs, OSError for files read late.
+ENCODER_ERRORS: tuple[type[Exception], ...] = (RuntimeError, ValueError, OSError)
 
 
 class EncoderLoadError(RuntimeError):
@@ -125,6 +141,7 @@ class TextEncoder:
 
     @property
     def loaded(self) -> bool:
+        """Whether `load()` has run."""
         return self._model is not None
 
     def model_dir(self) -> Path:
@@ -188,13 +205,19 @@ class ImageEncoder(Protocol):
     """Batch of decoded images in, (n, dim) float32 features out."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The encoder's name as the manifest records it (`IMAGE_ENCODER_NAMES`)."""
+        ...
 
     @property
-    def dim(self) -> int: ...
+    def dim(self) -> int:
+        """The width of one image's features."""
+        ...
 
     @property
-    def input_size(self) -> int: ...
+    def input_size(self) -> int:
+        """The side in pixels of the square images `encode` takes."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """Identity for the artifacts' manifest (name, dim, input size, weights)."""
@@ -249,6 +272,7 @@ class _TorchImageEncoder:
 
     @property
     def loaded(self) -> bool:
+        """Whether `load()` has run."""
         return self._model is not None
 
     def _normalize(self, batch: np.ndarray) -> np.ndarray:
@@ -300,6 +324,7 @@ class EfficientNetLite0Encoder(_TorchImageEncoder):
         )
 
     def describe(self) -> dict[str, Any]:
+        """Identity for the artifacts' manifest (name, dim, input size, weights)."""
         return {
             "name": self.name,
             "dim": self.dim,
@@ -355,6 +380,7 @@ class ResNet50Encoder(_TorchImageEncoder):
         super().__init__(RESNET50, settings or ImageEncoderSettings(name=RESNET50))
 
     def describe(self) -> dict[str, Any]:
+        """Identity for the artifacts' manifest (name, dim, input size, weights)."""
         return {
             "name": self.name,
             "dim": self.dim,

@@ -45,6 +45,7 @@ from processors.categorization.categorizer import (
     save_artifacts,
 )
 from processors.categorization.encoders import (
+    IMAGE_DECODE_ERRORS,
     IMAGE_ENCODER_NAMES,
     ImageEncoder,
     ImageEncoderSettings,
@@ -168,7 +169,7 @@ def _open_image(path: Path | None, size: int) -> Image.Image | None:
     try:
         with Image.open(path) as image:
             return square_resize(image, size)
-    except Exception as exc:  # a bad file makes the row image-less, not the run fail
+    except IMAGE_DECODE_ERRORS as exc:  # a bad file makes the row image-less, not the run fail
         log.warning("image %s unusable: %s", path, exc)
         return None
 
