@@ -128,6 +128,16 @@ def register_views(
     Call it once per app, before the worker starts. Raises whatever aiohttp raises
     for a path that is already registered.
     """
+    routes = [*_health_views(health), *_data_views(health, metrics, info, token)]
+    if reports is not None:
+        routes += _report_views(reports, token)
+    for path, view in routes:
+        app.page(path, name=f"visionstream:{view.__name__.lower()}")(view)
+    return [path for path, _ in routes]
+
+
+def _health_views(health: HealthSource) -> list[tuple[str, type[View]]]:
+    """The open probes: `/healthz` and `/readyz`."""
 
     class Liveness(View):
         """200 while the process runs."""
@@ -153,6 +163,14 @@ def register_views(
                 body["error"] = error
             return self.json(body, status=200 if ready else 503)
 
+    return [("/healthz", Liveness), ("/readyz", Readiness)]
+
+
+def _data_views(
+    health: HealthSource, metrics: Metrics, info: Callable[[], dict[str, Any]], token: str | None
+) -> list[tuple[str, type[View]]]:
+    """The views behind the bearer token: `/info` and `/metrics`."""
+
     class Info(View):
         """Version, model versions and settings without secrets."""
 
@@ -177,17 +195,7 @@ def register_views(
             # aiohttp refuses a charset inside `content_type=`, so send it as a header.
             return self.bytes(body, headers={"Content-Type": content_type})
 
-    routes: list[tuple[str, type[View]]] = [
-        ("/healthz", Liveness),
-        ("/readyz", Readiness),
-        ("/info", Info),
-        ("/metrics", PrometheusMetrics),
-    ]
-    if reports is not None:
-        routes += _report_views(reports, token)
-    for path, view in routes:
-        app.page(path, name=f"visionstream:{view.__name__.lower()}")(view)
-    return [path for path, _ in routes]
+    return [("/info", Info), ("/metrics", PrometheusMetrics)]
 
 
 def _report_views(reports: ReportSource, token: str | None) -> list[tuple[str, type[View]]]:
