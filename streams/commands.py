@@ -15,6 +15,13 @@ from streams.settings import Settings
 
 def register_commands(app: faust.App, settings: Settings) -> None:
     """Attach every command; each imports its heavy modules only when it runs."""
+    _register_training_commands(app, settings)
+    _register_analytics_commands(app, settings)
+    _register_model_commands(app, settings)
+
+
+def _register_training_commands(app: faust.App, settings: Settings) -> None:
+    """`replay`, `train-categorizer` and `convert-fashion-mnist`."""
 
     @app.command(
         option("--input", "input_path", required=True, help="JSON lines: request + model_outputs"),
@@ -77,6 +84,10 @@ def register_commands(app: faust.App, settings: Settings) -> None:
         )
         self.say(f"wrote {path}")
 
+
+def _register_analytics_commands(app: faust.App, settings: Settings) -> None:
+    """`query` and `report` over the analytics database."""
+
     @app.command(
         argument("sql"),
         option("--json", "as_json", is_flag=True, default=False, help="print JSON"),
@@ -115,6 +126,10 @@ def register_commands(app: faust.App, settings: Settings) -> None:
                 self.say(json.dumps({"report": report_name, **json.loads(to_json(result))}))
             else:
                 self.say(f"\n== {report_name} (since {since})\n{format_table(result)}")
+
+
+def _register_model_commands(app: faust.App, settings: Settings) -> None:
+    """`bench-vlm`, `check-model` and `demo`."""
 
     @app.command(argument("args", nargs=-1))
     async def bench_vlm(self: AppCommand, args: tuple[str, ...]) -> None:
