@@ -10,6 +10,10 @@ from streams.settings import Settings, SettingsError
 
 
 def main() -> None:
+    """Build the settings from the environment and run the app's CLI.
+
+    Exits with a message naming the setting when the environment is invalid.
+    """
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:

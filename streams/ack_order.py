@@ -1,5 +1,6 @@
-"""In-order acknowledgement: an input is released only when every earlier input of its
-partition is done.
+"""In-order acknowledgement of a partition's inputs.
+
+An input is released only when every earlier input of its partition is done.
 
 With the slot engine, requests of one partition finish out of order (a short answer
 overtakes a long one). Acknowledging each input as soon as its own outputs are stored

@@ -144,6 +144,7 @@ class TopicCodec:
 
     @property
     def fingerprint(self) -> bytes:
+        """The reader schema's CRC-64-AVRO fingerprint (single-object encoding)."""
         return self._fingerprint
 
     def needs_registry(self, data: bytes | None = None) -> bool:
@@ -343,4 +344,5 @@ class Codecs:
 
 
 def now_ms() -> int:
+    """The wall clock in epoch milliseconds (UTC)."""
     return int(datetime.now(UTC).timestamp() * 1000)

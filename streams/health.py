@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import faust
+from faust.exceptions import NotReady
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,15 @@ class WorkerHealth:
     def _partitions(self) -> int:
         try:
             return len(self._app.consumer.assignment())
-        except Exception:  # consumer not started yet
+        except NotReady:  # ConsumerNotStarted: the worker is still starting
             return 0
 
     def liveness(self) -> dict[str, Any]:
+        """The role and uptime; never raises."""
         return {"role": self._role, "uptime_s": round(time.monotonic() - self._started, 1)}
 
     def readiness(self) -> tuple[bool, dict[str, bool]]:
+        """Whether the worker takes work, and each check by name (cached state only)."""
         seen = self._broker_seen
         broker = seen is not None and time.monotonic() - seen < self._broker_timeout_s
         loaded = self._runtime.ready.is_set() and self._runtime.failed is None

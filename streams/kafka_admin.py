@@ -84,8 +84,10 @@ _PASSING_ERRORS = frozenset(
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.LEADER_NOT_AVAILABLE,
         KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._TIMED_OUT,
-        KafkaError._TRANSPORT,
+        # librdkafka spells its local (client-side) error codes with a leading underscore:
+        # these are confluent-kafka's public names, not private members.
+        KafkaError._TIMED_OUT,  # noqa: SLF001
+        KafkaError._TRANSPORT,  # noqa: SLF001
     }
 )
 

@@ -52,22 +52,38 @@ _REFUSED: Final = (
 class Publisher(Protocol):
     """Sends one encoded record; the returned awaitable resolves when the broker acked it."""
 
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]: ...
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        """Queue the record; raises when the producer refuses it before it leaves."""
+        ...
 
 
 class Origin(Protocol):
     """The input an output answers (`streams.handlers.RawMessage` is one)."""
 
     @property
-    def topic(self) -> str: ...
+    def topic(self) -> str:
+        """The input's topic."""
+        ...
+
     @property
-    def partition(self) -> int: ...
+    def partition(self) -> int:
+        """The input's partition."""
+        ...
+
     @property
-    def offset(self) -> int: ...
+    def offset(self) -> int:
+        """The input's offset in its partition."""
+        ...
+
     @property
-    def key(self) -> bytes | None: ...
+    def key(self) -> bytes | None:
+        """The input's key as received."""
+        ...
+
     @property
-    def value(self) -> bytes | None: ...
+    def value(self) -> bytes | None:
+        """The input's value as received (kept, capped, in a replacement dead letter)."""
+        ...
 
 
 class _Unencodable(Exception):
@@ -195,7 +211,9 @@ class EventWriter:
             output.value = await until_registry_answers(
                 encode, f"encoding for {topic}", blocking=codec.needs_registry()
             )
-        except Exception as exc:
+        # Whatever stops the record from being encoded is the record's failure: it flows on
+        # as data (a replacement dead letter); a registry outage was retried above.
+        except Exception as exc:  # noqa: BLE001
             output.error = _Unencodable(f"{type(exc).__name__}: {exc}"[:_TEXT_CAP])
             return
         await self._send(output)
@@ -204,7 +222,9 @@ class EventWriter:
         output.error = None
         try:
             output.delivery = await self._publisher.send(output.topic, output.key, output.value)
-        except Exception as exc:  # refused before it left: too large for the producer, buffer full
+        # Refused before it left (too large for the producer, buffer full, ...): the error is
+        # kept and `flush` retries it unless it is known to be permanent.
+        except Exception as exc:  # noqa: BLE001
             output.delivery, output.error = None, exc
 
     async def flush(self) -> None:

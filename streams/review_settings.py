@@ -38,6 +38,7 @@ class ReviewSettings:
 
     @property
     def page_enabled(self) -> bool:
+        """Whether the review page is served: at least one reviewer is configured."""
         return bool(self.users)
 
     def public(self) -> dict[str, Any]:

@@ -91,10 +91,12 @@ class Settings:
 
     @property
     def sink_app_id(self) -> str:
+        """The sink's consumer group id (`app_id` + "-sink")."""
         return f"{self.app_id}-sink"
 
     @property
     def effective_clickhouse_dsn(self) -> str:
+        """The configured DSN, else an embedded chDB database under `state_dir`."""
         return self.clickhouse_dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
 
     def public(self) -> dict[str, Any]:

@@ -41,7 +41,9 @@ ROOM_POLL_S = 0.01  # how often a full engine queue is looked at again
 class Ackable(Protocol):
     """What the verifier needs of a faust event: its acknowledgement."""
 
-    def ack(self) -> Any: ...
+    def ack(self) -> Any:
+        """Acknowledge the event to faust (its offset may then be committed)."""
+        ...
 
 
 class StreamingVerifier:
@@ -60,8 +62,11 @@ class StreamingVerifier:
         on_done: Callable[[], None] | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
-        """`has_room`: whether the engine takes a submission now; `on_done`: called after each
-        input is acknowledged (engine metrics)."""
+        """Wire the verifier; raises `ValueError` when `max_in_flight` < 1.
+
+        `has_room`: whether the engine takes a submission now; `on_done`: called after
+        each input is acknowledged (engine metrics).
+        """
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._handler = handler
@@ -77,6 +82,7 @@ class StreamingVerifier:
 
     @property
     def in_flight(self) -> int:
+        """Inputs started and not yet acknowledged."""
         return len(self._tasks)
 
     async def dispatch(self, events: Sequence[Ackable], messages: Sequence[RawMessage]) -> None:
