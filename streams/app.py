@@ -12,26 +12,33 @@ acknowledge the inputs. A worker killed mid-batch therefore re-reads the batch.
 With the slot engine (`VS_ENGINE_MODE=slot`) the pickup agent takes what has arrived
 the same way but hands each input to `streams.streaming.StreamingVerifier`, which
 publishes and acknowledges each one when its own answer is done, in offset order.
+
+Each role registers the same way: its runtime (`streams.runtime`), one start task and
+one shutdown hook for it (`_register_lifecycle`), and one `_register_agent` per input
+topic, whose loop and consumers live in `streams.agents`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
 import faust
-from faust.streams import Stream
 
 from streams import __version__
-from streams.handlers import BatchHandler, RawMessage
+from streams.agents import (
+    BatchConsumer,
+    HandlerConsumer,
+    SinkConsumer,
+    StreamingConsumer,
+    run_agent,
+)
 from streams.health import GracefulWorker, WorkerHealth
 from streams.kafka_admin import bootstrap_servers, group_lag
 from streams.logs import logging_config
 from streams.metrics import Metrics
-from streams.publishing import EventWriter
 from streams.runtime import InferenceRuntime, SinkReports, SinkRuntime
 from streams.settings import Settings
 from streams.web import register_views
@@ -44,9 +51,10 @@ class FaustPublisher:
 
     def __init__(self, app: faust.App) -> None:
         self._app = app
-        self._topics: dict[str, Any] = {}
+        self._topics: dict[str, faust.TopicT] = {}
 
     async def send(self, topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        """Hand the record to the producer; the returned future is the broker's answer."""
         channel = self._topics.get(topic)
         if channel is None:
             channel = self._topics[topic] = self._app.topic(
@@ -54,84 +62,6 @@ class FaustPublisher:
             )
         delivery: Awaitable[Any] = await channel.send(key=key, value=value, force=True)
         return delivery
-
-
-def micro_batches(stream: faust.StreamT, size: int, within: float) -> AsyncIterator[Sequence[Any]]:
-    """Batches of up to `size` events, at most `within` seconds apart, never auto-acked.
-
-    faust's `StreamT` interface does not declare `noack_take`; its `Stream` class has it.
-    """
-    return cast(Stream[Any], stream).noack_take(size, within=within)
-
-
-def to_raw(events: Sequence[Any]) -> list[RawMessage]:
-    return [
-        RawMessage(
-            topic=event.message.topic,
-            partition=event.message.partition,
-            offset=event.message.offset,
-            key=event.message.key,
-            value=event.message.value,
-            timestamp_ms=kafka_timestamp_ms(event.message.timestamp),
-        )
-        for event in events
-    ]
-
-
-def kafka_timestamp_ms(seconds: float | None) -> int | None:
-    """faust's message timestamp (seconds, float) as Kafka's ms; None when absent (<= 0)."""
-    if seconds is None or seconds <= 0:
-        return None
-    return round(seconds * 1000)
-
-
-BATCH_RETRY_MAX_S = 30.0
-# Slot mode: how long the agent waits for more arrivals before handing on what it has.
-SLOT_TAKE_WAIT_S = 0.02
-
-
-async def process_batch(
-    handler: BatchHandler,
-    events: Sequence[Any],
-    new_writer: Callable[[], EventWriter],
-    metrics: Metrics,
-    *,
-    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-) -> None:
-    """Handle one micro-batch; acknowledge its inputs only after every output is stored.
-
-    Per-event failures are dead letters and publishing failures are retried or replaced
-    inside the writer. If the handler still raises, the whole batch runs again with a
-    new writer after a capped backoff, and nothing is acknowledged meanwhile: the agent
-    never crashes, because faust restarts a crashed agent past its unacknowledged batch.
-    Outputs sent by a failed run may repeat, with the same idempotency keys.
-    """
-    messages = to_raw(events)
-    agent = getattr(handler, "agent", type(handler).__name__)
-    metrics.observe_batch(agent, len(messages))
-    for message in messages:
-        metrics.count_in(message.topic)
-    delay = 0.5
-    while True:
-        writer = new_writer()
-        try:
-            await handler.handle(messages, writer)
-            with metrics.time_phase("publish"):
-                await writer.flush()
-            break
-        except Exception:
-            log.exception(
-                "%s: a batch of %d raised; running it again in %.1fs, nothing acknowledged",
-                agent,
-                len(messages),
-                delay,
-            )
-            await sleep(delay)
-            delay = min(delay * 2, BATCH_RETRY_MAX_S)
-    for topic, sent in writer.sent.items():
-        metrics.count_out(topic, sent)
-    for event in events:
-        event.ack()
 
 
 def create_app(settings: Settings, **runtime_overrides: Any) -> faust.App:
@@ -226,9 +156,70 @@ def _register_operations(
     reports = SinkReports(settings.effective_clickhouse_dsn) if settings.role == "sink" else None
     register_views(app, health, metrics, info, reports, token=settings.web_token)
 
-    @app.timer(interval=settings.lag_refresh_s)
     async def refresh_consumer_lag() -> None:
         health.broker_answered(await metrics.refresh_lag(app_id, lag))
+
+    _add_timer(app, settings.lag_refresh_s, refresh_consumer_lag)
+
+
+class Runtime(Protocol):
+    """What a role's runtime offers the app: one start and one stop."""
+
+    async def start(self) -> None:
+        """Open the role's resources (models, database); raise when it cannot."""
+
+    async def stop(self) -> None:
+        """Release them at shutdown."""
+
+
+AsyncTask = Callable[[], Awaitable[None]]
+
+
+def _add_task(app: faust.App, task: AsyncTask) -> None:
+    """`app.task(task)`: faust's decorator is untyped (`no_type_check`), hence the cast."""
+    register = cast(Callable[[AsyncTask], object], app.task)
+    register(task)
+
+
+def _add_timer(app: faust.App, interval: float, timer: AsyncTask) -> None:
+    """`app.timer(interval)(timer)`; faust's decorator is untyped, hence the cast."""
+    register = cast(Callable[..., Callable[[AsyncTask], object]], app.timer)
+    register(interval=interval)(timer)
+
+
+def _register_lifecycle(app: faust.App, runtime: Runtime, role: str) -> None:
+    """Start `runtime` with the worker and stop it before shutdown.
+
+    A start that raises stops the worker with the reason (logged critical).
+    """
+
+    async def start_runtime() -> None:
+        try:
+            await runtime.start()
+        except Exception as exc:
+            log.critical("%s start-up failed, stopping the worker: %s", role, exc, exc_info=exc)
+            await app.crash(exc)
+
+    def stop_runtime(sender: Any, /, *_: Any, signal: Any, **__: Any) -> Awaitable[None]:
+        return runtime.stop()
+
+    _add_task(app, start_runtime)
+    app.on_before_shutdown.connect(stop_runtime)
+
+
+def _register_agent(
+    app: faust.App,
+    channel: faust.TopicT,
+    name: str,
+    consumer: Callable[[], Awaitable[BatchConsumer]],
+) -> None:
+    """One agent named `name` on `channel`: `run_agent` with the role's consumer."""
+
+    async def agent(stream: faust.StreamT[Any]) -> None:
+        await run_agent(stream, consumer)
+
+    agent.__name__ = agent.__qualname__ = name.replace("-", "_")
+    app.agent(channel, name=name)(agent)
 
 
 def _register_inference(
@@ -238,80 +229,55 @@ def _register_inference(
     metrics: Metrics,
     overrides: dict[str, Any],
 ) -> InferenceRuntime:
+    """The inference role: its runtime, the pickup agent and the listing agent."""
     runtime = InferenceRuntime(settings, metrics, **overrides)
     app.conf.runtime = runtime  # the web views and tests reach it through the app
-    topics = settings.topics
-    pickups = app.topic(topics.pickup_completed, partitions=settings.topic_partitions)
-    listings = app.topic(topics.product_listed, partitions=settings.topic_partitions)
+    _register_lifecycle(app, runtime, "inference")
+    new_writer = functools.partial(runtime.new_writer, publisher)
+    topics, partitions = settings.topics, settings.topic_partitions
 
-    @app.task
-    async def load_models() -> None:
-        try:
-            await runtime.start()
-        except Exception as exc:
-            log.critical("start-up failed, stopping the worker: %s", exc)
-            await app.crash(exc)
-
-    @app.on_before_shutdown.connect
-    def close_runtime(sender: Any, /, *_: Any, signal: Any, **__: Any) -> Awaitable[None]:
-        return runtime.stop()
-
-    @app.agent(pickups, name="verify-pickups")
-    async def verify_pickups(stream: faust.StreamT) -> None:
+    async def verification() -> BatchConsumer:
         await runtime.verification_ready.wait()
-        assert runtime.verification is not None
-        streaming = runtime.streaming_verifier(functools.partial(runtime.new_writer, publisher))
+        if runtime.verification is None:
+            raise RuntimeError("verification ready without a handler")
+        streaming = runtime.streaming_verifier(new_writer)
         if streaming is not None:
-            async for events in micro_batches(stream, settings.batch_size, SLOT_TAKE_WAIT_S):
-                await streaming.dispatch(events, to_raw(events))
-            return
-        async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
-            writer = functools.partial(runtime.new_writer, publisher)
-            await process_batch(runtime.verification, events, writer, metrics)
-            runtime.sync_engine_metrics()
+            return StreamingConsumer(streaming, settings.batch_size)
+        return HandlerConsumer(
+            runtime.verification,
+            new_writer,
+            metrics,
+            settings.batch_size,
+            settings.batch_wait_s,
+            after=runtime.sync_engine_metrics,
+        )
 
-    @app.agent(listings, name="categorize-listings")
-    async def categorize_listings(stream: faust.StreamT) -> None:
+    async def categorization() -> BatchConsumer:
         await runtime.ready.wait()
-        assert runtime.categorization is not None
-        async for events in micro_batches(stream, settings.batch_size, settings.batch_wait_s):
-            writer = functools.partial(runtime.new_writer, publisher)
-            await process_batch(runtime.categorization, events, writer, metrics)
+        if runtime.categorization is None:
+            raise RuntimeError("categorization ready without a handler")
+        return HandlerConsumer(
+            runtime.categorization, new_writer, metrics, settings.batch_size, settings.batch_wait_s
+        )
 
+    pickups = app.topic(topics.pickup_completed, partitions=partitions)
+    listings = app.topic(topics.product_listed, partitions=partitions)
+    _register_agent(app, pickups, "verify-pickups", verification)
+    _register_agent(app, listings, "categorize-listings", categorization)
     return runtime
 
 
 def _register_sink(
     app: faust.App, settings: Settings, metrics: Metrics, overrides: dict[str, Any]
 ) -> SinkRuntime:
+    """The sink role: its runtime and the one agent on every topic."""
     runtime = SinkRuntime(settings, metrics, **overrides)
     app.conf.runtime = runtime
-    everything = app.topic(*settings.topics.all())
+    _register_lifecycle(app, runtime, "sink")
 
-    @app.task
-    async def open_sink() -> None:
-        try:
-            await runtime.start()
-        except Exception as exc:
-            log.critical("sink start-up failed, stopping: %s", exc)
-            await app.crash(exc)
-
-    @app.on_before_shutdown.connect
-    def close_sink(sender: Any, /, *_: Any, signal: Any, **__: Any) -> Awaitable[None]:
-        return runtime.stop()
-
-    @app.agent(everything, name="analytics-sink")
-    async def analytics_sink(stream: faust.StreamT) -> None:
+    async def sink() -> BatchConsumer:
         await runtime.ready.wait()
-        async for events in micro_batches(
-            stream, settings.sink_max_rows, settings.sink_max_interval_s
-        ):
-            messages = to_raw(events)
-            metrics.observe_batch("analytics-sink", len(messages))
-            for message in messages:
-                metrics.count_in(message.topic)
-            await runtime.store(messages)
-            for event in events:
-                event.ack()
+        return SinkConsumer(runtime, metrics, settings.sink_max_rows, settings.sink_max_interval_s)
 
+    _register_agent(app, app.topic(*settings.topics.all()), "analytics-sink", sink)
     return runtime

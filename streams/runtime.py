@@ -17,12 +17,11 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from processors.errors import ErrorCode, Failure, ProcessingError
+from processors.errors import ErrorCode, ProcessingError
 from processors.gathering import ImageGatherer
 from processors.inference import InferenceEngine, ReplayEngine
-from processors.records import CategoryTag, ProductListing, SourcePosition
 from processors.review.images import ReviewCopier
 from processors.verification import SubmittingEngine, VerificationPipeline
 from streams.codecs import Codecs, now_ms
@@ -33,9 +32,11 @@ from streams.settings import Settings
 from streams.streaming import StreamingVerifier
 
 if TYPE_CHECKING:
+    from processors.categorization.service import BatchCategorizer
     from processors.internvl import EngineConfig
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 def load_replay_outputs(path: Path) -> dict[str, list[str]]:
@@ -131,37 +132,6 @@ def build_engine(settings: Settings) -> InferenceEngine:
     return load_engine(engine_config(settings, settings.model_path))
 
 
-class CategorizationService:
-    """Fetches listing images, then runs the categorizer on the whole batch."""
-
-    def __init__(self, categorizer: Any, gatherer: ImageGatherer) -> None:
-        self._categorizer = categorizer
-        self._gatherer = gatherer
-
-    async def __call__(
-        self,
-        listings: Sequence[ProductListing],
-        keys: Sequence[str],
-        sources: Sequence[SourcePosition],
-    ) -> list[CategoryTag | Failure]:
-        async def fetch(listing: ProductListing) -> Any:
-            if not listing.image:
-                return None
-            try:
-                return await self._gatherer.fetch_image(listing.image)
-            except ProcessingError as exc:
-                # A listing with a broken image is still categorized from its text.
-                log.warning("product %s: image unusable (%s)", listing.product_id, exc.message)
-                return None
-
-        images = await asyncio.gather(*(fetch(listing) for listing in listings))
-        return await asyncio.to_thread(
-            lambda: self._categorizer.predict_batch(
-                list(listings), list(images), idempotency_keys=list(keys), sources=list(sources)
-            )
-        )
-
-
 class InferenceRuntime:
     """Everything the inference role needs, loaded once in `start()`."""
 
@@ -185,6 +155,11 @@ class InferenceRuntime:
         self.streaming: StreamingVerifier | None = None
 
     async def start(self) -> None:
+        """Load the engine, then the categorizer; `failed` keeps what stopped it.
+
+        Raises what loading raises (`ProcessingError(MODEL_NOT_LOADED)` for a missing
+        model or artifacts); the app then stops the worker with the reason.
+        """
         try:
             await self._start()
         except BaseException as exc:
@@ -201,11 +176,18 @@ class InferenceRuntime:
         self.model_versions["verification"] = engine.model_version
         if isinstance(engine, ReplayEngine):
             # It never looks at pixels: no images fetched, and torch is never imported.
-            pipeline = VerificationPipeline(engine, images=None, tiling=None)
+            pipeline = VerificationPipeline(
+                engine, images=None, tiling=None, on_phase=self.metrics.observe_phase
+            )
         else:
             from processors.tiling import TilingConfig
 
-            pipeline = VerificationPipeline(engine, images=self.gatherer, tiling=TilingConfig())
+            pipeline = VerificationPipeline(
+                engine,
+                images=self.gatherer,
+                tiling=TilingConfig(),
+                on_phase=self.metrics.observe_phase,
+            )
         review = settings.review
         self.verification = VerificationHandler(
             pipeline,
@@ -218,8 +200,13 @@ class InferenceRuntime:
         self.verification_ready.set()
         categorizer = await asyncio.to_thread(self._load_categorizer)
         self.model_versions["categorization"] = categorizer.model_version
+        from processors.categorization.service import CategorizationService
+
+        service = CategorizationService(
+            categorizer, self.gatherer, on_phase=self.metrics.observe_phase
+        )
         self.categorization = CategorizationHandler(
-            CategorizationService(categorizer, self.gatherer),
+            service,
             self.codecs,
             settings.topics,
             settings.max_message_bytes,
@@ -227,7 +214,7 @@ class InferenceRuntime:
         )
         log.info("models loaded: %s", self.model_versions)
 
-    def _load_categorizer(self) -> Any:
+    def _load_categorizer(self) -> BatchCategorizer:
         from streams.training import load_categorizer
 
         settings = self.settings
@@ -255,6 +242,7 @@ class InferenceRuntime:
         self._cache_seen = (hits, misses)
 
     def new_writer(self, publisher: Publisher) -> EventWriter:
+        """A fresh writer for one batch (or one slot-mode input) over `publisher`."""
         return EventWriter(publisher, self.codecs, self.settings.topics)
 
     def streaming_verifier(self, new_writer: Callable[[], EventWriter]) -> StreamingVerifier | None:
@@ -287,7 +275,12 @@ class InferenceRuntime:
             await asyncio.to_thread(close)
 
 
-async def _retry_while(error: type[BaseException], call: Any, what: str, mark: Any = None) -> Any:
+async def _retry_while(
+    error: type[BaseException],
+    call: Callable[[], R],
+    what: str,
+    mark: Callable[[bool], None] | None = None,
+) -> R:
     """Run `call` off the loop until it stops raising `error`, backing off up to 30 s.
 
     `mark(ok)` is told the outcome of each try (readiness follows it).
@@ -342,6 +335,7 @@ class SinkRuntime:
 
     @property
     def sink(self) -> Any:
+        """The started sink; `RuntimeError` before `start()` built it."""
         if self._sink is None:
             raise RuntimeError("sink not started")
         return self._sink
@@ -363,6 +357,12 @@ class SinkRuntime:
         self.ready.set()
 
     async def store(self, messages: Sequence[RawMessage]) -> None:
+        """Decode `messages` into the sink and flush; returns once ClickHouse has them.
+
+        An undecodable message is counted in `undecodable` and skipped (the inference
+        worker dead-letters it); while ClickHouse is unavailable this retries and does
+        not return.
+        """
         from processors.analytics.client import SinkUnavailable
         from processors.analytics.rows import SinkRecord
 
@@ -413,6 +413,7 @@ class SinkRuntime:
         return self._accepting
 
     async def stop(self) -> None:
+        """Close the sink (off the event loop)."""
         if self._sink is not None:
             await asyncio.to_thread(self._sink.close)
 
@@ -425,11 +426,13 @@ class SinkReports:
         self._client: Any = None
 
     def list_reports(self) -> list[str]:
+        """The names of the reports `run` knows."""
         from processors.analytics.reports import list_reports
 
         return list(list_reports())
 
     def run(self, name: str, since: str) -> dict[str, Any]:
+        """Run report `name` over the rows since `since` (opens the client on first use)."""
         from processors.analytics.client import open_client
         from processors.analytics.reports import parse_since, run_report, to_json
 

@@ -7,6 +7,7 @@ Public surface (everything else is internal):
   `ImageEncoderSettings`, `EncoderLoadError`;
 - prediction: `Categorizer` (`Categorizer.load(...)`, `predict_batch(...)`),
   `ArtifactError`, `ArtifactMismatchError`;
+- a micro-batch: `CategorizationService` (fetch the images, then predict);
 - training: `train_categorizer`, `evaluate`, `TrainingReport`, `EvaluationReport`,
   `HeadMetrics`, `TrainingDataError`;
 - data: `convert_fashion_mnist`, `FASHION_MNIST_CLASSES`.
@@ -34,6 +35,7 @@ from processors.categorization.encoders import (
 )
 from processors.categorization.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from processors.categorization.fashion_mnist import convert_fashion_mnist
+from processors.categorization.service import CategorizationService
 from processors.categorization.training import (
     EvaluationReport,
     HeadMetrics,
@@ -50,6 +52,7 @@ __all__ = [
     "RESNET50",
     "ArtifactError",
     "ArtifactMismatchError",
+    "CategorizationService",
     "Categorizer",
     "EfficientNetLite0Encoder",
     "EncoderLoadError",

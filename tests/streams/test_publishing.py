@@ -9,7 +9,7 @@ import pytest
 from aiokafka import errors as kafka_errors
 
 from processors.errors import ErrorCode
-from streams.app import process_batch
+from streams.agents import process_batch
 from streams.codecs import Codecs
 from streams.handlers import RawMessage
 from streams.metrics import Metrics

@@ -13,7 +13,7 @@ import pytest
 from processors.analytics.rejections import FAILURES_TABLE
 from processors.analytics.rows import COLUMNS
 from processors.records import CategoryTag, SourcePosition, TopCategory
-from streams.app import kafka_timestamp_ms
+from streams.agents import kafka_timestamp_ms
 from streams.codecs import Codecs
 from streams.handlers import RawMessage
 from streams.metrics import Metrics
