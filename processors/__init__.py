@@ -1,7 +1,7 @@
-"""Pure compute for visionstream: gathering, tiling, prompts, inference, decisions,
-categorization and the analytics sink.
+"""Pure compute for visionstream.
 
-Nothing in this package imports faust or reads the environment: every function
+Gathering, tiling, prompts, inference, decisions, categorization and the analytics
+sink. Nothing in this package imports faust or reads the environment: every function
 takes its inputs and configuration explicitly, so each phase is testable without
 Kafka or a GPU.
 """

@@ -36,6 +36,7 @@ class SourcePosition:
     offset: int
 
     def to_event(self) -> dict[str, Any]:
+        """The `source` record of the output schemas."""
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
@@ -167,6 +168,7 @@ class PickupRequest:
         )
 
     def to_event(self) -> dict[str, Any]:
+        """The request as a `pickup-completed` event (the shape `from_event` reads)."""
         return {
             "event_id": self.event_id,
             "occurred_at": self.occurred_at_ms,
@@ -225,6 +227,7 @@ class ProductListing:
         )
 
     def to_event(self) -> dict[str, Any]:
+        """The listing as a `product-listed` event (the shape `from_event` reads)."""
         return {
             "event_id": self.event_id,
             "occurred_at": self.occurred_at_ms,
@@ -250,6 +253,7 @@ class QuestionAnswer:
     is_retake_image: str
 
     def to_event(self) -> dict[str, Any]:
+        """The answer as one `Question` item of a `verification-decision` event."""
         return {
             "Type": self.type,
             "Label": self.label,
@@ -271,6 +275,7 @@ class Analysis:
     comparison: str = ""
 
     def to_event(self) -> dict[str, Any]:
+        """The analysis as the `analysis` record of a `verification-decision` event."""
         return {
             "test_product_description": self.test_product_description,
             "reference_product_description": self.reference_product_description,
@@ -301,6 +306,7 @@ class VerificationDecision:
     source: SourcePosition | None = None
 
     def to_event(self) -> dict[str, Any]:
+        """The decision as a `verification-decision` event."""
         return {
             "shippingid": self.shippingid,
             "uuid": self.uuid,
@@ -342,6 +348,7 @@ class VerificationAttempt:
     occurred_at_ms: int
 
     def to_event(self) -> dict[str, Any]:
+        """The attempt as a `verification-attempts` event."""
         return {
             "request_uuid": self.request_uuid,
             "shippingid": self.shippingid,
@@ -362,6 +369,8 @@ class VerificationAttempt:
 
 @dataclass(frozen=True, slots=True)
 class TopCategory:
+    """One of a tag's best categories with its probability."""
+
     category: str
     prob: float
 
@@ -382,6 +391,7 @@ class CategoryTag:
     source: SourcePosition | None = None
 
     def to_event(self) -> dict[str, Any]:
+        """The tag as a `category-tag` event."""
         return {
             "product_id": self.product_id,
             "category": self.category,
@@ -415,6 +425,7 @@ class DeadLetter:
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_event(self) -> dict[str, Any]:
+        """The letter as a `dead-letter` event."""
         return {
             "original_value": self.original_value,
             "original_key": self.original_key,

@@ -66,6 +66,7 @@ class ReviewImage:
     created_at_ms: int
 
     def to_event(self) -> dict[str, Any]:
+        """The copy as a `review-image` event."""
         return {
             "sha256": self.sha256,
             "jpeg": self.jpeg,

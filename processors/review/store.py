@@ -77,10 +77,14 @@ class QueueFilter:
     page: int = 1
 
     def window(self, today: date) -> tuple[datetime, datetime]:
+        """The filter's days as a UTC [start, end) range.
+
+        `end` is the midnight after `self.end` (default: `today`); `start` defaults to
+        ten years before it.
+        """
         end = (self.end or today) + timedelta(days=1)
         start = self.start or end - timedelta(days=3650)
-        as_time = lambda d: datetime(d.year, d.month, d.day, tzinfo=UTC)  # noqa: E731
-        return as_time(start), as_time(end)
+        return _midnight_utc(start), _midnight_utc(end)
 
     def bound(self) -> dict[str, Any]:
         """The set filters, by parameter name."""
@@ -275,6 +279,7 @@ class ReviewStore:
         return self._by_uuids([r["uuid"] for r in later]) if later else []
 
     def latest_review(self, key: str) -> dict[str, Any] | None:
+        """The newest review of a decision (its latest version), or None when unreviewed."""
         reviews = _dicts(
             self._client,
             """SELECT review_id, toString(reviewer_decision) AS reviewer_decision, agrees,
@@ -294,6 +299,10 @@ class ReviewStore:
             parameters={"sha": sha256},
         ).result_rows
         return bytes.fromhex(found[0][0]) if found else None
+
+
+def _midnight_utc(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 def apply_retention(client: AnalyticsClient, days: int) -> None:

@@ -46,9 +46,11 @@ class Verdict:
 
     @property
     def agrees(self) -> bool:
+        """Whether the reviewer's decision is the model's."""
         return self.ai_decision == self.reviewer_decision
 
     def to_event(self) -> dict[str, Any]:
+        """The verdict as a `verification-review` event."""
         return {
             "review_id": self.review_id,
             "decision_key": self.decision_key,
