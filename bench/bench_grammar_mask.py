@@ -64,6 +64,7 @@ WORDS = tuple(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options (`--help` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--batch-sizes", default="64,256")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -77,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def question_set(count: int) -> list[dict[str, Any]]:
+    """`count` parsed verification questions cycling through `LABELS`."""
     items = [
         {"Type": kind, "Label": label, "IsMandatory": True, "ValueToCheck": value}
         for kind, label, value in (LABELS[i % len(LABELS)] for i in range(count))
@@ -130,6 +132,8 @@ def sample_answer(schema: AnswerSchema, variant: int) -> str:
 
 
 class XGrammarRunner:
+    """The mask steps with xgrammar (the library `processors.constrained` uses)."""
+
     name = "xgrammar"
 
     def __init__(self, tokenizer: Any, vocab_size: int, threads: int) -> None:
@@ -142,26 +146,33 @@ class XGrammarRunner:
         self.vocab_size = vocab_size
 
     def compile(self, schema: AnswerSchema) -> Any:
+        """The schema's grammar, with the whitespace the prompt asks for (indent 2)."""
         return self.compiler.compile_json_schema(
             schema.text, any_whitespace=False, indent=2, separators=(",", ": ")
         )
 
     def matchers(self, compiled: Any, rows: int) -> list[Any]:
+        """One fresh matcher per row."""
         return [self.xgr.GrammarMatcher(compiled) for _ in range(rows)]
 
     def bitmask(self, rows: int) -> Any:
+        """A bitmask tensor for `rows` rows of the vocabulary."""
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
 
     def fill(self, matchers: list[Any], bitmask: Any) -> None:
+        """Fill every row's allowed next tokens (on the library's threads)."""
         self.batch.batch_fill_next_token_bitmask(matchers, bitmask)
 
     def advance(self, matchers: list[Any], tokens: list[int]) -> None:
+        """Accept one token per row; raises `RuntimeError` when a matcher refuses it."""
         accepted = self.xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
         if not all(accepted):
             raise RuntimeError("xgrammar refused a token of a valid answer")
 
 
 class LLGuidanceRunner:
+    """The same steps with llguidance, the alternative measured against xgrammar."""
+
     name = "llguidance"
 
     def __init__(self, tokenizer: Any, vocab_size: int, threads: int) -> None:
@@ -176,6 +187,7 @@ class LLGuidanceRunner:
         self.vocab_size = vocab_size
 
     def compile(self, schema: AnswerSchema) -> Any:
+        """The schema's grammar; raises `RuntimeError` when llguidance cannot compile it."""
         grammar = self.llg.LLMatcher.grammar_from_json_schema(
             schema.text,
             overrides={"whitespace_flexible": True, "whitespace_pattern": r"[\n ]{0,12}"},
@@ -186,17 +198,21 @@ class LLGuidanceRunner:
         return grammar
 
     def matchers(self, compiled: Any, rows: int) -> list[Any]:
+        """One fresh matcher per row."""
         return [self.llg.LLMatcher(self.tokenizer, compiled) for _ in range(rows)]
 
     def bitmask(self, rows: int) -> Any:
+        """A bitmask tensor for `rows` rows of the vocabulary."""
         return self.llg_torch.allocate_token_bitmask(rows, self.vocab_size)
 
     def fill(self, matchers: list[Any], bitmask: Any) -> None:
+        """Fill every row's allowed next tokens (on the library's threads)."""
         self.llg_torch.fill_next_token_bitmask_par(
             self.executor, [(m, i) for i, m in enumerate(matchers)], bitmask
         )
 
     def advance(self, matchers: list[Any], tokens: list[int]) -> None:
+        """Accept one token per row; raises `RuntimeError` when a matcher refuses it."""
         for matcher, token in zip(matchers, tokens, strict=True):
             if not matcher.consume_token(token):
                 raise RuntimeError(f"llguidance refused a token: {matcher.get_error()}")
@@ -210,6 +226,7 @@ def _percentile(values: list[float], q: float) -> float:
 def measure(
     runner: Any, schema: AnswerSchema, token_rows: list[list[int]], steps: int
 ) -> dict[str, Any]:
+    """Compile time and per-step fill/advance milliseconds over the rows' valid answers."""
     started = time.perf_counter()
     compiled = runner.compile(schema)
     compile_s = time.perf_counter() - started
@@ -238,6 +255,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure every library at every batch size; returns (and with `--out` writes) the JSON."""
     args = parse_args(argv)
     tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
     schema = answer_schema(question_set(args.questions))
