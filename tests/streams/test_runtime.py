@@ -1,7 +1,9 @@
-"""Engine choice at start-up: the replay engine only when asked for by name."""
+"""The runtime without a broker: engine choice at start-up (the replay engine only when asked
+for by name), start-up order and failure, and what each role registers in the app."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,90 @@ def test_replay_without_recordings_refuses(tmp_path: Path) -> None:
 def test_an_unknown_engine_is_a_settings_error() -> None:
     with pytest.raises(SettingsError, match="VS_ENGINE"):
         Settings.from_env({"VS_ENGINE": "gpt"})
+
+
+# ------------------------------------------------------------------ wiring, without a broker
+
+
+async def test_verification_is_ready_before_the_categorizer_and_a_missing_one_stops_start(
+    tmp_path: Path,
+) -> None:
+    from streams.handlers import RawMessage
+    from streams.metrics import Metrics
+    from streams.runtime import InferenceRuntime
+    from tests.support.events import pickup_event, valid_answer
+    from tests.support.publishing import RecordingPublisher
+
+    outputs = tmp_path / "outputs.jsonl"
+    outputs.write_text(json.dumps({"uuid": "req-00001", "model_outputs": [valid_answer()]}) + "\n")
+    settings = Settings.from_env(
+        {
+            "VS_ENGINE": "replay",
+            "VS_REPLAY_OUTPUTS": str(outputs),
+            "VS_STATE_DIR": str(tmp_path),
+            "VS_CATEGORIZER_ARTIFACTS": str(tmp_path / "no-artifacts"),
+        }
+    )
+    metrics = Metrics()
+    runtime = InferenceRuntime(settings, metrics)
+    try:
+        with pytest.raises(ProcessingError) as caught:
+            await runtime.start()
+        assert caught.value.code is ErrorCode.MODEL_NOT_LOADED
+        assert "VS_CATEGORIZER_ARTIFACTS" in caught.value.message
+        assert runtime.failed is caught.value
+        assert runtime.verification_ready.is_set() and not runtime.ready.is_set()
+        assert runtime.categorization is None
+        assert runtime.model_versions == {"verification": "replay:recorded-outputs"}
+        assert runtime.streaming_verifier(lambda: runtime.new_writer(publisher)) is None
+
+        publisher = RecordingPublisher()
+        handler = runtime.verification
+        assert handler is not None
+        value = runtime.codecs.for_schema("pickup-completed").encode(pickup_event(1))
+        writer = runtime.new_writer(publisher)
+        await handler.handle([RawMessage("pickup-completed", 0, 0, b"k", value)], writer)
+        await writer.flush()
+    finally:
+        await runtime.stop()
+    sent = publisher.topics()
+    assert sent[:2] == ["verification-attempts", "verification-decision"]
+    assert set(sent[2:]) == {"review-image"}  # review copies are on by default
+    # The pipeline reports its phases to the runtime's metrics.
+    model = metrics.registry.get_sample_value(
+        "visionstream_phase_seconds_count", {"phase": "model"}
+    )
+    assert model == 1
+
+
+class ClosingSink:
+    dsn = "chdb://test"
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_each_role_registers_its_agents_and_runtime(tmp_path: Path) -> None:
+    from streams.app import create_app
+    from streams.runtime import InferenceRuntime, SinkRuntime
+
+    inference = create_app(Settings.from_env({"VS_STATE_DIR": str(tmp_path)}))
+    assert set(inference.agents) == {"verify-pickups", "categorize-listings"}
+    assert isinstance(inference.conf.runtime, InferenceRuntime)
+    sink_settings = Settings.from_env({"VS_STATE_DIR": str(tmp_path), "VS_ROLE": "sink"})
+    sink = create_app(sink_settings, sink=ClosingSink())
+    assert set(sink.agents) == {"analytics-sink"}
+    assert isinstance(sink.conf.runtime, SinkRuntime)
+
+
+async def test_the_shutdown_hook_stops_the_roles_runtime(tmp_path: Path) -> None:
+    from streams.app import create_app
+
+    closing = ClosingSink()
+    settings = Settings.from_env({"VS_STATE_DIR": str(tmp_path), "VS_ROLE": "sink"})
+    app = create_app(settings, sink=closing)
+    await app.on_before_shutdown.send()
+    assert closing.closed == 1

@@ -95,3 +95,32 @@ def test_group_instance_id_and_session_timeout_from_the_environment() -> None:
     assert Settings.from_env({"VS_GROUP_INSTANCE_ID": "off"}).group_instance_id is None
     with pytest.raises(SettingsError, match="VS_SESSION_TIMEOUT_S"):
         Settings.from_env({"VS_SESSION_TIMEOUT_S": "600"})
+
+
+def test_public_settings_redact_every_password_and_keep_the_rest() -> None:
+    settings = Settings.from_env(
+        {
+            "VS_KAFKA_BROKER": "kafka://svc:br0ker-pw@kafka.internal:9092",
+            "VS_SCHEMA_REGISTRY_URL": "https://reg:reg1stry-pw@registry.internal:8081",
+            "VS_CLICKHOUSE_DSN": "clickhouse://writer:cl1ck-pw@ch.internal:9000/visionstream",
+            "VS_REVIEW_USERS": "alice:al1ce-pass,bob:b0b-password",
+            "VS_WEB_HOST": "0.0.0.0",  # noqa: S104
+            "VS_WEB_TOKEN": "t0ken-value",
+        }
+    )
+    public = settings.public()
+    text = repr(settings) + str(public)
+    for secret in ("br0ker-pw", "reg1stry-pw", "cl1ck-pw", "al1ce-pass", "b0b-password", "t0ken"):
+        assert secret not in text
+    assert public["broker"] == "kafka://svc:***@kafka.internal:9092"
+    assert public["schema_registry_url"] == "https://reg:***@registry.internal:8081"
+    assert public["clickhouse_dsn"] == "clickhouse://writer:***@ch.internal:9000/visionstream"
+    assert public["review"]["reviewers"] == ["alice", "bob"]
+    assert public["web_token"] == "***"
+
+
+def test_public_settings_without_secrets_show_no_redaction_marks() -> None:
+    public = Settings.from_env({"VS_KAFKA_BROKER": "kafka://localhost:9092"}).public()
+    assert public["broker"] == "kafka://localhost:9092"
+    assert public["web_token"] is None and public["schema_registry_url"] == ""
+    assert "***" not in str(public)
