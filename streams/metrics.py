@@ -10,6 +10,12 @@ codes and stages come from `processors.errors`, phases from `PHASES`, and
 `time_phase` / `observe_phase` refuse any other phase with `ValueError` (a
 programming error, found by the first test that reaches it).
 
+`batch_size` and `phase_seconds` get one observation per micro-batch: the agents
+(`streams.agents`) observe the batch size and the publish phase, the processors their own
+phases through a `processors.batching.PhaseObserver` (`observe_phase`): gather, tile,
+model and decide (`VerificationPipeline`), categorize (`CategorizationService`), and sink
+(`SinkRuntime.store`). In slot mode each input is its own batch.
+
 Two families are collected at scrape time instead of being pushed:
 
 - `visionstream_gpu_memory_bytes{device,kind}`: read from `torch.cuda` only when the
@@ -88,7 +94,7 @@ class GpuMemoryCollector(Collector):
                 family.add_metric([device, "allocated"], float(cuda.memory_allocated(index)))
                 family.add_metric([device, "reserved"], float(cuda.memory_reserved(index)))
         except Exception as exc:
-            log.debug("GPU memory not readable: %s", exc)
+            log.debug("GPU memory not readable: %s", exc, exc_info=True)
             return []
         return [family]
 
@@ -322,6 +328,7 @@ class Metrics:
             snapshot = await asyncio.to_thread(lag)
         except Exception as exc:
             log.warning("consumer lag of group %s not refreshed: %s", group, exc)
+            log.debug("lag function of group %s raised", group, exc_info=True)
             self._lag_failures.labels(group=group).inc()
             self._lag.clear(group)
             return False
