@@ -63,7 +63,9 @@ def _result(label: str, result: Any, **extra: Any) -> dict[str, Any]:
     return item
 
 
-def _answer(recommendation: str = "Accept", results: list[dict[str, Any]] | None = None) -> dict:
+def _answer(
+    recommendation: str = "Accept", results: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     return {
         "image_analysis": {
             "pickup_images": "pickup shows a navy shirt",
@@ -249,7 +251,9 @@ def test_fuzzy_label_just_below_threshold_is_missed() -> None:
 
 
 def test_find_most_similar_scores() -> None:
-    assert find_most_similar("Colour", ["Size", "Color"]) == (1, pytest.approx(90.909, abs=0.01))
+    found = find_most_similar("Colour", ["Size", "Color"])
+    assert found is not None
+    assert found[0] == 1 and found[1] == pytest.approx(90.909, abs=0.01)
     assert find_most_similar("Packaging", ["Packing"]) is None
     assert find_most_similar("Packaging", ["Packing"], threshold=85) is not None
     assert LABEL_MATCH_THRESHOLD == 90

@@ -12,7 +12,7 @@ from processors.gather_limits import DEFAULT_IMAGE_FORMATS, GatherLimits
 )
 def test_a_limit_that_is_not_positive_is_refused_by_name(field: str) -> None:
     with pytest.raises(ValueError, match=f"GatherLimits.{field} must be positive"):
-        GatherLimits(**{field: 0})
+        GatherLimits(**{field: 0})  # type: ignore[arg-type]
 
 
 def test_negative_retries_and_an_empty_format_list_are_refused() -> None:

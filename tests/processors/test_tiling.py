@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -26,12 +27,13 @@ from processors.tiling import (
 )
 
 # --------------------------------------------------------------------------------------
-# Reference: the InternVL2.5 model card code, as the old service ran it (seed 000, §11).
-# Kept verbatim on purpose; do not "improve" it.
+# Reference: the InternVL2.5 model card code, as the former service ran it
+# (docs/former-service.md, "Images"). Kept verbatim on purpose, only the signatures are
+# annotated; do not "improve" it.
 # --------------------------------------------------------------------------------------
 
 
-def ref_build_transform(input_size):
+def ref_build_transform(input_size: int) -> Any:
     MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
     transform = T.Compose(
         [
@@ -44,7 +46,13 @@ def ref_build_transform(input_size):
     return transform
 
 
-def ref_find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
+def ref_find_closest_aspect_ratio(
+    aspect_ratio: float,
+    target_ratios: list[tuple[int, int]],
+    width: int,
+    height: int,
+    image_size: int,
+) -> tuple[int, int]:
     best_ratio_diff = float("inf")
     best_ratio = (1, 1)
     area = width * height
@@ -60,7 +68,7 @@ def ref_find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, im
     return best_ratio
 
 
-def ref_target_ratios(min_num, max_num):
+def ref_target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
     target_ratios = set(
         (i, j)
         for n in range(min_num, max_num + 1)
@@ -72,7 +80,13 @@ def ref_target_ratios(min_num, max_num):
     return target_ratios
 
 
-def ref_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
+def ref_dynamic_preprocess(
+    image: Image.Image,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = False,
+) -> list[Image.Image]:
     orig_width, orig_height = image.size
     aspect_ratio = orig_width / orig_height
 
@@ -109,7 +123,7 @@ def ref_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thu
     return processed_images
 
 
-def ref_load_image(image_file, input_size=448, max_num=12):
+def ref_load_image(image_file: Any, input_size: int = 448, max_num: int = 12) -> torch.Tensor:
     image = Image.open(image_file).convert("RGB")
     transform = ref_build_transform(input_size=input_size)
     images = ref_dynamic_preprocess(
@@ -120,7 +134,7 @@ def ref_load_image(image_file, input_size=448, max_num=12):
     return pixel_values
 
 
-def ref_grid(width, height, max_num, image_size=448):
+def ref_grid(width: int, height: int, max_num: int, image_size: int = 448) -> tuple[int, int]:
     """The grid the reference picks, without building an image."""
     return ref_find_closest_aspect_ratio(
         width / height, ref_target_ratios(1, max_num), width, height, image_size

@@ -27,6 +27,8 @@ from typing import Any
 
 import fastavro
 import pytest
+from fastavro.read import SchemaResolutionError
+from fastavro.schema import SchemaParseException
 
 from schemas import AVRO_DIR, avro_schema_json, avro_topics, avro_versions
 
@@ -77,11 +79,24 @@ def read(data: bytes, writer: dict[str, Any], reader: dict[str, Any]) -> Any:
     )
 
 
+# What fastavro raises when a reader cannot read a writer's data: a resolution error, a
+# default the changed type cannot hold, or one of the others for data of the wrong type.
+_INCOMPATIBLE = (
+    SchemaResolutionError,
+    SchemaParseException,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    EOFError,
+)
+
+
 def incompatibility(writer: dict[str, Any], reader: dict[str, Any]) -> str | None:
     """Why `reader` cannot read data written with `writer`, or None when it can."""
     try:
         read(write(writer), writer, reader)
-    except Exception as exc:  # fastavro raises SchemaResolutionError, or others for bad types
+    except _INCOMPATIBLE as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 

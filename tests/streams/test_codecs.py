@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import threading
+from typing import Any
 
 import fastavro
 import pytest
@@ -171,20 +172,28 @@ def test_a_registry_404_is_an_unknown_schema() -> None:
     assert _code(codec, framed) is ErrorCode.UNKNOWN_SCHEMA
 
 
+class _ComesBack:
+    """A registry client double that is down for its first `outage` calls, then answers."""
+
+    def __init__(self, registry: Any, outage: int) -> None:
+        self.down = _Down()
+        self.registry = registry
+        self.outage = outage
+
+    def get_schema(self, schema_id: int) -> object:
+        if self.down.calls < self.outage:
+            self.down.get_schema(schema_id)  # raises: the registry is down
+        return self.registry.get_schema(schema_id)
+
+
 async def test_until_registry_answers_waits_out_an_outage_and_returns() -> None:
-    down = _Down()
-    codec = Codecs("mock://comes-back").for_schema("pickup-completed")
-    framed = codec.encode(PICKUP)
-    reader = TopicCodec("pickup-completed", down)
+    codecs = Codecs("mock://comes-back")
+    framed = codecs.for_schema("pickup-completed").encode(PICKUP)
+    registry = _ComesBack(codecs.registry, outage=3)
+    reader = TopicCodec("pickup-completed", registry)
 
-    def decode() -> dict[str, object]:
-        if down.calls < 3:
-            return reader.decode(framed)  # fails: the double is down
-        reader._registry = codec._registry  # the registry is back
-        return reader.decode(framed)
-
-    record = await until_registry_answers(decode, "test", first_delay_s=0.01)
-    assert record["shippingid"] == PICKUP["shippingid"] and down.calls == 3
+    record = await until_registry_answers(lambda: reader.decode(framed), "test", first_delay_s=0.01)
+    assert record["shippingid"] == PICKUP["shippingid"] and registry.down.calls == 3
 
 
 def test_only_uncached_confluent_ids_and_the_first_encode_need_the_registry() -> None:
