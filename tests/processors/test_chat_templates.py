@@ -9,6 +9,7 @@ turn; they are facts about the original, not derived from our code.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,9 @@ GENUINE_INTERNVL2_SYSTEM = (
 )
 
 
-def _folder(tmp_path: Path, config: dict[str, object], conversation: str | None = None) -> Path:
+def _folder(
+    tmp_path: Path, config: Mapping[str, object], conversation: str | None = None
+) -> Path:
     (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     if conversation is not None:
         (tmp_path / "conversation.py").write_text(conversation, encoding="utf-8")

@@ -23,7 +23,7 @@ def test_a_moving_leader_counts_as_not_yet(monkeypatch: pytest.MonkeyPatch) -> N
         return answer
 
     monkeypatch.setattr(kafka_admin, "group_lag", group_lag)
-    monkeypatch.setattr(kafka_admin.time, "sleep", lambda _: None)
+    monkeypatch.setattr("streams.kafka_admin.time.sleep", lambda _: None)
     assert kafka_admin.wait_for_lag_zero("127.0.0.1:1", "g", ["t"], timeout=30)
     assert answers == []
 

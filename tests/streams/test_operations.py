@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -35,6 +36,10 @@ def http_get(port: str, path: str) -> tuple[int, str]:
         return error.code, error.read().decode()
     except OSError as error:
         return 0, str(error)
+
+
+def _logged(worker: WorkerProcess, text: str) -> bool:
+    return text in worker.log_path.read_text(errors="replace")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -290,7 +295,7 @@ def test_two_workers_share_partitions_and_one_takes_over(
     try:
         for worker in workers:
             wait_until(
-                lambda w=worker: "models loaded" in w.log_path.read_text(errors="replace"),
+                functools.partial(_logged, worker, "models loaded"),
                 120,
                 "start-up",
             )

@@ -77,9 +77,11 @@ def collect_framed(
             for message in consumer.consume(500, timeout=0.5):
                 if message.error():
                     continue
-                context = SerializationContext(message.topic(), MessageField.VALUE)
-                raw.append(message.value())
-                records[message.topic()].append(deserializer(message.value(), context))
+                topic, value = message.topic(), message.value()
+                assert topic is not None and value is not None
+                context = SerializationContext(topic, MessageField.VALUE)
+                raw.append(value)
+                records[topic].append(deserializer(value, context))
     finally:
         consumer.close()
     return records, raw
@@ -157,7 +159,8 @@ def test_confluent_framed_events_and_outputs_through_a_real_registry(
     } <= subjects
     for value in raw:
         (schema_id,) = struct.unpack(">I", value[1:5])
-        assert json.loads(client.get_schema(schema_id).schema_str)["type"] == "record"
+        schema_str = client.get_schema(schema_id).schema_str
+        assert schema_str is not None and json.loads(schema_str)["type"] == "record"
 
 
 def test_a_registry_outage_holds_new_schema_ids_and_loses_nothing(

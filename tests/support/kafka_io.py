@@ -71,8 +71,9 @@ def collect(
             for message in consumer.consume(500, timeout=0.5):
                 if message.error():
                     continue
-                schema = topics[message.topic()]
-                records[message.topic()].append(codecs.for_schema(schema).decode(message.value()))
+                topic = message.topic()
+                assert topic is not None
+                records[topic].append(codecs.for_schema(topics[topic]).decode(message.value()))
     finally:
         consumer.close()
     return records
