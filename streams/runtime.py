@@ -225,8 +225,7 @@ class InferenceRuntime:
                 "`python -m streams train-categorizer` or set VS_CATEGORIZER_ARTIFACTS",
                 "startup",
             )
-        categorizer: BatchCategorizer = load_categorizer(settings)  # a `Categorizer`
-        return categorizer
+        return load_categorizer(settings)
 
     def sync_engine_metrics(self) -> None:
         """Forward the engine's vendor-image feature-cache counters to the metrics."""
