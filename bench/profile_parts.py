@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     if "decode" in parts:
-        from processors.decode_attention import SplitKeyAttention
-        from processors.internvl import StaticGreedyDecoder
+        from processors.internvl import SplitKeyAttention, StaticGreedyDecoder
 
         length = args.cache_length
         prompt = length - 300
@@ -276,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                     compile_step=compiled,
                     **decoder_options,
                 )
-                if block_n and decoder._split_attention is not None:
-                    decoder._split_attention.block_n = block_n  # before the graph capture
+                attention = decoder.split_key_attention
+                if block_n and attention is not None:
+                    attention.block_n = block_n  # before the graph capture
                 started = time.perf_counter()
                 session = decoder.session(batch, prompt)
                 print(f"  session B={batch} ready in {time.perf_counter() - started:.1f}s")

@@ -30,8 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from processors.decode_attention import SplitKeyAttention
-from processors.internvl import StaticGreedyDecoder
+from processors.internvl import SplitKeyAttention, StaticGreedyDecoder
 
 
 def graph_ladder(slots: int) -> list[int]:

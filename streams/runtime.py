@@ -225,7 +225,8 @@ class InferenceRuntime:
                 "`python -m streams train-categorizer` or set VS_CATEGORIZER_ARTIFACTS",
                 "startup",
             )
-        return load_categorizer(settings)
+        categorizer: BatchCategorizer = load_categorizer(settings)  # a `Categorizer`
+        return categorizer
 
     def sync_engine_metrics(self) -> None:
         """Forward the engine's vendor-image feature-cache counters to the metrics."""

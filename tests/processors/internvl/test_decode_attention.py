@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from processors.decode_attention import SplitKeyAttention
+from processors.internvl import SplitKeyAttention
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_kernel_matches_dense_attention_under_the_interpreter() -> None:

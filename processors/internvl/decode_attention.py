@@ -25,7 +25,7 @@ LOG2_E = 1.4426950408889634
 @functools.cache
 def _kernel() -> Any:
     """The Triton kernel, imported on first use: Triton is only needed on a GPU."""
-    from processors.decode_attention_kernels import partial_attention
+    from processors.internvl.decode_attention_kernels import partial_attention
 
     return partial_attention
 
@@ -166,6 +166,11 @@ class SplitKeyAttention:
         column: Any,
         scale: float,
     ) -> Any:
+        """The attention output of one decode step (see the class docstring for the args).
+
+        Raises:
+            ValueError: when the query's head size or group is not supported.
+        """
         if not self.supports(query.shape[3], query.shape[2]):
             raise ValueError(f"unsupported query shape {tuple(query.shape)}")
         return self.operator(

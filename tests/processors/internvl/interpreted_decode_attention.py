@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 
-from processors.decode_attention import SplitKeyAttention
-from processors.internvl import StaticGreedyDecoder
+from processors.internvl import SplitKeyAttention, StaticGreedyDecoder
 from tests.support.tiny_internvl import build_tokenizer, tiny_native_model
 
 pytest.importorskip("triton")

@@ -1,4 +1,4 @@
-"""Triton kernels of `processors.decode_attention` (imported only where Triton runs)."""
+"""Triton kernels of `processors.internvl.decode_attention` (imported only where Triton runs)."""
 
 import triton
 import triton.language as tl
@@ -23,6 +23,10 @@ def attend_range(
     PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
+    """Fold the visible columns [lo, hi) into a running (best, total_weight, acc) softmax.
+
+    Returns the updated (best, total_weight, acc); `MASKED` handles a partial last block.
+    """
     # Visible columns [lo, hi) live at cache columns [lo + shift, hi + shift): affine
     # addresses, so the loads vectorise and pipeline. Unmasked calls cover whole blocks
     # only (no bounds checks in the hot loop); the masked call takes the last partial one.
@@ -83,6 +87,12 @@ def partial_attention(
     SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """One (row, key/value head) program's share (split `program_id(1)`) of the attention.
+
+    With one split it writes the normalised output to `out`; with several, each writes its
+    unnormalised sum and base-2 maximum to `out_acc`/`out_max`/`out_sum` for the merge in
+    `processors.internvl.decode_attention.split_key_attention`.
+    """
     row_head = tl.program_id(0)
     split = tl.program_id(1)
     row = row_head // KV_HEADS
