@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -27,6 +27,9 @@ from tests.streams.test_sink_broker import all_topics, sink_env
 from tests.streams.test_worker_broker import worker_env
 from tests.support.kafka_io import produce
 from tests.support.review_data import evidence_answer, review_pickup, sample_photo_b64
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Dialog, Page
 
 pytestmark = pytest.mark.broker
 
@@ -82,6 +85,68 @@ def outputs() -> dict[str, list[str]]:
     }
 
 
+def _dismissed(dialog: Dialog, seen: list[str]) -> None:
+    seen.append(dialog.message)
+    dialog.dismiss()
+
+
+def _sign_in_and_filter(page: Page, base: str, shots: str | None) -> None:
+    """Refused until signed in; the queue, then the model's Not Pick decisions only."""
+    first = page.goto(f"{base}/review")
+    assert first is not None and first.status == 401
+    page.fill("input[name=user]", "reviewer")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("table.queue")
+    assert page.locator("table.queue tbody tr").count() == 3
+    page.select_option("select[name=decision]", "Not Pick")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url("**decision=Not+Pick**")
+    rows = page.locator("table.queue tbody tr")
+    assert rows.count() == 2
+    assert PLANTED in page.inner_text("table.queue")  # shown as text
+    if shots:
+        page.screenshot(path=str(Path(shots) / "review-queue.png"))
+
+
+def _check_decision_page(page: Page, shots: str | None, dialogs: list[str]) -> None:
+    """Both photo sets from the stored copies; planted markup stays text."""
+    page.locator("table.queue tbody tr", has_text="SHP-00001").locator("a").click()
+    page.wait_for_selector("#vendor-photos")
+    for role, expected in (("vendor", 1), ("pickup", 2)):
+        images = page.locator(f"#{role}-photos img")
+        assert images.count() == expected, role
+        for i in range(expected):
+            assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+            src = images.nth(i).get_attribute("src", timeout=1000)
+            assert src is not None and src.startswith("/review/image/")
+    html = page.content()
+    assert "javascript:" not in html
+    assert PLANTED in page.inner_text("td.evidence >> nth=0")
+    assert page.evaluate("window.__planted") is None and dialogs == []
+    if shots:
+        page.screenshot(path=str(Path(shots) / "review-decision.png"), full_page=False)
+
+
+def _submit_verdict(page: Page, base: str) -> None:
+    """Override the model (Not Pick -> Pick), mark two answers, a note; it comes back."""
+    page.check("input[name=answer_0][value=wrong]")
+    page.check("input[name=answer_1][value=correct]")
+    page.check("input[name=verdict][value=override]")
+    page.fill("textarea[name=note]", "Colour is fine in daylight.")
+    page.click("form.verdict button[type=submit]")
+    page.wait_for_selector("p.saved")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and page.locator("p.reviewed").count() == 0:
+        time.sleep(1)
+        page.reload()
+    assert "Pick by reviewer" in page.inner_text("p.reviewed")
+    page.goto(f"{base}/review/accuracy?since=3650d")
+    agreement = page.locator("#review_agreement tbody tr").first.inner_text()
+    assert agreement.split()[:3] == ["1", "0", "1"]  # reviewed, agreed, disagreed
+    assert page.locator("svg.chart rect.bar").count() == 1
+
+
 def test_review_a_decision_in_the_browser(
     kafka_bootstrap: str, unique: str, tmp_path: Path, categorizer_artifacts: Path
 ) -> None:
@@ -116,59 +181,10 @@ def test_review_a_decision_in_the_browser(
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             dialogs: list[str] = []
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            # Not signed in: refused, and the sign-in form is shown instead.
-            first = page.goto(f"{base}/review")
-            assert first is not None and first.status == 401
-            page.fill("input[name=user]", "reviewer")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
-            page.wait_for_selector("table.queue")
-            assert page.locator("table.queue tbody tr").count() == 3
-            # Filter: the model's Not Pick decisions only.
-            page.select_option("select[name=decision]", "Not Pick")
-            page.click("form.filters button[type=submit]")
-            page.wait_for_url("**decision=Not+Pick**")
-            rows = page.locator("table.queue tbody tr")
-            assert rows.count() == 2
-            assert PLANTED in page.inner_text("table.queue")  # shown as text
-            if shots:
-                page.screenshot(path=str(Path(shots) / "review-queue.png"))
-            page.locator("table.queue tbody tr", has_text="SHP-00001").locator("a").click()
-            page.wait_for_selector("#vendor-photos")
-            # Both photo sets, loaded from the stored copies.
-            for role, expected in (("vendor", 1), ("pickup", 2)):
-                images = page.locator(f"#{role}-photos img")
-                assert images.count() == expected, role
-                for i in range(expected):
-                    assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
-                    assert (
-                        images.nth(i)
-                        .get_attribute("src", timeout=1000)
-                        .startswith("/review/image/")
-                    )
-            html = page.content()
-            assert "javascript:" not in html
-            assert PLANTED in page.inner_text("td.evidence >> nth=0")
-            assert page.evaluate("window.__planted") is None and dialogs == []
-            if shots:
-                page.screenshot(path=str(Path(shots) / "review-decision.png"), full_page=False)
-            # The verdict: override the model (Not Pick → Pick), mark two answers, a note.
-            page.check("input[name=answer_0][value=wrong]")
-            page.check("input[name=answer_1][value=correct]")
-            page.check("input[name=verdict][value=override]")
-            page.fill("textarea[name=note]", "Colour is fine in daylight.")
-            page.click("form.verdict button[type=submit]")
-            page.wait_for_selector("p.saved")
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and page.locator("p.reviewed").count() == 0:
-                time.sleep(1)
-                page.reload()
-            assert "Pick by reviewer" in page.inner_text("p.reviewed")
-            page.goto(f"{base}/review/accuracy?since=3650d")
-            agreement = page.locator("#review_agreement tbody tr").first.inner_text()
-            assert agreement.split()[:3] == ["1", "0", "1"]  # reviewed, agreed, disagreed
-            assert page.locator("svg.chart rect.bar").count() == 1
+            page.on("dialog", lambda d: _dismissed(d, dialogs))
+            _sign_in_and_filter(page, base, shots)
+            _check_decision_page(page, shots, dialogs)
+            _submit_verdict(page, base)
             browser.close()
         assert workers[1].process.poll() is None, workers[1].log_tail()  # the sink kept running
     finally:
