@@ -165,7 +165,7 @@ def forced_length_static(engine: Any, cap: int) -> Any:
             finally:
                 self.max_new_tokens = steps
 
-    decoder = engine._decoder
+    decoder = engine.decoder
     decoder.__class__ = ForcedLength
     decoder.min_new_tokens = cap
     return decoder
@@ -201,7 +201,7 @@ def run_static(
         while end < len(times) and end - served < cap and times[end] <= now:
             end += 1
         batch = [pool[picks[index]] for index in range(served, end)]
-        engine._decoder.max_new_tokens = max(lengths[served:end])
+        engine.decoder.max_new_tokens = max(lengths[served:end])
         engine.generate_token_ids(batch)
         finished = time.perf_counter() - start
         for index in range(served, end):
@@ -454,7 +454,7 @@ def parity(make_engine: Any, pool: list[Any], count: int, tokens: int, seed: int
         decode="generate", max_batch_size=1, max_new_tokens=tokens, min_new_tokens=tokens
     )
     expected = [reference.generate_token_ids([request])[0] for request in requests]
-    longest = max(len(ids) for ids in reference._encode_all(requests))
+    longest = max(len(ids) for ids in reference.encode_prompts(requests))
     config = SlotEngineConfig(
         slots=max(1, count - 1),  # one request waits for a slot
         context_length=-(-(longest + tokens + 64) // 128) * 128,
@@ -485,7 +485,7 @@ def _with(config: Any, **changes: Any) -> Any:
 
 
 def _encoded(make_engine: Any, pool: list[Any]) -> list[list[int]]:
-    encoded: list[list[int]] = make_engine()._encode_all(pool)
+    encoded: list[list[int]] = make_engine().encode_prompts(pool)
     return encoded
 
 

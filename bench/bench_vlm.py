@@ -446,7 +446,7 @@ def batched_run(
     result["compile"] = variant["compile"]
     result["prefill_batch_size"] = fast.config.prefill_batch_size
     result["vision_batch_tiles"] = fast.config.vision_batch_tiles
-    decoder = fast._decoder
+    decoder = fast.decoder
     result["decode_attention"] = (
         None if decoder is None else ("split" if decoder.split_attention else "sdpa")
     )
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         return NativeInternVLEngine.from_model(config, model, tokenizer)
 
     seed_engine = engine(decode="generate", max_batch_size=1, feature_cache_mb=0)
-    prompt_tokens = [len(seed_engine._encode(request)) for request in requests]
+    prompt_tokens = [len(seed_engine.prompt_ids(request)) for request in requests]
 
     # ---- seed path: one request at a time through generate (warm-up: 2 tokens).
     warm = NativeInternVLEngine.from_model(
