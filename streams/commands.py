@@ -31,7 +31,7 @@ def _register_training_commands(app: faust.App, settings: Settings) -> None:
     )
     async def replay(self: AppCommand, input_path: str, output_path: str) -> None:
         """Re-decide recorded requests from their raw model outputs (no Kafka, GPU or network)."""
-        from processors.verification import replay_jsonl
+        from processors.replay import replay_jsonl
 
         summary = await _in_thread(replay_jsonl, Path(input_path), Path(output_path))
         self.say(f"replayed {summary}")
