@@ -51,7 +51,7 @@ def test_every_module_is_layered() -> None:
 
 
 def test_modules_import_only_lower_layers() -> None:
-    bad = []
+    bad: list[str] = []
     for rank, name in enumerate(LAYERS):
         allowed = {f"processors.internvl.{lower}" for lower in LAYERS[:rank]}
         imported = internvl_imports(PACKAGE / f"{name}.py")
@@ -60,7 +60,7 @@ def test_modules_import_only_lower_layers() -> None:
 
 
 def test_outside_code_imports_the_public_surface_only() -> None:
-    bad = []
+    bad: list[str] = []
     for root in ("processors", "streams", "bench", "tests"):
         for path in sorted((REPO / root).rglob("*.py")):
             if path.is_relative_to(PACKAGE):
