@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,7 @@ SMOKE = Shape(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The benchmark's options (`--help` lists them)."""
     parser = argparse.ArgumentParser(prog="bench-vlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (CI)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -192,6 +193,7 @@ def tokenizer_dir(explicit: str | None) -> Path:
 
 
 def build_tokenizer(folder: Path) -> Any:
+    """The Qwen tokenizer from local files, with the InternVL image tokens added."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -225,9 +227,11 @@ def build_model(shape: Shape, tokenizer: Any, device: str, dtype: Any, seed: int
         downsample_ratio=0.5,
         tie_word_embeddings=False,
     )
-    config._attn_implementation = "sdpa"
-    config.text_config._attn_implementation = "sdpa"
-    config.vision_config._attn_implementation = "sdpa"
+    # transformers reads the implementation from this attribute of each config (no
+    # public setter for sub-configs).
+    config._attn_implementation = "sdpa"  # noqa: SLF001
+    config.text_config._attn_implementation = "sdpa"  # noqa: SLF001
+    config.vision_config._attn_implementation = "sdpa"  # noqa: SLF001
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -355,6 +359,7 @@ def make_requests(
 
 
 def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0-100) at the rounded rank; 0.0 for no values."""
     ordered = sorted(values)
     if not ordered:
         return 0.0
@@ -363,6 +368,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def gpu_memory(device: str, reset: bool = False) -> float | None:
+    """Peak GPU memory in GiB since the last reset (None on CPU); `reset` starts anew."""
     import torch
 
     if not device.startswith("cuda"):
@@ -408,6 +414,7 @@ def run_engine(
 
 
 def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the most verifications per second."""
     return max(runs, key=lambda run: float(run["verifications_per_s"]))
 
 
@@ -460,6 +467,7 @@ def batched_run(
 
 
 def versions() -> dict[str, str]:
+    """Python, torch, transformers, Pillow and CUDA versions for the result."""
     import PIL
     import torch
     import transformers
@@ -474,6 +482,7 @@ def versions() -> dict[str, str]:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's for a CPU run."""
     import torch
 
     if device.startswith("cuda"):
@@ -481,69 +490,20 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Batches of different sizes and lengths fragment the caching allocator; expandable
-    # segments let freed blocks be reused across shapes (takes effect before CUDA starts).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    import torch
-
-    from processors.internvl import EngineConfig, NativeInternVLEngine
-
-    shape = SMOKE if args.smoke else FULL
-    device = args.device
+def _device_and_dtype(args: argparse.Namespace, torch: Any) -> tuple[str, Any]:
+    """The device (`auto`: CUDA when there is one and not `--smoke`) and the dtype."""
+    device = str(args.device)
     if device == "auto":
         device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    new_tokens = args.new_tokens or shape.new_tokens
-    count = args.requests or (4 if args.smoke else 256)
-    seed_count = args.seed_requests or (1 if args.smoke else 2)
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("2" if args.smoke else "128")).split(",")]
-    text_tokens = args.text_tokens or shape.text_tokens
+    return device, dtype
 
-    started = time.perf_counter()
-    tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
-    model = build_model(shape, tokenizer, device, dtype, args.seed)
-    build_s = time.perf_counter() - started
-    print(f"[bench] model {shape.name} on {device} built in {build_s:.1f}s", flush=True)
 
-    pre_started = time.perf_counter()
-    requests, request_stats = make_requests(
-        shape, tokenizer, count, args.vendor_images, args.seed, text_tokens
-    )
-    preprocess_s = time.perf_counter() - pre_started
-
-    def engine(**overrides: Any) -> NativeInternVLEngine:
-        settings: dict[str, Any] = {
-            "max_new_tokens": new_tokens,
-            "min_new_tokens": new_tokens,
-            "cuda_graphs": not args.no_cuda_graphs,
-            "prefill_batch_size": args.prefill_batch_size,
-            "vision_batch_tiles": args.vision_batch_tiles,
-            "decode_attention": args.decode_attention,
-            **overrides,
-        }
-        config = EngineConfig(f"{shape.name}-random", **settings)
-        return NativeInternVLEngine.from_model(config, model, tokenizer)
-
-    seed_engine = engine(decode="generate", max_batch_size=1, feature_cache_mb=0)
-    prompt_tokens = [len(seed_engine.prompt_ids(request)) for request in requests]
-
-    # ---- seed path: one request at a time through generate (warm-up: 2 tokens).
-    warm = NativeInternVLEngine.from_model(
-        EngineConfig("warm", decode="generate", max_new_tokens=2), model, tokenizer
-    )
-    warm.generate_token_ids(requests[:1])
-    seed_result, seed_ids = run_engine(seed_engine, requests[:seed_count], 1, device)
-    print(f"[bench] seed path: {seed_result['verifications_per_s']:.4f}/s", flush=True)
-
-    # ---- batched engine at each batch size (warm-up: one full batch, cache cleared after).
-    runs: list[dict[str, Any]] = []
-    batched_ids: list[list[int]] = []
-    # Each variant: batch size (None: the best so far), requests per call, compile options.
+def _variants(args: argparse.Namespace, batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """Each batched variant: batch size (None: the best so far), requests per call, options."""
     variants: list[dict[str, Any]] = [
         {"batch_size": size, "per_call": 0, "compile": False} for size in batch_sizes
     ]
@@ -559,115 +519,246 @@ def main(argv: list[str] | None = None) -> int:
                 "vision_batch_tiles": 256,
             }
         )
-    cache_scenario: dict[str, Any] | None = None
-    failures: list[dict[str, Any]] = []
-    out = Path(args.out) if args.out else RESULTS / f"vlm-{shape.name}.json"
-    seed_rate = seed_result["verifications_per_s"]
+    return variants
 
-    def report() -> dict[str, Any]:
-        """Assemble the result from what was measured so far and write it (after each run)."""
-        best = best_run(runs) if runs else None
+
+def _attention(config: Any) -> str:
+    # transformers keeps the resolved implementation in `_attn_implementation` (its own
+    # attribute, read and set the same way by the library); there is no public accessor.
+    return str(config._attn_implementation)  # noqa: SLF001
+
+
+@dataclass
+class _Bench:
+    """One benchmark run: what is measured so far, and the result file it rewrites."""
+
+    args: argparse.Namespace
+    argv: list[str] | None
+    shape: Shape
+    device: str
+    dtype: Any
+    model: Any
+    tokenizer: Any
+    requests: list[Any]
+    request_stats: dict[str, Any]
+    build_s: float
+    preprocess_s: float
+    new_tokens: int
+    count: int
+    seed_count: int
+    out: Path
+    prompt_tokens: list[int] = field(default_factory=list)
+    seed_result: dict[str, Any] = field(default_factory=dict)
+    seed_ids: list[list[int]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    batched_ids: list[list[int]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    cache_scenario: dict[str, Any] | None = None
+
+    def engine(self, **overrides: Any) -> Any:
+        """A native engine on the shared model with the run's settings and `overrides`."""
+        from processors.internvl import EngineConfig, NativeInternVLEngine
+
+        args = self.args
+        settings: dict[str, Any] = {
+            "max_new_tokens": self.new_tokens,
+            "min_new_tokens": self.new_tokens,
+            "cuda_graphs": not args.no_cuda_graphs,
+            "prefill_batch_size": args.prefill_batch_size,
+            "vision_batch_tiles": args.vision_batch_tiles,
+            "decode_attention": args.decode_attention,
+            **overrides,
+        }
+        config = EngineConfig(f"{self.shape.name}-random", **settings)
+        return NativeInternVLEngine.from_model(config, self.model, self.tokenizer)
+
+    def measure_seed_path(self) -> None:
+        """One request at a time through `generate` (warm-up: 2 tokens)."""
+        from processors.internvl import EngineConfig, NativeInternVLEngine
+
+        seed_engine = self.engine(decode="generate", max_batch_size=1, feature_cache_mb=0)
+        self.prompt_tokens = [len(seed_engine.prompt_ids(request)) for request in self.requests]
+        warm = NativeInternVLEngine.from_model(
+            EngineConfig("warm", decode="generate", max_new_tokens=2), self.model, self.tokenizer
+        )
+        warm.generate_token_ids(self.requests[:1])
+        self.seed_result, self.seed_ids = run_engine(
+            seed_engine, self.requests[: self.seed_count], 1, self.device
+        )
+        print(f"[bench] seed path: {self.seed_result['verifications_per_s']:.4f}/s", flush=True)
+
+    def run_variants(self, variants: list[dict[str, Any]]) -> None:
+        """The batched engine per variant (warm-up: one full batch); the file after each."""
+        for variant in variants:
+            if variant["batch_size"] is None:
+                if not self.runs:
+                    break
+                variant = {**variant, "batch_size": best_run(self.runs)["batch_size"]}
+            try:
+                result, ids = batched_run(self.engine, self.requests, variant, self.device)
+            # One failed variant must not lose the others: its error is a row of the result.
+            except Exception as exc:  # noqa: BLE001
+                self.failures.append({**variant, "error": repr(exc)[:1000]})
+                print(f"[bench] batched {variant} failed: {exc!r}", flush=True)
+                continue
+            self.runs.append(result)
+            if not self.batched_ids:
+                self.batched_ids = ids
+            print(
+                f"[bench] batched {variant}: {result['verifications_per_s']:.3f}/s "
+                f"p50 {result['p50_latency_s']}s p95 {result['p95_latency_s']}s "
+                f"timings={result['timings_s']}",
+                flush=True,
+            )
+            self.report()
+
+    def run_cache_scenario(self, vendor_images: int, text_tokens: int) -> None:
+        """The best variant again on requests sharing `vendor_images` vendor images."""
+        shared, _ = make_requests(
+            self.shape, self.tokenizer, self.count, vendor_images, self.args.seed + 1, text_tokens
+        )
+        variant = best_run(self.runs)["variant"]
+        try:
+            scenario, _ = batched_run(self.engine, shared, variant, self.device)
+        # The scenario is an extra: its failure is recorded in the result, the rest stays.
+        except Exception as exc:  # noqa: BLE001
+            self.cache_scenario = {"error": repr(exc)[:1000]}
+            return
+        self.cache_scenario = {"distinct_vendor_images": vendor_images, **scenario}
+        print(
+            f"[bench] vendor cache scenario ({vendor_images} vendor images): "
+            f"{scenario['verifications_per_s']:.3f}/s {scenario['feature_cache']}",
+            flush=True,
+        )
+
+    def _matches(self) -> list[dict[str, Any]]:
         matches = []
-        for row in range(min(args.compare, seed_count, len(batched_ids))):
-            a, b = seed_ids[row], batched_ids[row]
+        for row in range(min(self.args.compare, self.seed_count, len(self.batched_ids))):
+            a, b = self.seed_ids[row], self.batched_ids[row]
             same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
             matches.append(
                 {"identical": a == b, "first_difference": same, "tokens": [len(a), len(b)]}
             )
+        return matches
+
+    def _shape_report(self) -> dict[str, Any]:
+        stats, prompt_tokens = self.request_stats, self.prompt_tokens
+        return {
+            "name": self.shape.name,
+            "tiles": stats["tiles"],
+            "image_tokens": stats["tiles"] * 256,
+            "text_tokens": round(stats["text_tokens_mean"], 1),
+            "prompt_tokens": round(statistics.fmean(prompt_tokens), 1),
+            "prompt_tokens_min_max": [min(prompt_tokens), max(prompt_tokens)],
+            "generated_tokens": self.new_tokens,
+            "vision": self.shape.vision,
+            "text": self.shape.text,
+            "questions": stats["questions"],
+            "distinct_vendor_images": self.args.vendor_images or self.count,
+        }
+
+    def report(self) -> dict[str, Any]:
+        """Assemble the result from what was measured so far and write it (after each run)."""
+        best = best_run(self.runs) if self.runs else None
+        seed_rate = self.seed_result["verifications_per_s"]
+        stats = self.request_stats
         result = {
-            "command": "python bench/bench_vlm.py " + " ".join(argv or sys.argv[1:]),
-            "device": device_name(device),
+            "command": "python bench/bench_vlm.py " + " ".join(self.argv or sys.argv[1:]),
+            "device": device_name(self.device),
             "versions": versions(),
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "attention": {
-                "vision": model.config.vision_config._attn_implementation,
-                "text": model.config.text_config._attn_implementation,
+                "vision": _attention(self.model.config.vision_config),
+                "text": _attention(self.model.config.text_config),
             },
-            "shape": {
-                "name": shape.name,
-                "tiles": request_stats["tiles"],
-                "image_tokens": request_stats["tiles"] * 256,
-                "text_tokens": round(request_stats["text_tokens_mean"], 1),
-                "prompt_tokens": round(statistics.fmean(prompt_tokens), 1),
-                "prompt_tokens_min_max": [min(prompt_tokens), max(prompt_tokens)],
-                "generated_tokens": new_tokens,
-                "vision": shape.vision,
-                "text": shape.text,
-                "questions": request_stats["questions"],
-                "distinct_vendor_images": args.vendor_images or count,
-            },
+            "shape": self._shape_report(),
             "preprocessing": {
-                "tiling_s_per_request": round(request_stats["tiling_s_per_request"], 5),
-                "pickup_photo_pool": request_stats["pickup_pool"],
-                "prompt_s_per_request": round(request_stats["prompt_s_per_request"], 5),
-                "total_s": round(preprocess_s, 3),
+                "tiling_s_per_request": round(stats["tiling_s_per_request"], 5),
+                "pickup_photo_pool": stats["pickup_pool"],
+                "prompt_s_per_request": round(stats["prompt_s_per_request"], 5),
+                "total_s": round(self.preprocess_s, 3),
                 "note": "tiling (per image, on 8 threads; the sum for 1 vendor + 2 pickup "
                 "images) and prompt building run before the engine and are not in its "
                 "timings; tokenization is in the engine's timings",
             },
-            "model_build_s": round(build_s, 2),
-            "seed_path": seed_result,
+            "model_build_s": round(self.build_s, 2),
+            "seed_path": self.seed_result,
             "batched": best,
-            "batched_runs": runs,
-            "batched_failures": failures,
+            "batched_runs": self.runs,
+            "batched_failures": self.failures,
             "speedup": (
                 round(best["verifications_per_s"] / seed_rate, 2) if best and seed_rate else None
             ),
             "p50_latency_s": best["p50_latency_s"] if best else None,
             "p95_latency_s": best["p95_latency_s"] if best else None,
-            "token_ids_seed_vs_batched": matches,
-            "vendor_cache_scenario": cache_scenario,
+            "token_ids_seed_vs_batched": self._matches(),
+            "vendor_cache_scenario": self.cache_scenario,
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result
 
-    for variant in variants:
-        if variant["batch_size"] is None:
-            if not runs:
-                break
-            variant = {**variant, "batch_size": best_run(runs)["batch_size"]}
-        try:
-            result, ids = batched_run(engine, requests, variant, device)
-        except Exception as exc:  # one failed variant must not lose the others
-            failures.append({**variant, "error": repr(exc)[:1000]})
-            print(f"[bench] batched {variant} failed: {exc!r}", flush=True)
-            continue
-        runs.append(result)
-        if not batched_ids:
-            batched_ids = ids
-        print(
-            f"[bench] batched {variant}: {result['verifications_per_s']:.3f}/s "
-            f"p50 {result['p50_latency_s']}s p95 {result['p95_latency_s']}s "
-            f"timings={result['timings_s']}",
-            flush=True,
-        )
-        report()
-    if not runs:
-        report()
-        raise SystemExit(f"every batched run failed: {failures}")
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its JSON result; 0 on success.
+
+    Raises `SystemExit` naming the failures when every batched variant failed (the
+    result file is written first).
+    """
+    args = parse_args(argv)
+    # Batches of different sizes and lengths fragment the caching allocator; expandable
+    # segments let freed blocks be reused across shapes (takes effect before CUDA starts).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    import torch
+
+    shape = SMOKE if args.smoke else FULL
+    device, dtype = _device_and_dtype(args, torch)
+    count = args.requests or (4 if args.smoke else 256)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("2" if args.smoke else "128")).split(",")]
+    text_tokens = args.text_tokens or shape.text_tokens
+
+    started = time.perf_counter()
+    tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
+    model = build_model(shape, tokenizer, device, dtype, args.seed)
+    build_s = time.perf_counter() - started
+    print(f"[bench] model {shape.name} on {device} built in {build_s:.1f}s", flush=True)
+
+    pre_started = time.perf_counter()
+    requests, request_stats = make_requests(
+        shape, tokenizer, count, args.vendor_images, args.seed, text_tokens
+    )
+    bench = _Bench(
+        args=args,
+        argv=argv,
+        shape=shape,
+        device=device,
+        dtype=dtype,
+        model=model,
+        tokenizer=tokenizer,
+        requests=requests,
+        request_stats=request_stats,
+        build_s=build_s,
+        preprocess_s=time.perf_counter() - pre_started,
+        new_tokens=args.new_tokens or shape.new_tokens,
+        count=count,
+        seed_count=args.seed_requests or (1 if args.smoke else 2),
+        out=Path(args.out) if args.out else RESULTS / f"vlm-{shape.name}.json",
+    )
+    bench.measure_seed_path()
+    bench.run_variants(_variants(args, batch_sizes))
+    if not bench.runs:
+        bench.report()
+        raise SystemExit(f"every batched run failed: {bench.failures}")
     if args.cache_scenario:
-        shared, _ = make_requests(
-            shape, tokenizer, count, args.cache_scenario, args.seed + 1, text_tokens
-        )
-        variant = best_run(runs)["variant"]
-        try:
-            scenario, _ = batched_run(engine, shared, variant, device)
-            cache_scenario = {"distinct_vendor_images": args.cache_scenario, **scenario}
-            print(
-                f"[bench] vendor cache scenario ({args.cache_scenario} vendor images): "
-                f"{scenario['verifications_per_s']:.3f}/s {scenario['feature_cache']}",
-                flush=True,
-            )
-        except Exception as exc:
-            cache_scenario = {"error": repr(exc)[:1000]}
-    final = report()
+        bench.run_cache_scenario(args.cache_scenario, text_tokens)
+    final = bench.report()
     best = final["batched"]
     print(
-        f"[bench] seed {seed_rate:.4f}/s | batched {best['verifications_per_s']:.3f}/s "
-        f"(b={best['batch_size']}, calls of {best['requests_per_call']}) | speedup "
-        f"{final['speedup']} | p50 {best['p50_latency_s']}s p95 {best['p95_latency_s']}s -> {out}",
+        f"[bench] seed {bench.seed_result['verifications_per_s']:.4f}/s | batched "
+        f"{best['verifications_per_s']:.3f}/s (b={best['batch_size']}, calls of "
+        f"{best['requests_per_call']}) | speedup {final['speedup']} | p50 "
+        f"{best['p50_latency_s']}s p95 {best['p95_latency_s']}s -> {bench.out}",
         flush=True,
     )
     return 0
