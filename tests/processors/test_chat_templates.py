@@ -33,9 +33,7 @@ GENUINE_INTERNVL2_SYSTEM = (
 )
 
 
-def _folder(
-    tmp_path: Path, config: Mapping[str, object], conversation: str | None = None
-) -> Path:
+def _folder(tmp_path: Path, config: Mapping[str, object], conversation: str | None = None) -> Path:
     (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     if conversation is not None:
         (tmp_path / "conversation.py").write_text(conversation, encoding="utf-8")
