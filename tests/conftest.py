@@ -13,9 +13,12 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:  # torch is imported only by the tests that use a tiny model
+    from tests.support.tiny_internvl import TinyCheckpoints
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_KAFKA_PORT = int(os.environ.get("VS_TEST_KAFKA_PORT", "19192"))
@@ -167,6 +170,14 @@ def categorizer_artifacts() -> Path:
     if not (out / "manifest.json").is_file():
         train(Settings(), SAMPLE_TRAINING_CSV, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoints:
+    """The tiny InternVL checkpoints of the session (read-only: copy one before changing it)."""
+    from tests.support.tiny_internvl import TinyCheckpoints
+
+    return TinyCheckpoints(tmp_path_factory.mktemp("tiny-internvl"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from processors.model_check import (
     format_report,
     load_samples,
 )
-from tests.support.tiny_internvl import build_tiny_internvl, build_tiny_original_internvl
+from tests.support.tiny_internvl import TinyCheckpoints
 
 SAMPLE_REQUESTS = Path(__file__).parents[2] / "streams" / "samples" / "check_model.jsonl"
 GENUINE_SYSTEM = (
@@ -27,12 +27,12 @@ STAND_IN_SYSTEM_LINE = "self.system_message = get_conv_template(self.template).s
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("check-model")
+def checkpoints(tiny_checkpoints: TinyCheckpoints) -> dict[str, Path]:
+    """The session's tiny checkpoints (shared: the planted test copies the one it changes)."""
     return {
-        "native": build_tiny_internvl(root / "native"),
-        "original": build_tiny_original_internvl(root / "original"),
-        "remote": build_tiny_original_internvl(root / "remote", with_remote_code=True),
+        "native": tiny_checkpoints.native(),
+        "original": tiny_checkpoints.original(),
+        "remote": tiny_checkpoints.remote(),
     }
 
 
@@ -77,7 +77,8 @@ def test_remote_code_checkpoint_agrees_with_its_own_chat(checkpoints: dict[str, 
 def test_checkpoints_without_remote_code_are_checked_against_generate(
     checkpoints: dict[str, Path], kind: str
 ) -> None:
-    check = _check(checkpoints[kind])
+    # One sample: the remote-code test above runs two through the whole comparison.
+    check = _check(checkpoints[kind], requests=1)
     assert check.passed
     assert check.runs[0].reference == GENERATE_REFERENCE
     assert not check.facts.remote_code

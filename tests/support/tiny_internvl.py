@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,37 @@ def build_tiny_original_internvl(folder: Path, with_remote_code: bool = False) -
         (folder / "modeling_internvl_chat.py").write_text(REMOTE_CODE, encoding="utf-8")
         (folder / "conversation.py").write_text(CONVERSATION_CODE, encoding="utf-8")
     return folder
+
+
+class TinyCheckpoints:
+    """The three tiny layouts under one folder, each written on first use, then reused.
+
+    One instance serves a whole test session (the `tiny_checkpoints` fixture), so the
+    folders are shared: a test that changes a checkpoint copies it first.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._built: dict[str, Path] = {}
+
+    def native(self) -> Path:
+        """The native layout (`build_tiny_internvl`)."""
+        return self._get("native", build_tiny_internvl)
+
+    def original(self) -> Path:
+        """The original layout without remote code (`build_tiny_original_internvl`)."""
+        return self._get("original", build_tiny_original_internvl)
+
+    def remote(self) -> Path:
+        """The original layout with its remote code and `conversation.py`."""
+        return self._get(
+            "remote", functools.partial(build_tiny_original_internvl, with_remote_code=True)
+        )
+
+    def _get(self, name: str, build: Callable[[Path], Path]) -> Path:
+        if name not in self._built:
+            self._built[name] = build(self._root / name)
+        return self._built[name]
 
 
 CONVERSATION_CODE = '''"""Test stand-in for the original conversation.py (the internvl2_5 template only)."""
