@@ -23,7 +23,7 @@ from tests.support.tiny_internvl import TinyCheckpoints
 MAX_NEW = 2500
 #: Short free strings keep the random model's answers (which fill every string to its
 #: bound) a few hundred steps long on CPU.
-LIMITS = FieldLimits(analysis=12, evidence=12, text_result=8)
+LIMITS = FieldLimits(analysis=6, evidence=6, text_result=4)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,11 @@ def test_constrained_greedy_is_the_masked_argmax_of_the_model(
 def test_off_switch_decodes_freely(tiny_checkpoints: TinyCheckpoints) -> None:
     path = tiny_checkpoints.native()
     free = load_engine(EngineConfig(path, max_new_tokens=16, constrained_decoding=False))
-    on = load_engine(EngineConfig(path, max_new_tokens=16))
-    assert isinstance(free, NativeInternVLEngine) and isinstance(on, NativeInternVLEngine)
+    assert isinstance(free, NativeInternVLEngine)
+    # The same weights without a second load: only the config's switch differs.
+    on = NativeInternVLEngine.from_model(
+        EngineConfig(path, max_new_tokens=16), free.model, free.tokenizer
+    )
     request = _request("o", QUESTION_SETS["one boolean"], seed=2)
     unconstrained = PreparedRequest("o", 1, request.prompt, (1, 1), request.pixel_values)
     assert free.generate_token_ids([request]) == on.generate_token_ids([unconstrained])
