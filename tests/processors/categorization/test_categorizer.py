@@ -62,7 +62,8 @@ def _write_csv(path: Path, rows: Sequence[dict[str, str]]) -> Path:
 
 
 def _sample_rows() -> list[dict[str, str]]:
-    rows = list(csv.DictReader(SAMPLE_CSV.open()))
+    with SAMPLE_CSV.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
     for row in rows:
         row["image"] = str(SAMPLE_DIR / row["image"])
     return rows
@@ -112,7 +113,9 @@ def _listing(
 
 def _photo(category: str) -> Image.Image:
     row = next(r for r in _sample_rows() if r["category"] == category)
-    return Image.open(row["image"])
+    with Image.open(row["image"]) as image:
+        image.load()
+    return image
 
 
 def _predict(

@@ -29,9 +29,15 @@ from processors.categorization.encoders import (
 from .conftest import SAMPLE_DIR
 
 
+def _loaded(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+    return image
+
+
 def _photos() -> list[Image.Image]:
     paths = sorted((SAMPLE_DIR / "images").glob("*.png"))[:3]
-    grey = [Image.open(p) for p in paths]
+    grey = [_loaded(p) for p in paths]
     wide = Image.new("RGBA", (60, 20), (255, 255, 255, 255))
     wide.paste((200, 10, 10, 255), (20, 5, 40, 15))
     return [*grey, wide]

@@ -74,10 +74,22 @@ def test_stratified_limit_is_balanced() -> None:
     assert stratified_indices(labels, None) == list(range(200))
 
 
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _image(path: Path) -> Image.Image:
+    """The image at `path`, decoded and its file closed."""
+    with Image.open(path) as image:
+        image.load()
+    return image
+
+
 def test_convert_template_text_never_names_the_class(fake_src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     csv_path = convert_fashion_mnist(fake_src, out, split="train", limit=10, text_mode="template")
-    rows = list(csv.DictReader(csv_path.open()))
+    rows = _csv_rows(csv_path)
     assert list(rows[0]) == ["title", "description", "image", "category"]
     assert sorted(r["category"] for r in rows) == sorted(FASHION_MNIST_CLASSES)
     images = read_idx(fake_src / "train-images-idx3-ubyte.gz")
@@ -87,15 +99,15 @@ def test_convert_template_text_never_names_the_class(fake_src: Path, tmp_path: P
         assert row["description"] == TEMPLATE_DESCRIPTION
         words = set(f"{row['title']} {row['description']}".lower().replace(".", "").split())
         assert not words & CLASS_WORDS
-        assert np.array_equal(np.asarray(Image.open(out / row["image"])), images[index])
+        assert np.array_equal(np.asarray(_image(out / row["image"])), images[index])
 
 
 def test_convert_empty_and_catalog_modes(fake_src: Path, tmp_path: Path) -> None:
     empty = convert_fashion_mnist(fake_src, tmp_path / "e", split="train", text_mode="empty")
-    rows = list(csv.DictReader(empty.open()))
+    rows = _csv_rows(empty)
     assert len(rows) == 20 and all(r["title"] == r["description"] == "" for r in rows)
     catalog = convert_fashion_mnist(fake_src, tmp_path / "c", split="train", text_mode="catalog")
-    rows = list(csv.DictReader(catalog.open()))
+    rows = _csv_rows(catalog)
     named = [r for r in rows if r["title"] != "Fashion item"]
     assert named and all(r["title"] and r["description"] for r in rows)
     with pytest.raises(ValueError, match="text_mode"):
@@ -107,7 +119,7 @@ def test_convert_empty_and_catalog_modes(fake_src: Path, tmp_path: Path) -> None
 @pytest.mark.skipif(not DEFAULT_SRC.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_convert_the_installed_test_split(tmp_path: Path) -> None:
     csv_path = convert_fashion_mnist(DEFAULT_SRC, tmp_path, split="test", limit=20)
-    rows = list(csv.DictReader(csv_path.open()))
+    rows = _csv_rows(csv_path)
     assert len(rows) == 20
     assert {r["category"] for r in rows} == set(FASHION_MNIST_CLASSES)
     assert rows[0] == {
@@ -119,13 +131,13 @@ def test_convert_the_installed_test_split(tmp_path: Path) -> None:
 
 
 def test_sample_set_is_small_balanced_and_readable() -> None:
-    rows = list(csv.DictReader(SAMPLE_CSV.open()))
+    rows = _csv_rows(SAMPLE_CSV)
     assert len(rows) == 300
     counts = {c: sum(r["category"] == c for r in rows) for c in FASHION_MNIST_CLASSES}
     assert set(counts.values()) == {30}
     total = sum(p.stat().st_size for p in SAMPLE_CSV.parent.rglob("*") if p.is_file())
     assert total < 1_000_000
-    assert Image.open(SAMPLE_CSV.parent / rows[0]["image"]).size == (28, 28)
+    assert _image(SAMPLE_CSV.parent / rows[0]["image"]).size == (28, 28)
 
 
 def test_demo_events_follow_the_product_listed_contract() -> None:
