@@ -41,6 +41,27 @@ INDENT: Final = 2
 SEPARATORS: Final = (",", ": ")
 
 
+def forced_tokens(matcher: Any, limit: int) -> list[int]:
+    """Accept and return the tokens `matcher`'s grammar forces next (at most `limit`).
+
+    The forced text (xgrammar's jump-forward string) in xgrammar's own split: the longest
+    vocabulary tokens that cover it, without a last token that a longer one could extend
+    (so the model still picks where the forced text meets free text). It may differ from
+    the split the model would have chosen; the text is the same. A token the matcher
+    refuses (not expected) ends the run there. Empty when nothing is forced.
+    """
+    if limit <= 0 or matcher.is_terminated():
+        return []
+    forced: list[int] = []
+    for token in matcher.find_jump_forward_tokens()[:limit]:
+        if not matcher.accept_token(int(token)):
+            break
+        forced.append(int(token))
+        if matcher.is_terminated():
+            break
+    return forced
+
+
 class GrammarCache:
     """Compiled answer grammars for one tokenizer, least recently used dropped first.
 
@@ -60,7 +81,7 @@ class GrammarCache:
     ) -> None:
         import xgrammar
 
-        self._xgr = xgrammar
+        self.xgrammar = xgrammar
         self.vocab_size = vocab_size
         self.stop_id = stop_id
         info = xgrammar.TokenizerInfo.from_huggingface(
@@ -97,7 +118,9 @@ class GrammarCache:
         return grammar
 
     def matcher(self, schema: AnswerSchema) -> Any:
-        return self._xgr.GrammarMatcher(self.compiled(schema), override_stop_tokens=[self.stop_id])
+        return self.xgrammar.GrammarMatcher(
+            self.compiled(schema), override_stop_tokens=[self.stop_id]
+        )
 
 
 class ConstrainedRows:
@@ -110,7 +133,7 @@ class ConstrainedRows:
         import torch
 
         self.cache = cache
-        self._xgr = cache._xgr
+        self._xgr = cache.xgrammar
         self.rows = len(schemas)
         self.matchers: list[Any] = [None if s is None else cache.matcher(s) for s in schemas]
         self.done = [m is None for m in self.matchers]
@@ -130,6 +153,21 @@ class ConstrainedRows:
         self.matchers[row] = None if schema is None else self.cache.matcher(schema)
         self.done[row] = schema is None
         self.bitmask[row].fill_(-1)
+
+    def set_row(self, row: int, matcher: Any) -> None:
+        """Give `row` an existing matcher (None: free), e.g. one advanced before prefill."""
+        self.matchers[row] = matcher
+        self.done[row] = matcher is None or bool(matcher.is_terminated())
+        self.bitmask[row].fill_(-1)
+
+    def move_row(self, source: int, target: int) -> None:
+        """Move `source`'s matcher to `target` (a slot engine compacting rows); frees it."""
+        if source != target:
+            self.matchers[target] = self.matchers[source]
+            self.done[target] = self.done[source]
+        self.matchers[source] = None
+        self.done[source] = True
+        self.bitmask[source].fill_(-1)
 
     def fill(self, rows: Sequence[int] | None = None) -> None:
         """Next-token bitmasks of `rows` (default all) that are still constrained."""
@@ -170,6 +208,16 @@ class ConstrainedRows:
                 continue
             if not matcher.accept_token(int(token)) or matcher.is_terminated():
                 self.done[row] = True
+
+    def force(self, row: int, limit: int) -> list[int]:
+        """Accept and return the tokens the grammar forces next in `row` (`forced_tokens`)."""
+        matcher = self.matchers[row]
+        if self.done[row] or matcher is None:
+            return []
+        forced = forced_tokens(matcher, limit)
+        if matcher.is_terminated():
+            self.done[row] = True
+        return forced
 
     def forced_text(self, row: int) -> str:
         """The text the grammar forces next in `row` ("" when none or the row is done)."""

@@ -21,6 +21,10 @@ bodies (norms, projections, rotary embedding, MLP) are those of
 the static path computes; `min_new_tokens` suppresses `<|im_end|>` per row, as
 `MinNewTokensLengthLogitsProcessor` does.
 
+Constrained decoding steps with `wide_step`: every row takes a one-token pass, then the
+rows whose grammar forces tokens after their chosen one take a second pass over that
+whole run (`extend_chunks`); the host masks the logits between the passes and the argmax.
+
 Not thread-safe: one thread (the scheduler's) drives it. Shapes are checked by the
 caller (`processors.slot_engine`).
 """
@@ -31,6 +35,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from processors.internvl import SplitKeyAttention, StaticGreedyDecoder
+
+
+def width_ladder(max_width: int) -> list[int]:
+    """Chunk widths of the wide step: 1, 2, 4, 8, ... up to `max_width` (included)."""
+    sizes = {1, max_width}
+    size = 2
+    while size < max_width:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
 
 
 def graph_ladder(slots: int) -> list[int]:
@@ -55,11 +69,15 @@ class SlotDecoder:
         compile_step: bool = False,
         ladder: Sequence[int] | None = None,
         stage_rows: int = 8,
+        max_width: int = 1,
+        vocab_size: int = 0,
     ) -> None:
         import torch
 
-        if slots < 1 or context < 2 or steps_per_round < 1 or stage_rows < 1:
-            raise ValueError("slots, steps_per_round, stage_rows must be >= 1, context >= 2")
+        if slots < 1 or context < 2 or steps_per_round < 1 or stage_rows < 1 or max_width < 1:
+            raise ValueError(
+                "slots, steps_per_round, stage_rows, max_width must be >= 1, context >= 2"
+            )
         self.base = base
         self.slots = slots
         self.context = context
@@ -93,13 +111,26 @@ class SlotDecoder:
         self.round_step = longs()
         self._one = torch.ones((), dtype=torch.long, device=self.device)
         self._zero = longs()
-        self._split: SplitKeyAttention | None = base._split_attention
+        self._split: SplitKeyAttention | None = base.split_key_attention
         self._run_layer: Any = self._decode_layer
         if compile_step:
             self._run_layer = torch.compile(self._decode_layer, dynamic=True)
         self.cuda_graphs = cuda_graphs and str(self.device).startswith("cuda")
         self._graphs: dict[int, Any] = {}
         self.compile_error: str | None = None
+        # The wide step (constrained decoding): each row feeds its chosen token and the
+        # tokens the grammar forces after it, up to `max_width`, in one forward pass.
+        self.max_width = max_width
+        self.widths = width_ladder(max_width)
+        self.chunk = longs(slots, max_width)  # column 0: the chosen token, then forced ones
+        self.chunk_width = torch.ones(slots, dtype=torch.long, device=self.device)
+        self.offsets = torch.arange(max_width, device=self.device)
+        self.forced_row_ids = longs(slots)  # rows whose chunk has forced tokens (padded)
+        self.logits: Any = None
+        if vocab_size:
+            self.logits = torch.zeros(slots, vocab_size, dtype=torch.float32, device=self.device)
+        self._wide_graphs: dict[tuple[int, int], Any] = {}
+        self._graph_pool: Any = None
 
     # ------------------------------------------------------------------- sizing
 
@@ -122,13 +153,15 @@ class SlotDecoder:
         image_features: Any,
         last: bool,
         min_new_tokens: int,
+        logits_mask: Any = None,
     ) -> Any:
         """Prefill prompt columns [start, start + len) of the staging row.
 
         `input_ids` is (1, chunk) on the device; `image_features` the projected features
         of this chunk's image tokens in order, (tokens, hidden), or None. Columns before
         `start` must hold the earlier chunks. Returns the greedy first token, shape (1,),
-        when `last` (`<|im_end|>` suppressed if `min_new_tokens` > 0), else None.
+        when `last` (`<|im_end|>` suppressed if `min_new_tokens` > 0, `logits_mask(logits)`
+        applied first when given), else None.
         """
         import torch
         import torch.nn.functional as functional
@@ -151,11 +184,11 @@ class SlotDecoder:
         hidden = embeds
         for index, layer in enumerate(base.layers):
             if not start:  # the first chunk is exactly the static path's prefill layer
-                hidden, key, value = base._run_prefill_layer(layer, hidden, cos, sin)
+                hidden, key, value = base.prefill_layer(layer, hidden, cos, sin)
                 self.stage_keys[index][0, :, :end] = key[0]  # already (kv heads, width, dim)
                 self.stage_values[index][0, :, :end] = value[0]
                 continue
-            query, key, value = base._rotated_projections(layer, hidden, cos, sin)
+            query, key, value = base.rotated_projections(layer, hidden, cos, sin)
             self.stage_keys[index][0, :, start:end] = key[0].transpose(0, 1)
             self.stage_values[index][0, :, start:end] = value[0].transpose(0, 1)
             # Heads expanded by hand (repeat_kv order): with a mask and `enable_gqa`, SDPA
@@ -169,24 +202,31 @@ class SlotDecoder:
                 scale=layer.self_attn.scaling,
             )
             attended = attended.transpose(1, 2).reshape(1, width, base.heads * base.head_dim)
-            hidden = base._layer_output(layer, hidden, attended)
+            hidden = base.layer_output(layer, hidden, attended)
         if not last:
             return None
         final = language_model.norm(hidden[:, -1])
         logits = base.lm_head(final[:, None, :])[:, -1, :].float()
+        if logits_mask is not None:
+            logits_mask(logits)
         if min_new_tokens > 0:
             logits[:, self.eos_id] = -float("inf")
         return logits.argmax(-1)
 
     def prefill_rows(
-        self, prompts: Sequence[Sequence[int]], image_features: Any, min_new: Sequence[int]
+        self,
+        prompts: Sequence[Sequence[int]],
+        image_features: Any,
+        min_new: Sequence[int],
+        logits_mask: Any = None,
     ) -> Any:
         """Prefill whole prompts into staging rows 0..len-1 in one batched call.
 
         Prompts are right-padded (causal attention never looks at a later pad, as in the
         static path's prefill); `image_features` holds every image token's features in
         row order, or None. Returns each row's greedy first token, shape (rows,), with
-        `<|im_end|>` suppressed in rows whose `min_new` is > 0.
+        `<|im_end|>` suppressed in rows whose `min_new` is > 0 and `logits_mask(logits)`
+        applied first when given.
         """
         import torch
 
@@ -203,11 +243,13 @@ class SlotDecoder:
         cos, sin = cos[:, :, None], sin[:, :, None]
         hidden = embeds
         for index, layer in enumerate(base.layers):
-            hidden, key, value = base._run_prefill_layer(layer, hidden, cos, sin)
+            hidden, key, value = base.prefill_layer(layer, hidden, cos, sin)
             self.stage_keys[index][:rows, :, :width] = key
             self.stage_values[index][:rows, :, :width] = value
         last = torch.stack([hidden[row, len(ids) - 1] for row, ids in enumerate(prompts)])
         logits = base.lm_head(language_model.norm(last)[:, None, :])[:, -1, :].float()
+        if logits_mask is not None:
+            logits_mask(logits)
         for row, count in enumerate(min_new):
             if count > 0:
                 logits[row, self.eos_id] = -float("inf")
@@ -375,7 +417,7 @@ class SlotDecoder:
         base = self.base
         batch = hidden.shape[0]
         scale = layer.self_attn.scaling
-        query, key, value = base._rotated_projections(layer, hidden, cos, sin)
+        query, key, value = base.rotated_projections(layer, hidden, cos, sin)
         keys[rows, :, lengths] = key[:, 0]
         values[rows, :, lengths] = value[:, 0]
         grouped = query.reshape(batch, base.kv_heads, base.heads // base.kv_heads, base.head_dim)
@@ -387,4 +429,216 @@ class SlotDecoder:
                 grouped, keys, values, attn_mask=mask, scale=scale
             )
         attended = attended.reshape(batch, 1, base.heads * base.head_dim)
-        return base._layer_output(layer, hidden, attended)
+        return base.layer_output(layer, hidden, attended)
+
+    # --------------------------------------------------------------- wide step
+
+    def width_for(self, width: int) -> int:
+        """The smallest chunk width of the ladder holding `width` tokens."""
+        return next(size for size in self.widths if size >= width)
+
+    def wide_step(self, active: int, width: int, mask: Any = None, forced_rows: int = 0) -> Any:
+        """One step over rows [0, active) in which some rows also feed a forced run.
+
+        Row r feeds `tokens[r]` (the token chosen last) and then `chunk[r, 1:w]`, the
+        tokens forced after it, `w = chunk_width[r]` (set by the caller; 1 = a plain step).
+        The rows with a run are `forced_row_ids[:forced_rows]` (set by the caller, padded
+        by repeating an entry). Every row first takes a plain one-token pass (one CUDA
+        graph per batch size); then the rows with a run take a second pass over their
+        whole chunk (`extend_chunks`), whose keys, values and logits replace the first
+        pass's. Each token attends causally to its row's earlier columns; the next token
+        is the greedy choice after the row's last real token (`<|im_end|>` suppressed while
+        `produced` is below `min_new`), with `mask(logits)` applied first when given (it
+        is called once the passes are queued, so a host-side bitmask fill overlaps them).
+        Each active row's length and `produced` grow by its width. Returns the chosen ids,
+        (batch,) on the device, not yet copied to the host. `width` >= every row's width.
+        """
+        batch = self.batch_for(active)
+        width = self.width_for(width)
+        if width > self.max_width:
+            raise ValueError(f"width {width} exceeds max_width {self.max_width}")
+        self.chunk[:batch, 0] = self.tokens[:batch]
+        self._replay(("step", batch, 1), lambda: self.forward_chunks(batch, 1))
+        if forced_rows and width > 1:
+            rows = self.rows_for(forced_rows)
+            self._replay(("extend", rows, width), lambda: self.extend_chunks(rows, width))
+        logits = self.logits[:batch]
+        if mask is not None:
+            mask(logits)
+        chosen = logits.argmax(-1)
+        self.tokens[:batch] = chosen
+        grown = self.chunk_width[:batch] * self.active[:batch]
+        self.lengths[:batch] += grown
+        self.produced[:batch] += grown
+        return chosen
+
+    def capture_wide(self) -> None:
+        """Capture the graphs of `wide_step` for every batch size and run shape (CUDA only).
+
+        Call while no row decodes (the warm-up runs write only columns from each row's
+        length on, and free rows); otherwise they are captured on first use.
+        """
+        if not self.cuda_graphs or self.max_width < 2:
+            return
+        self.forced_row_ids.zero_()
+        for batch in self.ladder:
+            self._replay(("step", batch, 1), lambda b=batch: self.forward_chunks(b, 1))
+        count = 1
+        while True:
+            for width in self.widths[1:]:
+                self._replay(
+                    ("extend", count, width), lambda c=count, w=width: self.extend_chunks(c, w)
+                )
+            if count >= self.slots:
+                break
+            count = self.rows_for(count + 1)
+        self.logits.zero_()
+
+    def rows_for(self, count: int) -> int:
+        """The number of forced-run entries a pass of `count` rows is padded to (2^k)."""
+        size = 1
+        while size < count:
+            size *= 2
+        return min(size, self.slots)
+
+    def _replay(self, key: tuple[Any, ...], forward: Any) -> None:
+        """Run `forward` through its CUDA graph, captured on first use (eagerly off CUDA).
+
+        A warm-up run writes keys and values only from each row's length on (columns no
+        row sees yet) and changes no counter, so capturing while rows decode is safe.
+        """
+        if not self.cuda_graphs:
+            forward()
+            return
+        graph = self._wide_graphs.get(key)
+        if graph is None:
+            import torch
+
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    forward()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                forward()
+            self._wide_graphs[key] = graph
+        graph.replay()
+
+    def extend_chunks(self, count: int, width: int) -> None:
+        """Keys, values and logits of the chunks of rows `forced_row_ids[:count]`.
+
+        Each listed row feeds `chunk[row, :width]` (its real width `chunk_width[row]`) at
+        its columns from its length on, attending causally over its whole row of the
+        cache (gathered for the pass); the logits after its last real token go to
+        `logits[row]`. A repeated entry repeats identical writes. Writes no counter.
+        """
+        import torch
+
+        base = self.base
+        language_model = base.language_model
+        rows = self.forced_row_ids[:count]
+        lengths = self.lengths[rows]
+        widths = self.chunk_width[rows]
+        hidden = language_model.embed_tokens(self.chunk[rows, :width])  # (count, width, h)
+        positions = lengths[:, None] + self.offsets[None, :width]
+        cos, sin = language_model.rotary_emb(hidden, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        group = base.heads // base.kv_heads
+        columns = torch.arange(self.context, device=self.device)
+        visible = (columns[None, None, :] <= positions[:, :, None]).repeat_interleave(group, 1)
+        mask = torch.zeros(visible[:, None].shape, dtype=hidden.dtype, device=self.device)
+        mask.masked_fill_(~visible[:, None], float("-inf"))
+        written = rows[:, None].expand(count, width)
+        for index, layer in enumerate(base.layers):
+            query, key, value = base.rotated_projections(layer, hidden, cos, sin)
+            self.keys[index][written, :, positions] = key
+            self.values[index][written, :, positions] = value
+            grouped = query.view(count, width, base.kv_heads, group, base.head_dim)
+            grouped = grouped.permute(0, 2, 1, 3, 4).reshape(
+                count, base.kv_heads, width * group, base.head_dim
+            )
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                grouped,
+                self.keys[index][rows],
+                self.values[index][rows],
+                attn_mask=mask,
+                scale=layer.self_attn.scaling,
+            )
+            attended = attended.view(count, base.kv_heads, width, group, base.head_dim)
+            attended = attended.permute(0, 2, 1, 3, 4).reshape(
+                count, width, base.heads * base.head_dim
+            )
+            hidden = base.layer_output(layer, hidden, attended)
+        picked = torch.arange(count, device=self.device)
+        last = hidden[picked, widths - 1]
+        logits = base.lm_head(language_model.norm(last)[:, None, :])[:, -1, :].float()
+        suppress = self.produced[rows] + widths <= self.min_new[rows]
+        logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
+        self.logits.index_copy_(0, rows, logits)
+
+    def forward_chunks(self, batch: int, width: int) -> None:
+        """Keys, values and next-token logits (`logits`) of rows [0, batch)'s chunks.
+
+        Writes no counter (`wide_step` grows them); static buffers only, so it can be
+        captured in a CUDA graph.
+        """
+        import torch
+
+        base = self.base
+        language_model = base.language_model
+        lengths = self.lengths[:batch]
+        hidden = language_model.embed_tokens(self.chunk[:batch, :width])  # (batch, width, h)
+        positions = lengths[:, None] + self.offsets[None, :width]  # (batch, width)
+        cos, sin = language_model.rotary_emb(hidden, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        group = base.heads // base.kv_heads
+        rows = self.rows[:batch, None].expand(batch, width)
+        columns = torch.arange(self.context, device=self.device)
+        # (batch, 1, width * group, context): query (i, g) of a row sees columns <= its
+        # position; built once per step, shared by every layer.
+        visible = columns[None, None, :] <= positions[:, :, None]
+        hidden_mask = visible.repeat_interleave(group, dim=1)[:, None]
+        # Additive, in the model's dtype: SDPA would convert a boolean mask in every layer.
+        mask = torch.zeros(hidden_mask.shape, dtype=hidden.dtype, device=self.device)
+        mask.masked_fill_(~hidden_mask, float("-inf"))
+        split = self._split if width == 1 else None
+        for index, layer in enumerate(base.layers):
+            query, key, value = base.rotated_projections(layer, hidden, cos, sin)
+            keys, values = self.keys[index][:batch], self.values[index][:batch]
+            keys[rows, :, positions] = key
+            values[rows, :, positions] = value
+            # (batch, width, kv, group, dim) -> (batch, kv, width * group, dim)
+            grouped = query.view(batch, width, base.kv_heads, group, base.head_dim)
+            grouped = grouped.permute(0, 2, 1, 3, 4).reshape(
+                batch, base.kv_heads, width * group, base.head_dim
+            )
+            if split is not None:
+                attended = split(
+                    grouped,
+                    keys,
+                    values,
+                    lengths + 1,
+                    self._one,
+                    self._zero,
+                    layer.self_attn.scaling,
+                )
+            else:
+                attended = torch.nn.functional.scaled_dot_product_attention(
+                    grouped, keys, values, attn_mask=mask, scale=layer.self_attn.scaling
+                )
+            attended = attended.view(batch, base.kv_heads, width, group, base.head_dim)
+            attended = attended.permute(0, 2, 1, 3, 4).reshape(
+                batch, width, base.heads * base.head_dim
+            )
+            hidden = base.layer_output(layer, hidden, attended)
+        # A row whose chunk is wider than this pass (its run is fed by `extend_chunks`)
+        # takes its last fed token here; the extend pass replaces its logits.
+        last = hidden[self.rows[:batch], (self.chunk_width[:batch] - 1).clamp(max=width - 1)]
+        logits = base.lm_head(language_model.norm(last)[:, None, :])[:, -1, :].float()
+        suppress = self.produced[:batch] + self.chunk_width[:batch] <= self.min_new[:batch]
+        logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
+        self.logits[:batch].copy_(logits)

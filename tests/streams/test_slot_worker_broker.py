@@ -4,9 +4,9 @@
   partition's committed offset already has its decision on the broker (the committed
   offset never passed an input whose outputs were not acknowledged), and after the
   restart every input has a decision (nothing lost);
-- the real slot engine on a tiny random InternVL (CPU): every answer is invalid, so each
-  request is submitted twice (the retry is a new submission) and ends as a coded dead
-  letter.
+- the real slot engine on a tiny random InternVL (CPU), decoding freely: every answer is
+  invalid, so each request is submitted twice (the retry is a new submission) and ends as
+  a coded dead letter.
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def test_tiny_internvl_on_the_slot_engine_resubmits_invalid_answers(
         VS_SLOT_COUNT="4",
         VS_MODEL_PATH=str(model),
         VS_MAX_NEW_TOKENS="8",
+        VS_CONSTRAINED_DECODING="0",  # free decoding: the random model's answers are invalid
         VS_BATCH_SIZE="4",
         VS_IMAGE_ALLOW_LOOPBACK="true",
         VS_IMAGE_RETRIES="0",

@@ -1,0 +1,318 @@
+"""Where the slot engine's time goes, part by part (GPU; `--smoke` runs on CPU).
+
+    python bench/profile_slot.py --tokenizer-dir PATH [--smoke] [--batches 16,64,256,512]
+
+Times, with CUDA events (median of several runs after warm-up), on bench_vlm's model:
+one decode step of `processors.slot_decoder.SlotDecoder` at each batch size (graph
+replay, and with the compiled layer), a batched prefill of whole prompts, and the
+vision tower on a few requests. Then a short saturation run of the slot engine with the
+host time of each scheduler phase, and the share of wall time the GPU was busy
+(profiler kernel time over wall time). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.bench_vlm import (  # noqa: E402
+    FULL,
+    SMOKE,
+    build_model,
+    build_tokenizer,
+    make_requests,
+    tokenizer_dir,
+)
+
+
+def timed(function: Callable[[], Any], device: str, repeats: int = 5, warmup: int = 2) -> float:
+    """Median milliseconds of `function` (CUDA events on the GPU, wall time on the CPU)."""
+    import torch
+
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            function()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            function()
+            times.append(1000 * (time.perf_counter() - began))
+    return round(statistics.median(times), 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--tokenizer-dir")
+    parser.add_argument("--batches", default="")
+    parser.add_argument("--saturation", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=0)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--constrained",
+        type=int,
+        default=0,
+        help="only time constrained decoding with forced runs on this many slots",
+    )
+    args = parser.parse_args(argv)
+    if args.constrained:
+        return profile_constrained(args)
+    import torch
+
+    from processors.internvl import EngineConfig, NativeInternVLEngine
+    from processors.slot_decoder import SlotDecoder
+    from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+    shape = SMOKE if args.smoke else FULL
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    batches = [
+        int(b) for b in (args.batches or ("2,4" if args.smoke else "16,64,256,512")).split(",")
+    ]
+    tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
+    model = build_model(shape, tokenizer, device, dtype, 0)
+    pool, _ = make_requests(shape, tokenizer, 16, 0, 0, shape.text_tokens)
+    out: dict[str, Any] = {"device": device, "shape": shape.name}
+
+    engine = NativeInternVLEngine.from_model(
+        EngineConfig(f"{shape.name}-random", feature_cache_mb=0, max_new_tokens=64),
+        model,
+        tokenizer,
+    )
+    engine.load()
+    base = engine.decoder
+    assert base is not None
+    ids = engine.encode_prompts(pool[:8])
+    prompt = max(len(i) for i in ids)
+    context = -(-(prompt + 1024) // 128) * 128
+    out["prompt_tokens"] = prompt
+    with torch.inference_mode():
+        # Vision: 1, 4 and 8 requests through the tower.
+        out["vision_ms"] = {
+            str(n): timed(functools.partial(engine.image_features, pool[:n]), device, repeats=3)
+            for n in (1, 4, 8)
+        }
+        for compiled in (False, True) if args.compile else (False,):
+            decoder = SlotDecoder(
+                base,
+                slots=max(batches),
+                context=context,
+                steps_per_round=16,
+                cuda_graphs=device.startswith("cuda"),
+                compile_step=compiled,
+                ladder=batches,
+            )
+            features = engine.image_features(pool[:8])
+            flat = torch.cat([p.reshape(-1, p.shape[-1]) for f in features for p in f])
+            out[f"prefill_8_ms{'_compiled' if compiled else ''}"] = timed(
+                functools.partial(decoder.prefill_rows, ids, flat, [0] * 8), device, repeats=3
+            )
+            decoder.capture_graphs()
+            # Every row active at the prompt's length: the step reads ~prompt columns.
+            decoder.lengths.fill_(prompt)
+            decoder.active.fill_(1)
+            steps: dict[str, Any] = {}
+            for batch in batches:
+
+                def step(b: int = batch, d: Any = decoder) -> None:
+                    d.round_step.zero_()
+                    d.lengths[:b].fill_(prompt)
+                    d.step(b)
+
+                steps[str(batch)] = {"graph": timed(step, device)}
+            out[f"decode_step_ms{'_compiled' if compiled else ''}"] = steps
+            out["compile_error"] = decoder.compile_error
+            del decoder
+            torch.cuda.empty_cache() if device.startswith("cuda") else None
+    # A short saturation run of the engine, with the host time of each scheduler phase.
+    count = args.saturation or (8 if args.smoke else 1024)
+    tokens = args.tokens or (6 if args.smoke else 300)
+    slot = SlotEngine(
+        engine,
+        SlotEngineConfig(
+            slots=max(batches),
+            context_length=context,
+            queue_size=count,
+            stop_at_json_close=False,
+        ),
+    )
+    slot.load()
+    scheduler = slot.scheduler
+    assert scheduler is not None
+    phases: dict[str, float] = {}
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed_call(*a: Any, **k: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - began
+
+        setattr(owner, name, timed_call)
+
+    wrap(scheduler, "_vision", "vision")
+    wrap(scheduler, "_prefill_group", "prefill_group")
+    wrap(scheduler, "_prefill_chunk", "prefill_chunk")
+    wrap(scheduler.decoder, "step", "decode_step_launch")
+    wrap(scheduler, "run_round", "round_total")
+    for future in [slot.submit(pool[i % 16], max_new_tokens=4) for i in range(4)]:
+        future.result()
+    phases.clear()
+    scheduler.stats = dict.fromkeys(scheduler.stats, 0)
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.startswith("cuda") else [ProfilerActivity.CPU]
+    began = time.perf_counter()
+    with profile(activities=activities) as prof:
+        futures = [
+            slot.submit(pool[i % 16], max_new_tokens=tokens, min_new_tokens=tokens)
+            for i in range(count)
+        ]
+        for future in futures:
+            future.result()
+    wall = time.perf_counter() - began
+    slot.close()
+    kernels = []
+    busy = 0.0
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", 0) or 0
+        if device_us > 0 and event.device_type.name == "CUDA":
+            busy += device_us
+            kernels.append((event.key[:80], round(device_us / 1000, 1), event.count))
+    kernels.sort(key=lambda row: -row[1])
+    out["saturation"] = {
+        "requests": count,
+        "tokens": tokens,
+        "per_s": round(count / wall, 3),
+        "wall_s": round(wall, 3),
+        "gpu_kernel_s": round(busy / 1e6, 3),
+        "host_phase_s": {k: round(v, 3) for k, v in phases.items()},
+        "stats": scheduler.stats,
+        "top_kernels_ms": kernels[:25],
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def profile_constrained(args: argparse.Namespace) -> int:
+    """GPU time of each pass of the constrained step and host time of each phase."""
+    import torch
+
+    from bench.bench_constrained import _with_schemas
+    from processors.answer_schema import FieldLimits
+    from processors.internvl import EngineConfig, NativeInternVLEngine
+    from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+    shape = SMOKE if args.smoke else FULL
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    slots = args.constrained
+    count = args.saturation or 2 * slots
+    tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
+    model = build_model(shape, tokenizer, device, dtype, 0)
+    plain, stats = make_requests(shape, tokenizer, count, 0, 0, shape.text_tokens)
+    limits = FieldLimits(analysis=8, evidence=8, text_result=4) if args.smoke else FieldLimits()
+    requests = _with_schemas(plain, int(stats["questions"]), limits)
+    engine = NativeInternVLEngine.from_model(
+        EngineConfig(f"{shape.name}-random", feature_cache_mb=0, max_new_tokens=4000),
+        model,
+        tokenizer,
+    )
+    prompt = max(len(engine.prompt_ids(request)) for request in requests)
+    slot = SlotEngine(
+        engine,
+        SlotEngineConfig(
+            slots=slots, context_length=-(-(prompt + 4064) // 128) * 128, queue_size=count + 8
+        ),
+    )
+    slot.load()
+    scheduler = slot.scheduler
+    assert scheduler is not None
+    on_cuda = device.startswith("cuda")
+    gpu: list[tuple[str, Any, Any]] = []
+    host: dict[str, float] = {}
+    replay = scheduler.decoder._replay  # noqa: SLF001 (a profiler wraps the pass dispatcher)
+
+    def timed_replay(key: tuple[Any, ...], forward: Any) -> None:
+        if not on_cuda:
+            replay(key, forward)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay(key, forward)
+        end.record()
+        gpu.append((str(key[0]), start, end))
+
+    def wrap(name: str) -> None:
+        original = getattr(scheduler, name)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                host[name] = host.get(name, 0.0) + time.perf_counter() - began
+
+        setattr(scheduler, name, timed)
+
+    scheduler.decoder._replay = timed_replay  # type: ignore[method-assign]  # noqa: SLF001
+    for name in ("_take_tokens", "_load_chunks", "_prefill_step", "run_round"):
+        wrap(name)
+    for future in [slot.submit(r, max_new_tokens=32) for r in requests[:slots]]:
+        future.result()
+    gpu.clear()
+    host.clear()
+    scheduler.stats = dict.fromkeys(scheduler.stats, 0)
+    began = time.perf_counter()
+    for future in [slot.submit(r) for r in requests]:
+        future.result()
+    wall = time.perf_counter() - began
+    slot.close()
+    passes: dict[str, list[float]] = {}
+    for kind, start, end in gpu:
+        passes.setdefault(kind, []).append(start.elapsed_time(end))
+    out = {
+        "slots": slots,
+        "requests": count,
+        "per_s": round(count / wall, 3),
+        "wall_s": round(wall, 3),
+        "stats": scheduler.stats,
+        "gpu_pass_ms": {
+            kind: {
+                "calls": len(times),
+                "median": round(statistics.median(times), 3),
+                "total_s": round(sum(times) / 1000, 3),
+            }
+            for kind, times in passes.items()
+        },
+        "host_s": {name: round(value, 3) for name, value in host.items()},
+        "mask_fill_s": round(scheduler.grammars.fill_s, 3) if scheduler.grammars else None,
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The slot engine's settings and records: its configuration, a completion, a request's state.
+
+See `processors.slot_engine` for the engine. `SlotWork` is the scheduler's mutable state of
+one request; the others are frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from processors.inference import PreparedRequest
+
+STAGE = "model"
+FinishReason = Literal["eos", "json", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotEngineConfig:
+    """Sizes and policy of the slot engine.
+
+    Attributes:
+        slots: rows of the KV cache decoded together; 0 sizes them from free GPU memory
+            (`memory_fraction` of it) on CUDA, 16 on CPU.
+        context_length: columns per slot (prompt + answer + one round of overshoot);
+            0: 4096 + the engine's max_new_tokens, rounded up to 128.
+        prefill_tokens_per_step: prompt tokens prefilled between two decode steps (whole
+            prompts batched; a longer prompt is prefilled in chunks of this size).
+        steps_per_round: decode steps between two copies of the new ids to the host.
+        queue_size: submissions waiting for the scheduler before `submit` blocks.
+        stop_at_json_close: a request also ends when its first JSON object closes.
+        memory_fraction: share of free GPU memory the slots may take when `slots` is 0.
+        max_slots: upper bound of the automatic slot count.
+        prefill_rows: whole prompts prefilled together in one call (staging rows).
+        vision_requests: waiting requests whose images go through the vision tower in one
+            call (each of them has a free slot ahead of it).
+        forced_tokens: with constrained decoding, at most this many tokens the grammar
+            forces after a row's chosen token are written in the same forward pass (a
+            forced run); 0 steps through them one by one like free tokens.
+    """
+
+    slots: int = 0
+    context_length: int = 0
+    prefill_tokens_per_step: int = 8192
+    steps_per_round: int = 16
+    queue_size: int = 256
+    stop_at_json_close: bool = True
+    memory_fraction: float = 0.5
+    max_slots: int = 512
+    vision_requests: int = 8
+    prefill_rows: int = 8
+    forced_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("slots", "context_length", "forced_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in (
+            "prefill_tokens_per_step",
+            "steps_per_round",
+            "queue_size",
+            "max_slots",
+            "vision_requests",
+            "prefill_rows",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The answer of one request: decoded text, its new token ids and why it ended.
+
+    `queued_s` is the time from `submit` until a slot started on it (vision and prefill);
+    `total_s` the time from `submit` until the answer was done.
+    """
+
+    request_id: str
+    attempt: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish: FinishReason
+    queued_s: float = 0.0
+    total_s: float = 0.0
+
+
+class JsonObjectEnd:
+    """Watches generated text; `feed` returns True once the first JSON object closes.
+
+    Counts braces outside double-quoted strings (escapes honoured) from the first `{`.
+    """
+
+    __slots__ = ("depth", "escape", "in_string")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_string = False
+        self.escape = False
+
+    def feed(self, text: str) -> bool:
+        for char in text:
+            if self.in_string:
+                if self.escape:
+                    self.escape = False
+                elif char == "\\":
+                    self.escape = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"' and self.depth:
+                self.in_string = True
+            elif char == "{":
+                self.depth += 1
+            elif char == "}" and self.depth:
+                self.depth -= 1
+                if not self.depth:
+                    return True
+        return False
+
+
+@dataclass(eq=False)
+class SlotWork:
+    """Host-side state of one request in the scheduler (mutable: the scheduler updates it)."""
+
+    request: PreparedRequest
+    ids: list[int]
+    max_new: int
+    min_new: int
+    submitted: float
+    json: JsonObjectEnd | None
+    future: Future[Completion] | None = None
+    features: Any = None  # (image tokens, hidden) on the device, during prefill
+    done: int = 0  # prompt tokens prefilled
+    images_done: int = 0  # image tokens prefilled
+    activated_step: int = 0
+    first: Any = None  # the first token (device), until the next copy to the host
+    tokens: list[int] = field(default_factory=list)
+    started: float = 0.0
+    vision_ready: bool = False
+    matcher: Any = None  # the answer grammar's matcher (constrained decoding), else None
+    forced: list[int] = field(default_factory=list)  # forced tokens not yet fed
+    fed: int = 0  # generated tokens whose keys and values are in the row's columns
+    unseen: bool = False  # the row's latest token is on the device only
+
+    def extend(self, new: Sequence[int], eos: int, texts: Sequence[str]) -> FinishReason | None:
+        """Append new ids up to the first stop; returns why the request ended, if it did."""
+        for token, text in zip(new, texts, strict=True):
+            if token == eos:
+                return "eos"
+            self.tokens.append(token)
+            if len(self.tokens) >= self.max_new:
+                return "length"
+            if self.json is not None and self.json.feed(text) and len(self.tokens) >= self.min_new:
+                return "json"
+        return None

@@ -1,0 +1,583 @@
+"""The slot engine's synchronous core: admission, chunked prefill and decode rounds.
+
+One thread drives a `SlotScheduler` (see `processors.slot_engine` for the design and the
+streaming front). Free rows decode in rounds of `steps_per_round` steps with one copy of
+the new ids to the host per round; when any request in flight carries an answer schema
+(constrained decoding), rounds step with the host in the loop: each step the bitmasks are
+filled while the GPU runs the forward pass, and the tokens the grammar forces after a
+row's chosen token are fed in the same step (`SlotDecoder.wide_step`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from processors.constrained import ConstrainedRows, GrammarCache, forced_tokens
+from processors.errors import ErrorCode, ProcessingError
+from processors.inference import PreparedRequest
+from processors.internvl import IM_END_TOKEN, NativeInternVLEngine, coded_failure
+from processors.slot_decoder import SlotDecoder
+from processors.slot_records import (
+    STAGE,
+    Completion,
+    FinishReason,
+    JsonObjectEnd,
+    SlotEngineConfig,
+    SlotWork,
+)
+
+
+class SlotScheduler:
+    """Admission, chunked prefill and decode rounds over a `SlotDecoder` (one thread).
+
+    `add` tokenizes and validates a request (raises `ProcessingError(INVALID_REQUEST)`);
+    `run_round` does up to `steps_per_round` decode steps, each after at most one prefill
+    budget, and returns the requests that ended in it with their completions.
+    """
+
+    def __init__(self, engine: NativeInternVLEngine, config: SlotEngineConfig) -> None:
+        base = engine.decoder
+        if base is None or not engine.loaded:
+            raise ProcessingError(
+                ErrorCode.MODEL_NOT_LOADED,
+                "the slot engine needs a loaded native engine on the static decode path",
+                STAGE,
+            )
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.tokenizer
+        self.eos_id = engine.im_end_id
+        self.context_id = engine.context_id
+        context = config.context_length or -(-(4096 + engine.config.max_new_tokens) // 128) * 128
+        slots = config.slots or self._auto_slots(engine, base, context)
+        # Constrained decoding: rows whose request carries an answer schema decode inside
+        # its grammar, stepping one token (plus its forced run) at a time.
+        self.constrained = bool(engine.config.constrained_decoding)
+        self.vocab_size = int(base.lm_head.out_features)
+        self.grammars: GrammarCache | None = None
+        self.constraint: ConstrainedRows | None = None
+        self.decoder = SlotDecoder(
+            base,
+            slots=slots,
+            context=context,
+            steps_per_round=config.steps_per_round,
+            cuda_graphs=engine.config.cuda_graphs,
+            compile_step=engine.config.compile_decode and engine.device.startswith("cuda"),
+            stage_rows=config.prefill_rows,
+            max_width=config.forced_tokens + 1 if self.constrained else 1,
+            vocab_size=self.vocab_size if self.constrained else 0,
+        )
+        self.waiting: deque[SlotWork] = deque()
+        self.prefilling: SlotWork | None = None
+        self.rows: list[SlotWork] = []  # row index -> request
+        self.steps = 0  # decode steps so far
+        self._vision_done: Any = None  # CUDA event after the last vision call
+        # Counters for benchmarks: decode steps, rows decoded (active and padded), prompt
+        # tokens prefilled, requests through the vision tower, rounds.
+        # forced tokens written by forced runs, constrained steps.
+        self.stats = dict.fromkeys(
+            (
+                "steps",
+                "active_rows",
+                "padded_rows",
+                "prefill_tokens",
+                "vision",
+                "rounds",
+                "forced_tokens",
+                "constrained_steps",
+            ),
+            0,
+        )
+        import torch
+
+        with torch.inference_mode():
+            self.decoder.capture_graphs()
+            if self.constrained:
+                self.decoder.capture_wide()
+
+    def _auto_slots(self, engine: NativeInternVLEngine, base: Any, context: int) -> int:
+        if not engine.device.startswith("cuda"):
+            return 16
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        per_slot = SlotDecoder.bytes_per_slot(base, context)
+        return max(
+            1, min(self.config.max_slots, int(free * self.config.memory_fraction) // per_slot)
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.decoder.slots
+
+    @property
+    def idle(self) -> bool:
+        return not (self.rows or self.waiting or self.prefilling)
+
+    def capacity(self) -> int:
+        """How many more requests may be added now (one wait per free slot)."""
+        busy = len(self.rows) + len(self.waiting) + (self.prefilling is not None)
+        return max(0, self.slots - busy)
+
+    def in_flight(self) -> list[SlotWork]:
+        current = [self.prefilling] if self.prefilling is not None else []
+        return [*self.rows, *current, *self.waiting]
+
+    # --------------------------------------------------------------- admission
+
+    def add(
+        self,
+        request: PreparedRequest,
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        submitted: float | None = None,
+    ) -> SlotWork:
+        """Tokenize and queue a request; raises `ProcessingError(INVALID_REQUEST)` if it is bad."""
+        max_new = max_new_tokens or self.engine.config.max_new_tokens
+        min_new = self.engine.config.min_new_tokens if min_new_tokens is None else min_new_tokens
+        if not 0 <= min_new <= max_new:
+            raise ValueError(f"min_new_tokens {min_new} not in [0, max_new_tokens {max_new}]")
+        with coded_failure(ErrorCode.INVALID_REQUEST, f"request {request.request_id}"):
+            ids = self.engine.encode_prompts([request])[0]
+        matcher, prefix = self._answer_matcher(request, max_new)
+        if matcher is not None:
+            min_new = 0  # a complete answer may only end
+            ids = ids + prefix  # the answer's forced opening is prefilled with the prompt
+        margin = max(self.config.steps_per_round, self.decoder.max_width if matcher else 1)
+        needed = len(ids) + max_new + margin
+        if needed > self.decoder.context:
+            raise ProcessingError(
+                ErrorCode.INVALID_REQUEST,
+                f"request {request.request_id}: {len(ids)} prompt tokens + {max_new} new "
+                f"tokens do not fit a slot of {self.decoder.context} columns",
+                STAGE,
+            )
+        work = SlotWork(
+            request,
+            ids,
+            max_new,
+            min_new,
+            time.perf_counter() if submitted is None else submitted,
+            JsonObjectEnd() if self.config.stop_at_json_close else None,
+            matcher=matcher,
+        )
+        if prefix:
+            reason = work.extend(prefix, self.eos_id, self._texts(prefix))
+            work.fed = len(prefix)
+            if reason is not None:  # not expected: a grammar's opening never completes it
+                raise ProcessingError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"request {request.request_id}: the answer grammar ends before any choice",
+                    STAGE,
+                )
+        self.waiting.append(work)
+        return work
+
+    def _answer_matcher(self, request: PreparedRequest, max_new: int) -> tuple[Any, list[int]]:
+        """(matcher, forced opening tokens) of a request decoded in its grammar, else (None, []).
+
+        Raises `ProcessingError(INVALID_REQUEST)` for a schema that does not compile.
+        """
+        schema = request.answer_schema
+        if not self.constrained or schema is None:
+            return None, []
+        if self.grammars is None:
+            self.grammars = GrammarCache(
+                self.tokenizer,
+                vocab_size=self.vocab_size,
+                stop_id=self.eos_id,
+                threads=self.engine.config.grammar_threads,
+            )
+            self.constraint = ConstrainedRows(self.grammars, [None] * self.slots)
+        try:
+            matcher = self.grammars.matcher(schema)
+        except ValueError as exc:
+            raise ProcessingError(
+                ErrorCode.INVALID_REQUEST, f"request {request.request_id}: {exc}", STAGE
+            ) from exc
+        if not self.config.forced_tokens:
+            return matcher, []  # every token, the forced ones too, is a step of its own
+        return matcher, forced_tokens(matcher, max_new - 1)
+
+    def _texts(self, ids: Sequence[int]) -> list[str]:
+        """Token texts for the JSON-close watch (empty strings when it is off)."""
+        if not self.config.stop_at_json_close:
+            return [""] * len(ids)
+        return list(self.tokenizer.convert_ids_to_tokens(list(ids)))
+
+    def _vision(self, works: list[SlotWork]) -> list[tuple[SlotWork, ProcessingError]]:
+        """Queue the vision work of `works` in one call (feature cache first).
+
+        Returns the requests whose feature count does not match their image tokens.
+        """
+        import torch
+
+        engine = self.engine
+        if self._vision_done is not None:
+            # The engine reuses one pinned host buffer: the last copy out of it must be done.
+            self._vision_done.synchronize()
+        with coded_failure(ErrorCode.MODEL_FAILED, "vision failed"):
+            features_of = engine.image_features([work.request for work in works])
+        if engine.device.startswith("cuda"):
+            self._vision_done = torch.cuda.Event()
+            self._vision_done.record()
+        failed = []
+        now = time.perf_counter()
+        for work, features in zip(works, features_of, strict=True):
+            work.vision_ready = True
+            work.started = now
+            image_tokens = work.ids.count(self.context_id)
+            count = sum(int(part.shape[0]) * int(part.shape[1]) for part in features)
+            if count != image_tokens:
+                failed.append(
+                    (
+                        work,
+                        ProcessingError(
+                            ErrorCode.INVALID_REQUEST,
+                            f"request {work.request.request_id}: {count} image features for "
+                            f"{image_tokens} image tokens",
+                            STAGE,
+                        ),
+                    )
+                )
+            elif features:
+                hidden = int(features[0].shape[-1])
+                work.features = torch.cat([part.reshape(-1, hidden) for part in features])
+        self.stats["vision"] += len(works)
+        return failed
+
+    def _take_next(
+        self, pop: bool = True
+    ) -> tuple[SlotWork | None, list[tuple[SlotWork, ProcessingError]]]:
+        """The next waiting request, its vision done (with that of a few after it)."""
+        failed: list[tuple[SlotWork, ProcessingError]] = []
+        while self.waiting:
+            work = self.waiting[0]
+            if not work.vision_ready:
+                free = self.slots - len(self.rows)
+                group = [w for w in list(self.waiting)[: max(1, free)] if not w.vision_ready]
+                bad = self._vision(group[: self.config.vision_requests])
+                for item in bad:
+                    self.waiting.remove(item[0])
+                failed.extend(bad)
+                continue
+            return (self.waiting.popleft() if pop else work), failed
+        return None, failed
+
+    def _prefill_step(self) -> list[tuple[SlotWork, ProcessingError]]:
+        """Prefill up to the per-step budget; activate requests whose prompt is done.
+
+        Whole prompts that fit the budget are prefilled together (up to the staging
+        rows); a prompt longer than the budget goes in chunks, one chunk per step.
+        """
+        failed: list[tuple[SlotWork, ProcessingError]] = []
+        budget = self.config.prefill_tokens_per_step
+        while budget > 0:
+            if self.prefilling is not None:
+                budget -= self._prefill_chunk(self.prefilling, budget)
+                continue
+            group: list[SlotWork] = []
+            tokens = 0
+            work: SlotWork | None = None
+            while len(self.rows) + len(group) < self.slots and len(group) < self.decoder.stage_rows:
+                work, bad = self._take_next(pop=False)
+                failed.extend(bad)
+                if work is None or tokens + len(work.ids) > budget:
+                    break
+                group.append(self.waiting.popleft())
+                tokens += len(work.ids)
+            if not group:
+                full_budget = self.config.prefill_tokens_per_step
+                if work is None or len(self.rows) >= self.slots or len(work.ids) <= full_budget:
+                    break  # nothing waits, no slot is free, or it fits the next step whole
+                self.prefilling = self.waiting.popleft()  # longer than any budget: chunks
+                continue
+            self._prefill_group(group)
+            budget -= tokens
+        return failed
+
+    def _prefill_group(self, group: list[SlotWork]) -> None:
+        import torch
+
+        parts = [work.features for work in group if work.features is not None]
+        features = torch.cat(parts) if parts else None
+        first = self.decoder.prefill_rows(
+            [work.ids for work in group],
+            features,
+            [work.min_new for work in group],
+            logits_mask=self._first_token_mask(group),
+        )
+        for stage, work in enumerate(group):
+            self._activate(work, first[stage : stage + 1], stage)
+        self.stats["prefill_tokens"] += sum(len(work.ids) for work in group)
+
+    def _prefill_chunk(self, work: SlotWork, budget: int) -> int:
+        """The next chunk (at most `budget` tokens) of a long prompt; returns its size."""
+        take = min(budget, len(work.ids) - work.done)
+        chunk = work.ids[work.done : work.done + take]
+        images = chunk.count(self.context_id)
+        features = None
+        if images:
+            features = work.features[work.images_done : work.images_done + images]
+        last = work.done + take == len(work.ids)
+        input_ids = self.decoder.to_device([chunk], pad=self.eos_id)
+        mask = self._first_token_mask([work]) if last else None
+        first = self.decoder.prefill_chunk(
+            input_ids, work.done, features, last, work.min_new, logits_mask=mask
+        )
+        work.done += take
+        work.images_done += images
+        self.stats["prefill_tokens"] += take
+        if last:
+            self._activate(work, first, 0)
+            self.prefilling = None
+        return take
+
+    def _first_token_mask(self, group: list[SlotWork]) -> Any:
+        """The mask of the first tokens of `group`, about to take rows n.. (None: all free)."""
+        constraint = self.constraint
+        if constraint is None or all(work.matcher is None for work in group):
+            return None
+        first_row = len(self.rows)
+        rows = range(first_row, first_row + len(group))
+        for row, work in zip(rows, group, strict=True):
+            constraint.set_row(row, work.matcher)
+
+        def mask(logits: Any) -> None:
+            constraint.fill(rows)
+            constraint.apply(logits, rows=slice(rows.start, rows.stop))
+
+        return mask
+
+    def _activate(self, work: SlotWork, first: Any, stage: int) -> None:
+        row = len(self.rows)
+        self.decoder.activate(row, len(work.ids), first, work.min_new, stage)
+        if self.constraint is not None:
+            self.constraint.set_row(row, work.matcher)
+        work.first = first
+        work.unseen = True
+        work.features = None
+        work.activated_step = self.steps
+        self.rows.append(work)
+
+    # ----------------------------------------------------------------- rounds
+
+    def run_round(
+        self,
+    ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
+        """Up to `steps_per_round` steps; returns (ended requests, failed requests)."""
+        import torch
+
+        with torch.inference_mode():
+            if self.constraint is not None and any(
+                work.matcher is not None for work in self.in_flight()
+            ):
+                return self._constrained_round()
+            return self._round()
+
+    def _round(
+        self,
+    ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
+        import torch
+
+        decoder = self.decoder
+        decoder.begin_round()
+        first_step = self.steps
+        failed: list[tuple[SlotWork, ProcessingError]] = []
+        done = 0
+        while done < self.config.steps_per_round:
+            failed.extend(self._prefill_step())
+            if not self.rows:
+                if self.prefilling is None and not self.waiting:
+                    break
+                continue
+            decoder.step(len(self.rows))
+            self.steps += 1
+            done += 1
+            self.stats["active_rows"] += len(self.rows)
+            self.stats["padded_rows"] += decoder.batch_for(len(self.rows))
+        if not self.rows:
+            return [], failed
+        self.stats["steps"] += done
+        self.stats["rounds"] += 1
+        count = len(self.rows)
+        firsts = [work.first for work in self.rows if work.first is not None]
+        flat = decoder.round_out[:count, :done].reshape(-1)
+        if firsts:
+            flat = torch.cat([flat, *firsts])
+        host: list[int] = flat.tolist()
+        first_ids = iter(host[count * done :])
+        texts_of = self.tokenizer.convert_ids_to_tokens if self.config.stop_at_json_close else None
+        ended: list[tuple[int, SlotWork, FinishReason]] = []
+        for row, work in enumerate(self.rows):
+            new: list[int] = []
+            if work.first is not None:
+                new.append(next(first_ids))
+                work.first = None
+            begin = max(0, work.activated_step - first_step)
+            new.extend(host[row * done + begin : (row + 1) * done])
+            work.fed += done - begin
+            work.unseen = False
+            texts = texts_of(new) if texts_of is not None else [""] * len(new)
+            reason = work.extend(new, self.eos_id, texts)
+            if reason is not None:
+                ended.append((row, work, reason))
+        return self._leave(ended), failed
+
+    def _leave(
+        self, ended: list[tuple[int, SlotWork, FinishReason]]
+    ) -> list[tuple[SlotWork, Completion]]:
+        """Free the rows of ended requests (the last row moves into each); their completions."""
+        now = time.perf_counter()
+        completions = []
+        for row, work, reason in sorted(ended, key=lambda item: -item[0]):
+            last = len(self.rows) - 1
+            moved = self.rows[last]
+            columns = min(self.decoder.context, len(moved.ids) + moved.fed)
+            self.decoder.move(last, row, columns)
+            if self.constraint is not None:
+                self.constraint.move_row(last, row)
+            self.rows[row] = moved
+            self.rows.pop()
+            completions.append((work, self._completion(work, reason, now)))
+        return completions[::-1]
+
+    def _constrained_round(
+        self,
+    ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
+        """Up to `steps_per_round` constrained steps, the host in the loop at every step.
+
+        Each step feeds every row its chosen token and the tokens its grammar forces after
+        it (`SlotDecoder.wide_step`); the bitmasks are filled while the forward pass runs;
+        newcomers are prefilled after the step is queued; then one copy brings every row's
+        new token to the host, where the matchers advance and the next forced runs are found.
+        """
+        constraint = self.constraint
+        assert constraint is not None
+        failed: list[tuple[SlotWork, ProcessingError]] = []
+        completions: list[tuple[SlotWork, Completion]] = []
+        done = 0
+        while done < self.config.steps_per_round:
+            stepped = len(self.rows)
+            if stepped:
+                width, forced_rows = self._load_chunks()
+                rows = range(stepped)
+                batch = self.decoder.batch_for(stepped)
+
+                def mask(logits: Any, rows: range = rows, batch: int = batch) -> None:
+                    constraint.fill(rows)
+                    constraint.apply(logits, rows=slice(0, batch))
+
+                self.decoder.wide_step(stepped, width, mask, forced_rows)
+                for work in self.rows:
+                    work.unseen = True
+                self.steps += 1
+                done += 1
+                self.stats["steps"] += 1
+                self.stats["constrained_steps"] += 1
+                self.stats["active_rows"] += stepped
+                self.stats["padded_rows"] += batch
+            failed.extend(self._prefill_step())
+            if not self.rows:
+                if self.prefilling is None and not self.waiting:
+                    break
+                continue
+            completions.extend(self._leave(self._take_tokens()))
+        if done:
+            self.stats["rounds"] += 1
+        return completions, failed
+
+    def _load_chunks(self) -> tuple[int, int]:
+        """Write each row's forced tokens, chunk width and the rows with a run to the device.
+
+        Returns (the widest chunk, the number of rows with a forced run). One copy: rows
+        [0, batch) of the host buffer hold each row's width and tokens, the last column the
+        ids of the rows with a run (padded by repeating the last one).
+        """
+        import torch
+
+        decoder = self.decoder
+        count = len(self.rows)
+        batch = decoder.batch_for(count)
+        width = max(1 + len(work.forced) for work in self.rows)
+        on_cuda = str(decoder.device).startswith("cuda")
+        columns = decoder.max_width + 2
+        padded = decoder.rows_for(sum(1 for work in self.rows if work.forced))
+        host = torch.zeros((max(batch, padded), columns), dtype=torch.long, pin_memory=on_cuda)
+        host[:, 0] = 1
+        with_runs: list[int] = []
+        for row, work in enumerate(self.rows):
+            forced = work.forced
+            host[row, 0] = 1 + len(forced)
+            if forced:
+                host[row, 2 : 2 + len(forced)] = torch.as_tensor(forced, dtype=torch.long)
+                self.stats["forced_tokens"] += len(forced)
+                with_runs.append(row)
+            work.fed += 1 + len(forced)
+            work.forced = []
+        listed = with_runs + with_runs[-1:] * (padded - len(with_runs)) if with_runs else []
+        if listed:
+            host[: len(listed), columns - 1] = torch.as_tensor(listed, dtype=torch.long)
+        on_device = host.to(decoder.device, non_blocking=on_cuda)
+        decoder.chunk_width[:batch] = on_device[:batch, 0]
+        decoder.chunk[:batch, 1:] = on_device[:batch, 2 : columns - 1]
+        if listed:
+            decoder.forced_row_ids[: len(listed)] = on_device[: len(listed), columns - 1]
+        return width, len(with_runs)
+
+    def _take_tokens(self) -> list[tuple[int, SlotWork, FinishReason]]:
+        """Bring every row's new token to the host (the step's one wait); the rows that end.
+
+        Advances each constrained row's matcher with its token, then accepts the run the
+        grammar forces next (fed by the next step), at most `forced_tokens` of them.
+        """
+        constraint = self.constraint
+        assert constraint is not None
+        host: list[int] = self.decoder.tokens[: len(self.rows)].tolist()
+        fresh = [row for row, work in enumerate(self.rows) if work.unseen]
+        constraint.advance([host[row] for row in fresh], fresh)
+        limit = self.config.forced_tokens
+        ended: list[tuple[int, SlotWork, FinishReason]] = []
+        for row in fresh:
+            work = self.rows[row]
+            work.unseen = False
+            work.first = None
+            token = host[row]
+            reason = work.extend([token], self.eos_id, self._texts([token]))
+            if reason is None and work.matcher is not None:
+                room = work.max_new - len(work.tokens) - 1
+                forced = constraint.force(row, min(limit, room))
+                if forced:
+                    reason = work.extend(forced, self.eos_id, self._texts(forced))
+                    work.forced = forced
+            if reason is not None:
+                ended.append((row, work, reason))
+        return ended
+
+    def _completion(self, work: SlotWork, reason: FinishReason, now: float) -> Completion:
+        text = self.tokenizer.decode(work.tokens, skip_special_tokens=True)
+        return Completion(
+            work.request.request_id,
+            work.request.attempt,
+            text.split(IM_END_TOKEN)[0].strip(),
+            tuple(work.tokens),
+            reason,
+            queued_s=work.started - work.submitted,
+            total_s=now - work.submitted,
+        )
+
+    def abort(self) -> list[SlotWork]:
+        """Drop every request in flight (after a model failure); returns them."""
+        dropped = self.in_flight()
+        for row in range(len(self.rows)):
+            self.decoder.release(row)
+            if self.constraint is not None:
+                self.constraint.move_row(row, row)
+        self.rows.clear()
+        self.waiting.clear()
+        self.prefilling = None
+        return dropped

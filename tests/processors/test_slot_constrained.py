@@ -1,0 +1,169 @@
+"""Constrained decoding in the slot engine (tiny random InternVL, CPU, float32).
+
+Stepping through every token inside the grammar equals the static engine's constrained
+greedy ids; forced runs (the grammar's forced tokens written in one multi-token forward
+pass) equal feeding the same tokens one forward pass at a time; every answer is valid
+against its request's own schema at the first attempt, and free rows beside constrained
+rows decode as they would alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from jsonschema import Draft202012Validator
+
+from processors.answer_parsing import parse_answer
+from processors.answer_schema import FieldLimits, answer_schema
+from processors.inference import PreparedRequest
+from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
+from processors.prompt import build_prompt, parse_questions
+from processors.slot_decoder import SlotDecoder
+from processors.slot_engine import SlotEngineConfig, SlotScheduler
+from tests.processors.test_answer_schema import QUESTION_SETS
+from tests.support.tiny_internvl import build_tiny_internvl
+
+MAX_NEW = 1500
+LIMITS = FieldLimits(analysis=4, evidence=4, text_result=3)
+SETS = ("one boolean", "mixed types", "quotes and non-ASCII")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> NativeInternVLEngine:
+    path = build_tiny_internvl(tmp_path_factory.mktemp("slot-constrained") / "native")
+    loaded = load_engine(EngineConfig(path, max_new_tokens=MAX_NEW, grammar_threads=2))
+    assert isinstance(loaded, NativeInternVLEngine)
+    return loaded
+
+
+def _request(name: str, questions: list[dict[str, Any]] | None, seed: int) -> PreparedRequest:
+    listed = questions if questions is not None else QUESTION_SETS["one boolean"]
+    parsed = parse_questions(json.dumps(listed, ensure_ascii=False))
+    pixels = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(seed))
+    prompt = build_prompt("Running shoe «Größe 43»", parsed, 1, 1)
+    schema = answer_schema(parsed, LIMITS) if questions is not None else None
+    return PreparedRequest(name, 1, prompt, (1, 1), pixels, answer_schema=schema)
+
+
+@pytest.fixture(scope="module")
+def requests() -> list[PreparedRequest]:
+    return [_request(name, QUESTION_SETS[name], seed) for seed, name in enumerate(SETS)]
+
+
+def _scheduler(engine: NativeInternVLEngine, **overrides: Any) -> SlotScheduler:
+    settings: dict[str, Any] = {
+        "slots": 2,
+        "context_length": 4096,
+        "prefill_tokens_per_step": 2000,
+        "steps_per_round": 4,
+        **overrides,
+    }
+    return SlotScheduler(engine, SlotEngineConfig(**settings))
+
+
+def _drain(scheduler: SlotScheduler, requests: list[PreparedRequest]) -> dict[str, list[int]]:
+    for request in requests:
+        scheduler.add(request)
+    out: dict[str, list[int]] = {}
+    for _ in range(5000):
+        if scheduler.idle:
+            return out
+        ended, failed = scheduler.run_round()
+        assert not failed
+        for _work, completion in ended:
+            out[completion.request_id] = list(completion.token_ids)
+    raise AssertionError("the scheduler did not finish")
+
+
+def _stepwise(decoder: SlotDecoder) -> Any:
+    """A `wide_step` that feeds each row's chunk one token per forward pass (the reference)."""
+
+    def wide_step(active: int, width: int, mask: Any = None, forced_rows: int = 0) -> Any:
+        batch = decoder.batch_for(active)
+        widths = decoder.chunk_width[:batch].clone()
+        chunk = decoder.chunk[:batch].clone()
+        chunk[:, 0] = decoder.tokens[:batch]
+        active_rows = decoder.active[:batch].clone()
+        final = torch.zeros_like(decoder.logits[:batch])
+        for index in range(int(widths.max())):
+            feeding = (widths > index).long() * active_rows
+            decoder.chunk[:batch, 0] = chunk[:, index]
+            decoder.chunk_width[:batch] = 1
+            decoder.forward_chunks(batch, 1)
+            last = widths - 1 == index
+            final[last] = decoder.logits[:batch][last]
+            decoder.lengths[:batch] += feeding
+            decoder.produced[:batch] += feeding
+        decoder.chunk_width[:batch] = widths
+        decoder.logits[:batch] = final
+        logits = decoder.logits[:batch]
+        if mask is not None:
+            mask(logits)
+        chosen = logits.argmax(-1)
+        decoder.tokens[:batch] = chosen
+        return chosen
+
+    return wide_step
+
+
+def _assert_valid(engine: NativeInternVLEngine, request: PreparedRequest, ids: list[int]) -> None:
+    parsed = parse_answer(engine.tokenizer.decode(ids, skip_special_tokens=True))
+    assert parsed.answer is not None, (request.request_id, parsed.error)
+    assert request.answer_schema is not None
+    validator = Draft202012Validator(request.answer_schema.json_schema)
+    assert list(validator.iter_errors(parsed.answer)) == [], request.request_id
+
+
+def test_stepping_inside_the_grammar_equals_the_static_engine(
+    engine: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    expected = {r.request_id: engine.generate_token_ids([r])[0] for r in requests}
+    scheduler = _scheduler(engine, forced_tokens=0)
+    got = _drain(scheduler, requests)  # three requests, two slots: one joins mid-stream
+    for request in requests:
+        # The static engine's ids end with <|im_end|>; the slot engine stops before it.
+        want = expected[request.request_id]
+        assert got[request.request_id] == [t for t in want if t != scheduler.eos_id]
+        _assert_valid(engine, request, got[request.request_id])
+    assert scheduler.stats["forced_tokens"] == 0
+
+
+def test_forced_runs_equal_feeding_the_same_tokens_one_by_one(
+    engine: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    fast = _scheduler(engine)
+    got = _drain(fast, requests)
+    reference = _scheduler(engine)
+    reference.decoder.wide_step = _stepwise(reference.decoder)  # type: ignore[method-assign]
+    want = _drain(reference, requests)
+    assert got == want
+    for request in requests:
+        _assert_valid(engine, request, got[request.request_id])
+    answer_tokens = sum(len(ids) for ids in got.values())
+    assert fast.stats["forced_tokens"] > 0
+    # Forced tokens take no step of their own: far fewer steps than answer tokens.
+    assert fast.stats["constrained_steps"] < answer_tokens - fast.stats["forced_tokens"] / 2
+
+
+def test_free_rows_beside_constrained_rows_decode_as_alone(
+    engine: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    free = _request("free", None, seed=9)
+    reference = load_engine(
+        EngineConfig(engine.config.model_path, decode="generate", max_new_tokens=40)
+    )
+    alone = reference.generate_token_ids([free])[0]  # type: ignore[attr-defined]
+    scheduler = _scheduler(engine)
+    for request in requests[:1]:
+        scheduler.add(request)
+    scheduler.add(free, max_new_tokens=40)
+    out: dict[str, list[int]] = {}
+    while not scheduler.idle:
+        ended, failed = scheduler.run_round()
+        assert not failed
+        out.update({c.request_id: list(c.token_ids) for _w, c in ended})
+    assert out["free"] == [t for t in alone if t != scheduler.eos_id][:40]
+    _assert_valid(engine, requests[0], out[requests[0].request_id])
