@@ -1,20 +1,27 @@
-"""Free against constrained decoding on the same requests and answer length (issue 15).
+"""Free against constrained decoding, with and without forced runs, on the same requests.
 
     python bench/bench_constrained.py [--smoke] [--batch-size 64] [--saturation 256]
-        [--requests N] [--tokenizer-dir PATH] [--out PATH]
+        [--requests N] [--tokenizer-dir PATH] [--forced-tokens 16] [--out PATH]
 
 One model (bench_vlm's InternVL2.5-1B shape, random weights; `--smoke`: the tiny shape on
 CPU), one set of requests (`bench_vlm.make_requests`, each with its answer schema from
-`processors.answer_schema`). The constrained variant runs first; the free variant then
-decodes exactly as many tokens per answer as the constrained answers averaged
-(`min_new_tokens` = `max_new_tokens`), so both variants write answers of the same
-length. Each variant runs at `--batch-size` (where decode dominates) and at
-`--saturation`. Reported per variant: verifications/s, decode steps per answer, invalid
-answers (not parsed, or not valid against the request's own schema for the constrained
-one), and for the constrained one the CPU milliseconds per step spent filling bitmasks.
+`processors.answer_schema`), all served by the slot engine (`processors.slot_engine`),
+every request submitted at once, with `--batch-size` slots (where decode dominates) and
+with `--saturation` slots. Three variants:
 
-The forced-runs variant (forced tokens written in one multi-token forward) is not built
-yet: its keys are written as null, and `saturation_ratio` (forced over free) with them.
+- `constrained_forced`: inside each request's grammar; the tokens the grammar forces
+  after a row's chosen token are fed in the same step (`--forced-tokens` at most), by a
+  second forward pass over the rows with a run, and the answer's forced opening is
+  prefilled with the prompt;
+- `constrained`: inside the grammar, one decode step per token, forced ones included;
+- `free`: no grammar; each answer decodes exactly as many tokens as the constrained
+  answers averaged (`min_new_tokens` = `max_new_tokens`), so the answers have the same
+  length.
+
+Reported per variant: verifications/s, decode steps per answer (steps each answer was a
+row of), answer tokens, invalid answers (not parsed, or not valid against the request's
+own schema for the constrained ones), and the CPU milliseconds per step spent filling
+bitmasks (overlapping the GPU's forward pass). Writes `bench/results/constrained-h200.json`.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=0, help="default 2 x saturation")
     parser.add_argument("--tokenizer-dir")
     parser.add_argument("--grammar-threads", type=int, default=8)
+    parser.add_argument("--forced-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="default bench/results/constrained-h200.json")
     return parser.parse_args(argv)
@@ -77,13 +85,56 @@ def _invalid(ids: list[list[int]], requests: list[Any], tokenizer: Any, strict: 
     return bad
 
 
-def _run(engine: Any, requests: list[Any], batch: int) -> tuple[float, list[list[int]]]:
-    engine.generate_token_ids(requests[:batch])  # warm-up: graphs, grammars
-    started = time.perf_counter()
-    ids: list[list[int]] = []
-    for begin in range(0, len(requests), batch):
-        ids.extend(engine.generate_token_ids(requests[begin : begin + batch]))
-    return len(requests) / (time.perf_counter() - started), ids
+def _run(
+    engine: Any, requests: list[Any], slots: int, forced_tokens: int, tokens: int | None
+) -> dict[str, Any]:
+    """Serve `requests` on a slot engine of `slots` slots; throughput, steps and the ids."""
+    from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+    prompt = max(len(engine.prompt_ids(request)) for request in requests)
+    budget = engine.config.max_new_tokens
+    slot = SlotEngine(
+        engine,
+        SlotEngineConfig(
+            slots=slots,
+            context_length=-(-(prompt + budget + 64) // 128) * 128,
+            queue_size=len(requests) + 8,
+            forced_tokens=forced_tokens,
+        ),
+    )
+    slot.load()
+    try:
+        scheduler = slot.scheduler
+        assert scheduler is not None
+        # Warm-up: graphs of the batch sizes the run goes through, grammars compiled.
+        warm = min(64, tokens or 64)
+        for future in [slot.submit(r, max_new_tokens=warm) for r in requests[:slots]]:
+            future.result()
+        scheduler.stats = dict.fromkeys(scheduler.stats, 0)
+        if scheduler.grammars is not None:
+            scheduler.grammars.fill_s, scheduler.grammars.fill_steps = 0.0, 0
+        started = time.perf_counter()
+        futures = [slot.submit(r, max_new_tokens=tokens, min_new_tokens=tokens) for r in requests]
+        ids = [list(future.result().token_ids) for future in futures]
+        elapsed = time.perf_counter() - started
+        grammars = scheduler.grammars
+        mask_ms = None
+        if grammars is not None and grammars.fill_steps:
+            mask_ms = 1000.0 * grammars.fill_s / grammars.fill_steps
+        return {
+            "per_s": len(requests) / elapsed,
+            "ids": ids,
+            "steps_per_answer": scheduler.stats["active_rows"] / len(requests),
+            "tokens_per_answer": sum(len(row) for row in ids) / len(ids),
+            "forced_tokens_per_answer": scheduler.stats["forced_tokens"] / len(requests),
+            "mask_ms": mask_ms,
+        }
+    finally:
+        slot.close()
+
+
+def _brief(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in run.items() if k != "ids"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         device_name,
         make_requests,
         tokenizer_dir,
+        versions,
     )
     from processors.answer_schema import FieldLimits
     from processors.internvl import EngineConfig, NativeInternVLEngine
@@ -115,59 +167,66 @@ def main(argv: list[str] | None = None) -> int:
     plain, stats = make_requests(shape, tokenizer, count, 0, args.seed, shape.text_tokens)
     constrained_requests = _with_schemas(plain, int(stats["questions"]), limits)
 
-    def engine(size: int, **overrides: Any) -> NativeInternVLEngine:
+    def engine(**overrides: Any) -> NativeInternVLEngine:
         config = EngineConfig(
             f"{shape.name}-random",
-            max_batch_size=size,
             grammar_threads=args.grammar_threads,
+            feature_cache_mb=0,
             **overrides,
         )
         return NativeInternVLEngine.from_model(config, model, tokenizer)
 
-    budget = 4000
-    results: dict[str, Any] = {}
-    steps: dict[str, Any] = {}
-    invalid: dict[str, Any] = {}
-    mask_ms: float | None = None
+    budget = 2000 if args.smoke else 4000
+    runs: dict[str, dict[str, Any]] = {}
     for size in (batch, saturation):
-        fast = engine(size, max_new_tokens=budget)
-        per_s, ids = _run(fast, constrained_requests, size)
-        grammars = fast.grammars
-        if size == batch and grammars is not None and grammars.fill_steps:
-            mask_ms = 1000.0 * grammars.fill_s / grammars.fill_steps
-        length = max(1, round(sum(len(r) for r in ids) / len(ids)))
-        results[f"constrained_{size}"] = per_s
-        steps.setdefault("constrained", length)
-        invalid["constrained"] = invalid.get("constrained", 0) + _invalid(
-            ids, constrained_requests, tokenizer, strict=True
-        )
-        free = engine(
-            size, max_new_tokens=length, min_new_tokens=length, constrained_decoding=False
-        )
-        per_s, ids = _run(free, plain, size)
-        results[f"free_{size}"] = per_s
-        steps.setdefault("free", length)
-        invalid["free"] = invalid.get("free", 0) + _invalid(ids, plain, tokenizer, strict=False)
-    steps["constrained_forced"] = None
-    invalid["constrained_forced"] = None
+        for name, forced in (("constrained_forced", args.forced_tokens), ("constrained", 0)):
+            run = _run(engine(max_new_tokens=budget), constrained_requests, size, forced, None)
+            run["invalid"] = _invalid(run["ids"], constrained_requests, tokenizer, strict=True)
+            runs[f"{name}_{size}"] = run
+            print(f"[constrained] {name} {size}: {_brief(run)}", flush=True)
+        length = max(1, round(runs[f"constrained_{size}"]["tokens_per_answer"]))
+        free = engine(max_new_tokens=length, constrained_decoding=False)
+        run = _run(free, plain, size, 0, length)
+        run["invalid"] = _invalid(run["ids"], plain, tokenizer, strict=False)
+        runs[f"free_{size}"] = run
+        print(f"[constrained] free {size}: {_brief(run)}", flush=True)
+    variants = ("free", "constrained", "constrained_forced")
+
+    def figure(name: str, size: int, key: str = "per_s") -> float:
+        return round(float(runs[f"{name}_{size}"][key]), 4)
+
     out = {
         "device": device_name(device),
         "shape": shape.name,
+        "engine": "slot",
         "requests": count,
         "questions": stats["questions"],
         "batch_size": batch,
         "saturation_batch_size": saturation,
-        "free_per_s": round(results[f"free_{batch}"], 4),
-        "constrained_per_s": round(results[f"constrained_{batch}"], 4),
-        "constrained_forced_per_s": None,
-        "free_saturation_per_s": round(results[f"free_{saturation}"], 4),
-        "constrained_saturation_per_s": round(results[f"constrained_{saturation}"], 4),
-        "saturation_ratio": None,
-        "decode_steps_per_answer": steps,
-        "mask_ms_per_step": None if mask_ms is None else round(mask_ms, 4),
-        "invalid_answers": invalid,
+        "free_per_s": figure("free", batch),
+        "constrained_per_s": figure("constrained", batch),
+        "constrained_forced_per_s": figure("constrained_forced", batch),
+        "forced_over_free": round(figure("constrained_forced", batch) / figure("free", batch), 4),
+        "free_saturation_per_s": figure("free", saturation),
+        "constrained_saturation_per_s": figure("constrained", saturation),
+        "constrained_forced_saturation_per_s": figure("constrained_forced", saturation),
+        "saturation_ratio": round(
+            figure("constrained_forced", saturation) / figure("free", saturation), 4
+        ),
+        "decode_steps_per_answer": {v: figure(v, batch, "steps_per_answer") for v in variants},
+        "tokens_per_answer": {v: figure(v, batch, "tokens_per_answer") for v in variants},
+        "forced_tokens_per_answer": figure("constrained_forced", batch, "forced_tokens_per_answer"),
+        "mask_ms_per_step": {
+            v: runs[f"{v}_{batch}"]["mask_ms"] and round(runs[f"{v}_{batch}"]["mask_ms"], 4)
+            for v in variants[1:]
+        },
+        "invalid_answers": {
+            v: sum(int(runs[f"{v}_{size}"]["invalid"]) for size in (batch, saturation))
+            for v in variants
+        },
         "grammar_threads": args.grammar_threads,
-        "not_built": "forced runs (constrained_forced_*, saturation_ratio)",
+        "forced_tokens": args.forced_tokens,
+        "versions": versions(),
     }
     path = Path(args.out) if args.out else RESULTS / "constrained-h200.json"
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

@@ -25,9 +25,15 @@ def test_smoke_benchmark_writes_the_result(tmp_path: Path) -> None:
     ):
         assert key in result
     assert result["batch_size"] == 2
+    assert result["engine"] == "slot"
     assert result["free_per_s"] > 0 and result["constrained_per_s"] > 0
-    assert result["invalid_answers"]["constrained"] == 0  # every constrained answer is valid
-    assert result["invalid_answers"]["free"] > 0  # a random model's free answers are not
-    steps = result["decode_steps_per_answer"]
-    assert steps["free"] == steps["constrained"] > 10
-    assert result["mask_ms_per_step"] > 0
+    assert result["constrained_forced_per_s"] > 0 and result["saturation_ratio"] > 0
+    invalid = result["invalid_answers"]
+    assert invalid["constrained"] == invalid["constrained_forced"] == 0  # all valid
+    assert invalid["free"] > 0  # a random model's free answers are not
+    steps, tokens = result["decode_steps_per_answer"], result["tokens_per_answer"]
+    assert tokens["free"] == round(tokens["constrained"]) > 10  # the same answer length
+    # Forced runs take no step per forced token.
+    assert steps["constrained_forced"] < steps["constrained"]
+    assert result["forced_tokens_per_answer"] > 0
+    assert result["mask_ms_per_step"]["constrained"] > 0
