@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 "slots": scheduler.slots,
                 "context": scheduler.decoder.context,
                 "ladder": scheduler.decoder.ladder,
-                "split_attention": scheduler.decoder._split is not None,
+                "split_attention": scheduler.decoder.split_attention,
                 "compile_error": scheduler.decoder.compile_error,
                 "prefill_tokens_per_step": args.prefill_tokens,
                 "steps_per_round": args.steps_per_round,

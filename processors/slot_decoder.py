@@ -132,6 +132,11 @@ class SlotDecoder:
         self._wide_graphs: dict[tuple[int, int], Any] = {}
         self._graph_pool: Any = None
 
+    @property
+    def split_attention(self) -> bool:
+        """Whether the one-token passes use the split-key kernel (else masked SDPA)."""
+        return self._split is not None
+
     # ------------------------------------------------------------------- sizing
 
     @staticmethod
