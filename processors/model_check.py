@@ -17,6 +17,13 @@ unreadable), and the seconds each path took. The exactness check runs in float32
 second run in bfloat16, as served on a GPU, is reported but does not decide the result,
 because different kernels in bfloat16 legitimately drift on long answers.
 `ModelCheck.passed` is False when a float32 prompt or greedy sequence differs.
+
+When the fast engine decodes inside each request's answer schema (the InternVL engines,
+`constrained_decoding` on), each request also runs constrained on the fast engine, and
+the report says how often the constrained and the free greedy answers lead to the same
+decision and answers, and how often their texts are identical: on a real checkpoint the
+two agree wherever the model's own choice is inside the schema. This does not decide the
+verdict.
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from processors.answer_parsing import parse_answer
+from processors.answer_schema import FieldLimits, answer_schema
 from processors.chat_templates import resolve_chat_template
 from processors.errors import ErrorCode, ProcessingError
 from processors.gathering import GatheredImages, GatherLimits, decode_image
@@ -153,6 +161,11 @@ class RequestCheck:
     decisions_agree: bool
     reference_s: float
     fast_s: float
+    # The fast engine decoding inside the answer schema (None: the engine does not).
+    constrained_decision: str | None = None
+    constrained_agrees: bool | None = None  # same decision and answers as the free answer
+    constrained_text_equal: bool | None = None
+    constrained_s: float | None = None
 
     @property
     def prompt_equal(self) -> bool:
@@ -188,6 +201,16 @@ class PrecisionRun:
     def decisions_agree(self) -> bool:
         """Whether every request leads to the same decision on both paths."""
         return all(r.decisions_agree for r in self.requests)
+
+    @property
+    def constrained_agreement(self) -> tuple[int, int, int] | None:
+        """(same decision and answers, identical text, compared) of constrained vs free."""
+        compared = [r for r in self.requests if r.constrained_agrees is not None]
+        if not compared:
+            return None
+        agree = sum(1 for r in compared if r.constrained_agrees)
+        identical = sum(1 for r in compared if r.constrained_text_equal)
+        return agree, identical, len(compared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +256,7 @@ class ModelCheck:
             raw["prompts_equal"] = run.prompts_equal
             raw["tokens_equal"] = run.tokens_equal
             raw["decisions_agree"] = run.decisions_agree
+            raw["constrained_agreement"] = run.constrained_agreement
         return out
 
 
@@ -352,8 +376,12 @@ def run_precision(
     device: str,
     max_new_tokens: int,
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items,
+    answer_limits: FieldLimits | None = None,
 ) -> tuple[PrecisionRun, Engine]:
-    """Both paths over `samples` in `dtype`; returns the run and the fast engine (loaded)."""
+    """Both paths over `samples` in `dtype`; returns the run and the fast engine (loaded).
+
+    `answer_limits` bound the free strings of the constrained runs' answer schemas.
+    """
     common: dict[str, Any] = {"device": device, "dtype": dtype, "max_new_tokens": max_new_tokens}
     raw_config = read_checkpoint_config(model_path)
     fast = create_engine(EngineConfig(model_path, **common))
@@ -389,6 +417,7 @@ def run_precision(
         fast_text = fast.tokenizer.decode(fast_ids, skip_special_tokens=True).strip()
         ref_summary, ref_key = decision_of(prepared, ref_text)
         fast_summary, fast_key = decision_of(prepared, fast_text)
+        constrained = _constrained_check(fast, prepared, fast_text, fast_key, answer_limits)
         checks.append(
             RequestCheck(
                 name=sample.name,
@@ -402,6 +431,7 @@ def run_precision(
                 decisions_agree=ref_key == fast_key,
                 reference_s=ref_s,
                 fast_s=fast_s,
+                **constrained,
             )
         )
     label = (
@@ -410,6 +440,29 @@ def run_precision(
         else (GENERATE_REFERENCE)
     )
     return PrecisionRun(dtype, label, _describe(fast), tuple(checks)), fast
+
+
+def _constrained_check(
+    fast: Engine,
+    prepared: PreparedSample,
+    free_text: str,
+    free_key: tuple[Any, ...] | None,
+    limits: FieldLimits | None,
+) -> dict[str, Any]:
+    """The request decoded inside its answer schema, against the free answer ({} if off)."""
+    if not isinstance(fast, NativeInternVLEngine) or not fast.config.constrained_decoding:
+        return {}
+    schema = answer_schema(prepared.questions, limits or FieldLimits())
+    request = replace(prepared.request, answer_schema=schema)
+    ids_all, seconds = _timed(lambda: fast.generate_token_ids([request]))
+    text = fast.tokenizer.decode(ids_all[0], skip_special_tokens=True).strip()
+    summary, key = decision_of(prepared, text)
+    return {
+        "constrained_decision": summary,
+        "constrained_agrees": key == free_key,
+        "constrained_text_equal": text == free_text,
+        "constrained_s": seconds,
+    }
 
 
 def checkpoint_facts(model_path: Path, engine: Engine) -> CheckpointFacts:
@@ -467,6 +520,7 @@ def check_model(
     max_new_tokens: int = 256,
     bf16: bool = True,
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items,
+    answer_limits: FieldLimits | None = None,
 ) -> ModelCheck:
     """Facts, the float32 run and (with `bf16`) the bfloat16 run; see the module docstring.
 
@@ -483,6 +537,7 @@ def check_model(
         device=device,
         max_new_tokens=max_new_tokens,
         progress=progress,
+        answer_limits=answer_limits,
     )
     facts = checkpoint_facts(model_path, engine)
     runs.append(fp32)
@@ -496,6 +551,7 @@ def check_model(
             device=device,
             max_new_tokens=max_new_tokens,
             progress=progress,
+            answer_limits=answer_limits,
         )
         runs.append(run)
     return ModelCheck(facts, tuple(runs))
@@ -542,11 +598,24 @@ def format_report(check: ModelCheck) -> str:
                 f"reference {r.reference_decision} | fast {r.fast_decision}",
                 f"  time: reference {r.reference_s:.3f} s, fast {r.fast_s:.3f} s",
             ]
+            if r.constrained_agrees is not None:
+                same = "same text" if r.constrained_text_equal else "text differs"
+                lines.append(
+                    f"  constrained {'agrees' if r.constrained_agrees else 'DIFFERS'} "
+                    f"({same}): {r.constrained_decision} ({r.constrained_s or 0.0:.3f} s)"
+                )
         lines.append(
             f"{run.dtype}: prompts {'equal' if run.prompts_equal else 'DIFFER'}, greedy ids "
             f"{'equal' if run.tokens_equal else 'DIVERGE'}, decisions "
             f"{'agree' if run.decisions_agree else 'DIFFER'}"
         )
+        agreement = run.constrained_agreement
+        if agreement is not None:
+            agree, identical, compared = agreement
+            lines.append(
+                f"{run.dtype}: constrained and free greedy give the same decision and answers "
+                f"on {agree} of {compared} requests, the same text on {identical}"
+            )
     verdict = "PASS" if check.passed else "FAIL"
     lines += [
         "",

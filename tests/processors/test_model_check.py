@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from processors.answer_schema import FieldLimits
 from processors.model_check import (
     GENERATE_REFERENCE,
     REMOTE_REFERENCE,
@@ -104,3 +105,25 @@ def test_a_planted_template_mismatch_fails_the_check(
     assert request.prompt_diff.position == 3  # after <|im_start|>, "system", "\n"
     assert request.prompt_diff.reference == repr("You")
     assert "DIFFER at 3" in format_report(check) and "FAIL" in format_report(check)
+
+
+def test_constrained_answers_are_compared_with_the_free_ones(checkpoints: dict[str, Path]) -> None:
+    check = check_model(
+        checkpoints["native"],
+        load_samples(SAMPLE_REQUESTS, 1),
+        max_new_tokens=1200,  # room for the whole constrained answer of the random model
+        bf16=False,
+        answer_limits=FieldLimits(analysis=4, evidence=4, text_result=3),
+    )
+    run = check.runs[0]
+    request = run.requests[0]
+    # The random model's free answer is unreadable; inside the schema it is a decision.
+    assert request.fast_decision.startswith("none"), request.fast_decision
+    assert request.constrained_decision is not None
+    assert not request.constrained_decision.startswith("none"), request.constrained_decision
+    assert request.constrained_agrees is False
+    assert request.constrained_text_equal is False
+    assert run.constrained_agreement == (0, 0, 1)
+    assert check.to_json()["runs"][0]["constrained_agreement"] == (0, 0, 1)
+    report = format_report(check)
+    assert "same decision and answers on 0 of 1 requests, the same text on 0" in report
