@@ -13,8 +13,11 @@ With `VS_ENGINE_MODE=slot` a native InternVL engine is wrapped in the slot engin
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -172,7 +175,7 @@ class InferenceRuntime:
         await self.gatherer.start()
         engine = slot_engine(settings, self._engine or build_engine(settings))
         self._engine = engine
-        await asyncio.to_thread(engine.load)
+        await in_daemon_thread(engine.load, "load-engine")
         self.model_versions["verification"] = engine.model_version
         if isinstance(engine, ReplayEngine):
             # It never looks at pixels: no images fetched, and torch is never imported.
@@ -198,7 +201,7 @@ class InferenceRuntime:
             copier=ReviewCopier(review.copy_limits, settings.gather) if review.copies else None,
         )
         self.verification_ready.set()
-        categorizer = await asyncio.to_thread(self._load_categorizer)
+        categorizer = await in_daemon_thread(self._load_categorizer, "load-categorizer")
         self.model_versions["categorization"] = categorizer.model_version
         from processors.categorization.service import CategorizationService
 
@@ -274,6 +277,33 @@ class InferenceRuntime:
         close = getattr(self._engine, "close", None)
         if self.streaming is not None and callable(close):
             await asyncio.to_thread(close)
+
+
+async def in_daemon_thread(call: Callable[[], R], name: str) -> R:
+    """Await `call` run on a daemon thread of its own; raises what `call` raises.
+
+    For model loads, which can take minutes: a worker told to stop while one runs exits
+    without waiting for it (a pool thread of `asyncio.to_thread` would be joined at
+    interpreter exit, holding the process until its shutdown timeout kills it).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[R] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        outcome: Callable[[], None]
+        try:
+            outcome = functools.partial(future.set_result, call())
+        except BaseException as exc:  # noqa: BLE001 (handed to the awaiting task)
+            outcome = functools.partial(future.set_exception, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
 
 
 async def _retry_while(

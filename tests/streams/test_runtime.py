@@ -4,13 +4,14 @@ for by name), start-up order and failure, and what each role registers in the ap
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import ReplayEngine
-from streams.runtime import build_engine
+from streams.runtime import build_engine, in_daemon_thread
 from streams.settings import Settings, SettingsError
 
 
@@ -131,3 +132,22 @@ async def test_the_shutdown_hook_stops_the_roles_runtime(tmp_path: Path) -> None
     app = create_app(settings, sink=closing)
     await app.on_before_shutdown.send()
     assert closing.closed == 1
+
+
+async def test_model_loads_run_on_a_daemon_thread_and_hand_back_result_or_error() -> None:
+    seen: list[threading.Thread] = []
+
+    def load() -> str:
+        seen.append(threading.current_thread())
+        return "loaded"
+
+    assert await in_daemon_thread(load, "load-test") == "loaded"
+    assert seen[0].daemon and seen[0].name == "load-test"
+    assert seen[0] is not threading.main_thread()
+
+    def refuse() -> str:
+        raise ProcessingError(ErrorCode.MODEL_NOT_LOADED, "no weights", "model")
+
+    with pytest.raises(ProcessingError) as raised:
+        await in_daemon_thread(refuse, "load-test")
+    assert raised.value.code is ErrorCode.MODEL_NOT_LOADED
