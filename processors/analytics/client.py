@@ -142,7 +142,7 @@ def open_client(
             )
     # Blind on purpose: whatever the driver raises must become SinkUnavailable, and the
     # chain is dropped (`from None`) so that no traceback carries the password.
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         message = scrub_secrets(f"{type(exc).__name__}: {exc}", dsn)
         raise SinkUnavailable(f"cannot open ClickHouse at {redact_dsn(dsn)}: {message}") from None
     raise ValueError(
