@@ -97,6 +97,7 @@ class QuestionShape:
 
     @property
     def key(self) -> tuple[Any, ...]:
+        """The shape as one hashable value: equal for questions with the same answer rule."""
         return (self.copied, self.kind, self.choices)
 
 
@@ -141,12 +142,16 @@ class AnswerSchema:
 
     @cached_property
     def key(self) -> str:
+        """SHA-256 of the schema's text: the cache key of its compiled grammar."""
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
     @property
     def max_answer_bytes(self) -> int:
-        """An upper bound on the UTF-8 bytes of any answer the schema admits (any layout
-        of at most `_LAYOUT_BYTES_PER_VALUE` whitespace bytes per value)."""
+        """An upper bound on the UTF-8 bytes of any answer the schema admits.
+
+        It holds for any layout of at most `_LAYOUT_BYTES_PER_VALUE` whitespace bytes
+        per value.
+        """
         return _fixed_bytes(self.shapes) + MAX_CHAR_BYTES * _free_chars(self.shapes, self.limits)
 
 
@@ -217,8 +222,11 @@ def _json_bytes(value: Any) -> int:
 
 
 def _fixed_bytes(shapes: Sequence[QuestionShape]) -> int:
-    """Bytes of everything but the free strings: keys, punctuation, constants, enums,
-    numbers (3 digits), the quotes around free strings, and layout whitespace."""
+    """Bytes of everything but the free strings.
+
+    That is keys, punctuation, constants, enums, numbers (3 digits), the quotes around
+    free strings, and layout whitespace.
+    """
     values = 0
     total = _json_bytes(list(ANALYSIS_KEYS) + list(FACTOR_KEYS)) + _json_bytes(
         ["image_analysis", "verification_results", "pickup_confidence"]

@@ -118,6 +118,7 @@ class GrammarCache:
         return grammar
 
     def matcher(self, schema: AnswerSchema) -> Any:
+        """A fresh xgrammar matcher of `schema`'s grammar that stops at the stop token."""
         return self.xgrammar.GrammarMatcher(
             self.compiled(schema), override_stop_tokens=[self.stop_id]
         )

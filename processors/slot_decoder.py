@@ -306,6 +306,7 @@ class SlotDecoder:
     # ------------------------------------------------------------------- decode
 
     def begin_round(self) -> None:
+        """Start a round of steps: the next step writes the round's first column."""
         self.round_step.zero_()
 
     def step(self, active: int) -> None:

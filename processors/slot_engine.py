@@ -81,6 +81,7 @@ class SlotEngine:
 
     @property
     def model_version(self) -> str:
+        """The version of the engine's checkpoint."""
         return self.engine.model_version
 
     def load(self) -> None:

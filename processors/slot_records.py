@@ -102,6 +102,7 @@ class JsonObjectEnd:
         self.escape = False
 
     def feed(self, text: str) -> bool:
+        """Watch more generated text; True once the first JSON object has closed."""
         for char in text:
             if self.in_string:
                 if self.escape:

@@ -111,10 +111,12 @@ class SlotScheduler:
 
     @property
     def slots(self) -> int:
+        """The decoder's rows: how many requests decode at once."""
         return self.decoder.slots
 
     @property
     def idle(self) -> bool:
+        """Whether no request is decoding, waiting or being prefilled."""
         return not (self.rows or self.waiting or self.prefilling)
 
     def capacity(self) -> int:
@@ -123,6 +125,7 @@ class SlotScheduler:
         return max(0, self.slots - busy)
 
     def in_flight(self) -> list[SlotWork]:
+        """Every request not finished yet: decoding, being prefilled, then waiting."""
         current = [self.prefilling] if self.prefilling is not None else []
         return [*self.rows, *current, *self.waiting]
 
