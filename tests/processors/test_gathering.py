@@ -62,6 +62,101 @@ class Site:
 LIMIT = 200_000
 
 
+async def _jpeg(_: web.Request) -> web.Response:
+    return web.Response(body=JPEG, content_type="image/jpeg")
+
+
+async def _png(_: web.Request) -> web.Response:
+    return web.Response(body=PNG, content_type="image/png")
+
+
+async def _slow(_: web.Request) -> web.Response:
+    await asyncio.sleep(5)
+    return web.Response(body=PNG, content_type="image/png")
+
+
+async def _missing(_: web.Request) -> web.Response:
+    return web.Response(status=404, text="no such image")
+
+
+async def _down(_: web.Request) -> web.Response:
+    return web.Response(status=503, text="down")
+
+
+async def _big_declared(request: web.Request) -> web.StreamResponse:
+    # Declares more than the limit but sends little: only the header check can
+    # refuse it as too large (reading would end in a truncated-body error).
+    response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+    response.content_length = LIMIT + 1
+    await response.prepare(request)
+    await response.write(b"\xff" * 1000)
+    return response
+
+
+async def _big_streamed(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()  # no Content-Length
+    await response.prepare(request)
+    try:
+        for _ in range(50):
+            await response.write(b"\xff" * 65536)
+    except (ConnectionResetError, RuntimeError):
+        pass  # the client hung up once over the limit, as it should
+    return response
+
+
+def _redirect_to(location: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": location})
+
+    return handler
+
+
+async def _loop(_: web.Request) -> web.Response:
+    return web.Response(status=302, headers={"Location": "/loop"})
+
+
+async def _bomb(_: web.Request) -> web.Response:
+    return web.Response(body=png_declaring(100_000, 100_000), content_type="image/png")
+
+
+async def _big_dimensions(_: web.Request) -> web.Response:
+    return web.Response(body=BIG_DIMENSIONS_PNG, content_type="image/png")
+
+
+async def _truncated(_: web.Request) -> web.Response:
+    noisy = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 200, 3), np.uint8))
+    data = encode(noisy, "JPEG")
+    return web.Response(body=data[: len(data) // 2], content_type="image/jpeg")
+
+
+async def _garbage(_: web.Request) -> web.Response:
+    return web.Response(body=b"<html>not an image</html>", content_type="image/jpeg")
+
+
+# Routes whose answer does not depend on the site's counters.
+_FIXED_ROUTES: tuple[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]], ...] = (
+    ("/img.jpg", _jpeg),
+    ("/img.png", _png),
+    ("/cdn/{name}", _png),
+    ("/slow", _slow),
+    ("/missing", _missing),
+    ("/down", _down),
+    ("/big-declared", _big_declared),
+    ("/big-streamed", _big_streamed),
+    ("/to-metadata", _redirect_to("http://169.254.169.254/latest/meta-data")),
+    ("/to-evil", _redirect_to("http://evil.test/img.png")),
+    ("/to-relative", _redirect_to("/img.png")),
+    ("/to-decimal-loopback", _redirect_to("http://2130706433/img.png")),
+    ("/to-ftp", _redirect_to("ftp://example.com/img.png")),
+    ("/loop", _loop),
+    ("/bomb.png", _bomb),
+    ("/big-dimensions.png", _big_dimensions),
+    ("/truncated.jpg", _truncated),
+    ("/garbage.jpg", _garbage),
+)
+
+
 def build_app(site: Site) -> web.Application:
     @web.middleware
     async def count(
@@ -71,66 +166,10 @@ def build_app(site: Site) -> web.Application:
         site.queries[request.path] = request.query_string
         return await handler(request)
 
-    async def jpeg(_: web.Request) -> web.Response:
-        return web.Response(body=JPEG, content_type="image/jpeg")
-
-    async def png(_: web.Request) -> web.Response:
-        return web.Response(body=PNG, content_type="image/png")
-
-    async def slow(_: web.Request) -> web.Response:
-        await asyncio.sleep(5)
-        return web.Response(body=PNG, content_type="image/png")
-
-    async def missing(_: web.Request) -> web.Response:
-        return web.Response(status=404, text="no such image")
-
     async def flaky(request: web.Request) -> web.Response:
         if site.hits[request.path] == 1:
             return web.Response(status=503, text="try later")
         return web.Response(body=PNG, content_type="image/png")
-
-    async def down(_: web.Request) -> web.Response:
-        return web.Response(status=503, text="down")
-
-    async def big_declared(request: web.Request) -> web.StreamResponse:
-        # Declares more than the limit but sends little: only the header check can
-        # refuse it as too large (reading would end in a truncated-body error).
-        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
-        response.content_length = LIMIT + 1
-        await response.prepare(request)
-        await response.write(b"\xff" * 1000)
-        return response
-
-    async def big_streamed(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.enable_chunked_encoding()  # no Content-Length
-        await response.prepare(request)
-        try:
-            for _ in range(50):
-                await response.write(b"\xff" * 65536)
-        except (ConnectionResetError, RuntimeError):
-            pass  # the client hung up once over the limit, as it should
-        return response
-
-    def redirect_to(location: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def handler(_: web.Request) -> web.Response:
-            return web.Response(status=302, headers={"Location": location})
-
-        return handler
-
-    async def loop(_: web.Request) -> web.Response:
-        return web.Response(status=302, headers={"Location": "/loop"})
-
-    async def bomb(_: web.Request) -> web.Response:
-        return web.Response(body=png_declaring(100_000, 100_000), content_type="image/png")
-
-    async def big_dimensions(_: web.Request) -> web.Response:
-        return web.Response(body=BIG_DIMENSIONS_PNG, content_type="image/png")
-
-    async def truncated(_: web.Request) -> web.Response:
-        noisy = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 200, 3), np.uint8))
-        data = encode(noisy, "JPEG")
-        return web.Response(body=data[: len(data) // 2], content_type="image/jpeg")
 
     async def counted(request: web.Request) -> web.Response:
         site.in_flight += 1
@@ -141,29 +180,10 @@ def build_app(site: Site) -> web.Application:
             site.in_flight -= 1
         return web.Response(body=PNG, content_type="image/png")
 
-    async def garbage(_: web.Request) -> web.Response:
-        return web.Response(body=b"<html>not an image</html>", content_type="image/jpeg")
-
     app = web.Application(middlewares=[count])
-    app.router.add_get("/img.jpg", jpeg)
-    app.router.add_get("/img.png", png)
-    app.router.add_get("/cdn/{name}", png)
-    app.router.add_get("/slow", slow)
-    app.router.add_get("/missing", missing)
+    for path, handler in _FIXED_ROUTES:
+        app.router.add_get(path, handler)
     app.router.add_get("/flaky", flaky)
-    app.router.add_get("/down", down)
-    app.router.add_get("/big-declared", big_declared)
-    app.router.add_get("/big-streamed", big_streamed)
-    app.router.add_get("/to-metadata", redirect_to("http://169.254.169.254/latest/meta-data"))
-    app.router.add_get("/to-evil", redirect_to("http://evil.test/img.png"))
-    app.router.add_get("/to-relative", redirect_to("/img.png"))
-    app.router.add_get("/to-decimal-loopback", redirect_to("http://2130706433/img.png"))
-    app.router.add_get("/to-ftp", redirect_to("ftp://example.com/img.png"))
-    app.router.add_get("/loop", loop)
-    app.router.add_get("/bomb.png", bomb)
-    app.router.add_get("/big-dimensions.png", big_dimensions)
-    app.router.add_get("/truncated.jpg", truncated)
-    app.router.add_get("/garbage.jpg", garbage)
     app.router.add_get("/counted/{name}", counted)
     return app
 
