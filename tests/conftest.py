@@ -128,14 +128,15 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, module: str = "streams") -> None:
         self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", module, "worker", "-l", "info"],
-            env={**os.environ, **env},
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        # The child keeps its own descriptor of the log; ours closes once it is started.
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module, "worker", "-l", "info"],
+                env={**os.environ, **env},
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
@@ -153,7 +154,6 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        self._log.close()
         return self.process.returncode
 
 

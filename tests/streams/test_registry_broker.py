@@ -50,16 +50,18 @@ def produce_with_serializer(
     bootstrap: str, registry_url: str, topic: str, schema: str, events: list[dict[str, Any]]
 ) -> None:
     """Produce like a non-visionstream service: confluent_kafka's AvroSerializer, auto-register."""
-    serializer = AvroSerializer(SchemaRegistryClient({"url": registry_url}), schema)
-    context = SerializationContext(topic, MessageField.VALUE)
-    produce(bootstrap, topic, [(None, serializer(event, context)) for event in events])
+    with SchemaRegistryClient({"url": registry_url}) as client:
+        serializer = AvroSerializer(client, schema)
+        context = SerializationContext(topic, MessageField.VALUE)
+        produce(bootstrap, topic, [(None, serializer(event, context)) for event in events])
 
 
 def collect_framed(
     bootstrap: str, registry_url: str, topics: list[str], done: Callable[[Records], bool]
 ) -> tuple[Records, list[bytes]]:
     """Read `topics` with a plain AvroDeserializer; also returns every raw value read."""
-    deserializer = AvroDeserializer(SchemaRegistryClient({"url": registry_url}))
+    client = SchemaRegistryClient({"url": registry_url})
+    deserializer = AvroDeserializer(client)
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -84,6 +86,7 @@ def collect_framed(
                 records[topic].append(deserializer(value, context))
     finally:
         consumer.close()
+        client.close()
     return records, raw
 
 
@@ -149,18 +152,18 @@ def test_confluent_framed_events_and_outputs_through_a_real_registry(
     assert dead[0]["original_value"] == unknown_id
     # Every output is Confluent-framed with an id the registry serves, under <schema>-value.
     assert all(value[:1] == b"\x00" for value in raw)
-    client = SchemaRegistryClient({"url": url})
-    subjects = set(client.get_subjects())
-    assert {
-        f"{pickup_topic}-value",
-        "verification-decision-value",
-        "category-tag-value",
-        "dead-letter-value",
-    } <= subjects
-    for value in raw:
-        (schema_id,) = struct.unpack(">I", value[1:5])
-        schema_str = client.get_schema(schema_id).schema_str
-        assert schema_str is not None and json.loads(schema_str)["type"] == "record"
+    with SchemaRegistryClient({"url": url}) as client:
+        subjects = set(client.get_subjects())
+        assert {
+            f"{pickup_topic}-value",
+            "verification-decision-value",
+            "category-tag-value",
+            "dead-letter-value",
+        } <= subjects
+        for value in raw:
+            (schema_id,) = struct.unpack(">I", value[1:5])
+            schema_str = client.get_schema(schema_id).schema_str
+            assert schema_str is not None and json.loads(schema_str)["type"] == "record"
 
 
 def test_a_registry_outage_holds_new_schema_ids_and_loses_nothing(
@@ -190,8 +193,10 @@ def test_a_registry_outage_holds_new_schema_ids_and_loses_nothing(
     # while the registry is up, that the worker has never fetched.
     evolved = json.loads(v1_schema("pickup-completed"))
     evolved["fields"].append({"name": "producer_note", "type": "string", "default": ""})
-    client = SchemaRegistryClient({"url": url})
-    new_id = client.register_schema(f"{pickup_topic}-value", Schema(json.dumps(evolved), "AVRO"))
+    with SchemaRegistryClient({"url": url}) as client:
+        new_id = client.register_schema(
+            f"{pickup_topic}-value", Schema(json.dumps(evolved), "AVRO")
+        )
     parsed = fastavro.parse_schema(evolved)
     framed = []
     for event in later:

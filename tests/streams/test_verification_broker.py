@@ -48,6 +48,8 @@ def image_server(tmp_path: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def test_tiny_internvl_end_to_end_records_retries_and_loses_nothing(
