@@ -42,6 +42,7 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's options (`--help` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (CI)")
     parser.add_argument("--batch-size", type=int, default=0, help="default 64 (smoke 2)")
@@ -138,6 +139,7 @@ def _brief(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the three variants on the same requests; write the JSON result; 0 on success."""
     args = parse_args(argv)
     import torch
 
