@@ -55,6 +55,18 @@ def graph_ladder(slots: int) -> list[int]:
     return sorted(sizes)
 
 
+def _kv_cache(base: StaticGreedyDecoder, rows: int, context: int) -> tuple[list[Any], list[Any]]:
+    """Zeroed keys, then values, of every layer: `rows` rows of `context` columns each."""
+    import torch
+
+    shape = (rows, base.kv_heads, context, base.head_dim)
+    options = {"device": base.device, "dtype": base.dtype}
+    layers = len(base.layers)
+    keys = [torch.zeros(shape, **options) for _ in range(layers)]
+    values = [torch.zeros(shape, **options) for _ in range(layers)]
+    return keys, values
+
+
 class SlotDecoder:
     """Static KV slots, chunked prefill into a staging row, decode steps over rows [0, b)."""
 
@@ -88,15 +100,9 @@ class SlotDecoder:
         self.ladder = sorted(set(ladder)) if ladder else graph_ladder(slots)
         if self.ladder[-1] < slots or self.ladder[0] < 1:
             raise ValueError(f"the ladder {self.ladder} must cover 1..{slots}")
-        layers = len(base.layers)
-        shape = (slots, base.kv_heads, context, base.head_dim)
         self.stage_rows = stage_rows
-        stage = (stage_rows, base.kv_heads, context, base.head_dim)
-        options = {"device": self.device, "dtype": self.dtype}
-        self.keys = [torch.zeros(shape, **options) for _ in range(layers)]
-        self.values = [torch.zeros(shape, **options) for _ in range(layers)]
-        self.stage_keys = [torch.zeros(stage, **options) for _ in range(layers)]
-        self.stage_values = [torch.zeros(stage, **options) for _ in range(layers)]
+        self.keys, self.values = _kv_cache(base, slots, context)
+        self.stage_keys, self.stage_values = _kv_cache(base, stage_rows, context)
 
         def longs(*size: int) -> Any:
             return torch.zeros(size, dtype=torch.long, device=self.device)

@@ -135,49 +135,59 @@ class SlotEngine:
     def _loop(self) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
-        stopping = False
-        while not stopping:
-            while scheduler.capacity() > 0:
-                try:
-                    item = (
-                        self._queue.get(timeout=0.05)
-                        if scheduler.idle
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                request, max_new, min_new, submitted, future = item
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    work = scheduler.add(
-                        request, max_new_tokens=max_new, min_new_tokens=min_new, submitted=submitted
-                    )
-                except (ProcessingError, ValueError) as exc:
-                    future.set_exception(exc)
-                    continue
-                work.future = future
-            if stopping:
-                break
-            if scheduler.idle:
+        while not self._admit(scheduler):
+            if not scheduler.idle:
+                self._round(scheduler)
+        self._close(scheduler)
+
+    def _admit(self, scheduler: SlotScheduler) -> bool:
+        """Move queued requests into free slots; True once the stop marker was taken.
+
+        Waits briefly for a request only while nothing decodes. A request the scheduler
+        refuses (`ProcessingError`, `ValueError`) fails its own future.
+        """
+        while scheduler.capacity() > 0:
+            try:
+                item = self._queue.get(timeout=0.05) if scheduler.idle else self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is _STOP:
+                return True
+            request, max_new, min_new, submitted, future = item
+            if not future.set_running_or_notify_cancel():
                 continue
             try:
-                with self.engine.lock, coded_failure(ErrorCode.MODEL_FAILED, "generation failed"):
-                    ended, failed = scheduler.run_round()
-            except ProcessingError as exc:
-                for work in scheduler.abort():
-                    if work.future is not None:
-                        work.future.set_exception(exc)
+                work = scheduler.add(
+                    request, max_new_tokens=max_new, min_new_tokens=min_new, submitted=submitted
+                )
+            except (ProcessingError, ValueError) as exc:
+                future.set_exception(exc)
                 continue
-            for work, completion in ended:
+            work.future = future
+        return False
+
+    def _round(self, scheduler: SlotScheduler) -> None:
+        """One round of decode steps; completions and row failures go to their futures.
+
+        A failure of the whole round (`MODEL_FAILED`) fails every request in flight.
+        """
+        try:
+            with self.engine.lock, coded_failure(ErrorCode.MODEL_FAILED, "generation failed"):
+                ended, failed = scheduler.run_round()
+        except ProcessingError as exc:
+            for work in scheduler.abort():
                 if work.future is not None:
-                    work.future.set_result(completion)
-            for work, error in failed:
-                if work.future is not None:
-                    work.future.set_exception(error)
+                    work.future.set_exception(exc)
+            return
+        for work, completion in ended:
+            if work.future is not None:
+                work.future.set_result(completion)
+        for work, error in failed:
+            if work.future is not None:
+                work.future.set_exception(error)
+
+    def _close(self, scheduler: SlotScheduler) -> None:
+        """Fail every request still in flight or queued: the engine is closed."""
         closed = ProcessingError(ErrorCode.MODEL_FAILED, "slot engine closed", STAGE)
         for work in scheduler.abort():
             if work.future is not None:

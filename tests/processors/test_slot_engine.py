@@ -131,13 +131,16 @@ def test_end_token_inside_a_round_frees_the_slot(
     probe = _engine(checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW)
     first = probe.generate_token_ids([requests[0]])[0]
     stop = next(token for token in first[3:] if token not in first[:3])
-    probe._im_end_id = stop  # generate's eos_token_id and the cut both read it
+    # The end token becomes one this random model produces: generate's eos_token_id and the
+    # cut both read the engine's own attribute, which has no public setter.
+    probe._im_end_id = stop  # noqa: SLF001
     expected = _expected(probe, requests)
     assert len(expected[0]) < MAX_NEW
     engine = _engine(checkpoint, max_new_tokens=MAX_NEW)
-    engine._im_end_id = stop
-    assert engine._decoder is not None
-    engine._decoder.eos_id = stop
+    engine._im_end_id = stop  # noqa: SLF001 - as above
+    decoder = engine.decoder
+    assert decoder is not None
+    decoder.eos_id = stop
     scheduler = SlotScheduler(engine, _config(steps_per_round=5))
     for request in requests:
         scheduler.add(request)
@@ -219,7 +222,7 @@ def test_streaming_engine_is_thread_safe_and_pushes_back(
             bad.result(timeout=60)
         assert failure.value.code == ErrorCode.INVALID_REQUEST
         # A full queue pushes back: with the scheduler thread held, the second put waits.
-        with engine.engine._lock:
+        with engine.engine.lock:
             engine.submit(requests[0])  # taken by the scheduler thread, which then blocks
             deadline_hit = False
             try:
