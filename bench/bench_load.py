@@ -63,6 +63,7 @@ from bench.bench_vlm import (  # noqa: E402 (after the path set-up above)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The benchmark's options (`--help` lists them)."""
     parser = argparse.ArgumentParser(prog="bench-load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (CI)")
     parser.add_argument("--device", default="auto")
@@ -249,6 +250,7 @@ def run_slot(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the load benchmark (arrival rates, saturation) and write its JSON result."""
     args = parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch

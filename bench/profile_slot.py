@@ -42,7 +42,7 @@ def timed(function: Callable[[], Any], device: str, repeats: int = 5, warmup: in
 
     for _ in range(warmup):
         function()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -60,6 +60,7 @@ def timed(function: Callable[[], Any], device: str, repeats: int = 5, warmup: in
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Time the slot engine part by part (see the module docstring); print one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--tokenizer-dir")
