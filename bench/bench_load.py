@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,17 +250,34 @@ def run_slot(
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the load benchmark (arrival rates, saturation) and write its JSON result."""
-    args = parse_args(argv)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+@dataclass(frozen=True)
+class Plan:
+    """What one run of the benchmark does: the arguments with their defaults filled in."""
+
+    shape: Any
+    device: str
+    dtype: Any
+    rates: list[float]
+    duration: float
+    median: int
+    low: int
+    high: int
+    caps_of: dict[float, list[int]]
+    caps: list[int]
+    slots: int
+    sat_requests: int
+    sat_tokens: int
+    sat_batch: int
+    sat_calls: int
+    pool_size: int
+    engines: list[str]
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """The plan of a run: `--smoke` defaults (tiny shape, CPU) or the GPU ones."""
     import torch
 
-    from processors.internvl import EngineConfig, NativeInternVLEngine
-    from processors.slot_engine import SlotEngine, SlotEngineConfig
-
     smoke = args.smoke
-    shape = SMOKE if smoke else FULL
     device = args.device
     if device == "auto":
         device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
@@ -267,181 +285,240 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    rates = [float(r) for r in (args.rates or ("2" if smoke else "10,20,30,40")).split(",")]
-    duration = args.duration or (2.0 if smoke else 15.0)
-    median = args.median_tokens or (6 if smoke else 300)
-    low = args.min_tokens or (3 if smoke else 120)
-    high = args.max_tokens or (12 if smoke else 900)
     caps_of = static_caps(args.static_caps or ("4" if smoke else "64,256"))
-    caps = sorted({cap for chosen in caps_of.values() for cap in chosen})
-    slots = args.slots or (8 if smoke else 512)
-    sat_requests = args.saturation_requests or (8 if smoke else 1024)
-    sat_tokens = args.saturation_tokens or (6 if smoke else 300)
-    sat_batch = args.saturation_batch or (4 if smoke else 512)
-    sat_calls = args.saturation_calls or (8 if smoke else 1024)
-    pool_size = args.pool or (4 if smoke else 256)
-    engines = args.engines.split(",")
-
-    started = time.perf_counter()
-    tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
-    model = build_model(shape, tokenizer, device, dtype, args.seed)
-    pool, request_stats = make_requests(
-        shape, tokenizer, pool_size, 0, args.seed, shape.text_tokens
+    return Plan(
+        shape=SMOKE if smoke else FULL,
+        device=device,
+        dtype=dtype,
+        rates=[float(r) for r in (args.rates or ("2" if smoke else "10,20,30,40")).split(",")],
+        duration=args.duration or (2.0 if smoke else 15.0),
+        median=args.median_tokens or (6 if smoke else 300),
+        low=args.min_tokens or (3 if smoke else 120),
+        high=args.max_tokens or (12 if smoke else 900),
+        caps_of=caps_of,
+        caps=sorted({cap for chosen in caps_of.values() for cap in chosen}),
+        slots=args.slots or (8 if smoke else 512),
+        sat_requests=args.saturation_requests or (8 if smoke else 1024),
+        sat_tokens=args.saturation_tokens or (6 if smoke else 300),
+        sat_batch=args.saturation_batch or (4 if smoke else 512),
+        sat_calls=args.saturation_calls or (8 if smoke else 1024),
+        pool_size=args.pool or (4 if smoke else 256),
+        engines=args.engines.split(","),
     )
-    print(
-        f"[load] model and {pool_size} requests in {time.perf_counter() - started:.1f}s", flush=True
-    )
 
-    def engine(**overrides: Any) -> NativeInternVLEngine:
+
+Workload = tuple[float, list[float], list[int], list[int]]  # rate, arrivals, lengths, picks
+
+
+class LoadBench:
+    """One process's model, requests and results; `report()` writes them after each run."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan, argv: list[str] | None) -> None:
+        self.args = args
+        self.plan = plan
+        self.argv = argv
+        started = time.perf_counter()
+        self.tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
+        self.model = build_model(plan.shape, self.tokenizer, plan.device, plan.dtype, args.seed)
+        self.pool, self.request_stats = make_requests(
+            plan.shape, self.tokenizer, plan.pool_size, 0, args.seed, plan.shape.text_tokens
+        )
+        elapsed = time.perf_counter() - started
+        print(f"[load] model and {plan.pool_size} requests in {elapsed:.1f}s", flush=True)
+        name = plan.shape.name
+        self.out = Path(args.out) if args.out else RESULTS / f"load-{name}.json"
+        self.rows: list[dict[str, Any]] = []
+        self.details: dict[str, Any] = {"runs": [], "slot_engine": None, "warm_up_s": {}}
+        self.saturation: dict[str, float] = {}
+
+    def engine(self, **overrides: Any) -> Any:
+        """A native engine on the shared model (feature cache off, `--compile` applied)."""
+        from processors.internvl import EngineConfig, NativeInternVLEngine
+
+        compile_all = self.args.compile
         settings: dict[str, Any] = {
             "feature_cache_mb": 0,
-            "compile_vision": args.compile,
-            "compile_prefill": args.compile,
-            "compile_decode": args.compile,
+            "compile_vision": compile_all,
+            "compile_prefill": compile_all,
+            "compile_decode": compile_all,
             **overrides,
         }
-        return NativeInternVLEngine.from_model(
-            EngineConfig(f"{shape.name}-random", **settings), model, tokenizer
-        )
+        config = EngineConfig(f"{self.plan.shape.name}-random", **settings)
+        return NativeInternVLEngine.from_model(config, self.model, self.tokenizer)
 
-    out = Path(args.out) if args.out else RESULTS / f"load-{shape.name}.json"
-    rows: list[dict[str, Any]] = []
-    details: dict[str, Any] = {"runs": [], "slot_engine": None, "warm_up_s": {}}
-    saturation: dict[str, float] = {}
-    distribution = {
-        "kind": "log-normal, forced per request (min = max new tokens)",
-        "median": median,
-        "sigma": args.sigma,
-        "clip": [low, high],
-    }
-
-    def report() -> None:
+    def report(self) -> None:
+        """Write everything measured so far to the result file."""
+        plan, stats = self.plan, self.request_stats
         result = {
-            "command": "python bench/bench_load.py " + " ".join(argv or sys.argv[1:]),
-            "rates": rows,
-            "saturation_per_s": saturation,
-            "device": device_name(device),
+            "command": "python bench/bench_load.py " + " ".join(self.argv or sys.argv[1:]),
+            "rates": self.rows,
+            "saturation_per_s": self.saturation,
+            "device": device_name(plan.device),
             "versions": versions(),
-            "length_distribution": distribution,
+            "length_distribution": {
+                "kind": "log-normal, forced per request (min = max new tokens)",
+                "median": plan.median,
+                "sigma": self.args.sigma,
+                "clip": [plan.low, plan.high],
+            },
             "details": {
-                **details,
-                "dtype": str(dtype).removeprefix("torch."),
-                "tiles": request_stats["tiles"],
-                "text_tokens": round(request_stats["text_tokens_mean"], 1),
-                "duration_s": duration,
-                "pool": pool_size,
-                "peak_gpu_memory_gib": gpu_memory(device),
+                **self.details,
+                "dtype": str(plan.dtype).removeprefix("torch."),
+                "tiles": stats["tiles"],
+                "text_tokens": round(stats["text_tokens_mean"], 1),
+                "duration_s": plan.duration,
+                "pool": plan.pool_size,
+                "peak_gpu_memory_gib": gpu_memory(plan.device),
             },
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
-    if args.parity:
-        details["parity"] = parity(engine, pool, args.parity, args.parity_tokens, args.seed)
-        print(f"[load] parity {details['parity']}", flush=True)
-        report()
+    def workloads(self) -> list[Workload]:
+        """Arrival times, answer lengths and requests per rate (the same for every engine)."""
+        plan, seed = self.plan, self.args.seed
+        workloads: list[Workload] = []
+        for number, rate in enumerate(plan.rates):
+            times = arrival_times(rate, plan.duration, seed + number)
+            lengths = answer_lengths(
+                len(times), plan.median, self.args.sigma, plan.low, plan.high, seed + 100 + number
+            )
+            picks = [index % plan.pool_size for index in range(len(times))]
+            workloads.append((rate, times, lengths, picks))
+        lengths_all = [length for _, _, lengths, _ in workloads for length in lengths]
+        self.details["mean_length"] = round(statistics.fmean(lengths_all), 1)
+        return workloads
 
-    workloads = []
-    for number, rate in enumerate(rates):
-        times = arrival_times(rate, duration, args.seed + number)
-        lengths = answer_lengths(
-            len(times), median, args.sigma, low, high, args.seed + 100 + number
-        )
-        picks = [index % pool_size for index in range(len(times))]
-        workloads.append((rate, times, lengths, picks))
-    details["mean_length"] = round(statistics.fmean(w for _, _, ls, _ in workloads for w in ls), 1)
+    def run_slot_engine(self, workloads: list[Workload]) -> None:
+        """Every rate and the saturation run on the slot engine."""
+        from processors.slot_engine import SlotEngine, SlotEngineConfig
 
-    if "slot" in engines:
+        plan, args, pool = self.plan, self.args, self.pool
+        longest = max(len(ids) for ids in _encoded(self.engine, pool))
         slot_config = SlotEngineConfig(
-            slots=slots,
-            context_length=-(-(max(len(ids) for ids in _encoded(engine, pool)) + high + 64) // 128)
-            * 128,
+            slots=plan.slots,
+            context_length=-(-(longest + plan.high + 64) // 128) * 128,
             prefill_tokens_per_step=args.prefill_tokens,
             steps_per_round=args.steps_per_round,
-            queue_size=max(64, sat_requests),
+            queue_size=max(64, plan.sat_requests),
             stop_at_json_close=False,
         )
         warm = time.perf_counter()
-        slot = SlotEngine(engine(max_new_tokens=high), slot_config)
+        slot = SlotEngine(self.engine(max_new_tokens=plan.high), slot_config)
         slot.load()
-        for future in [slot.submit(pool[i % pool_size], max_new_tokens=4) for i in range(4)]:
+        for future in [slot.submit(pool[i % plan.pool_size], max_new_tokens=4) for i in range(4)]:
             future.result()
-        details["warm_up_s"]["slot"] = round(time.perf_counter() - warm, 2)
+        self.details["warm_up_s"]["slot"] = round(time.perf_counter() - warm, 2)
         try:
             for rate, times, lengths, picks in workloads:
                 done, stats = run_slot(slot, pool, picks, lengths, times)
                 row = {"engine": "slot", "arrival_per_s": rate, **summary(times, done)}
-                rows.append(row)
-                details["runs"].append({**row, **stats})
+                self.rows.append(row)
+                self.details["runs"].append({**row, **stats})
                 print(f"[load] slot at {rate}/s: {row} {stats}", flush=True)
-                report()
-            n = sat_requests
-            done, stats = run_slot(
-                slot, pool, [i % pool_size for i in range(n)], [sat_tokens] * n, [0.0] * n
-            )
-            saturation["slot"] = round(n / max(done), 3)
-            details["saturation_slot"] = stats
-            print(f"[load] slot saturation {saturation['slot']}/s {stats}", flush=True)
-            scheduler = slot.scheduler
-            assert scheduler is not None
-            details["slot_engine"] = {
-                "slots": scheduler.slots,
-                "context": scheduler.decoder.context,
-                "ladder": scheduler.decoder.ladder,
-                "split_attention": scheduler.decoder.split_attention,
-                "compile_error": scheduler.decoder.compile_error,
-                "prefill_tokens_per_step": args.prefill_tokens,
-                "steps_per_round": args.steps_per_round,
-            }
+                self.report()
+            self._slot_saturation(slot)
         finally:
             slot.close()
-        scheduler = None  # drop the last references to the slots' KV cache
         del slot
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    if "static" in engines:
-        static = engine(
-            max_new_tokens=high, min_new_tokens=high, max_batch_size=max([*caps, sat_batch])
+        self._release()
+
+    def _slot_saturation(self, slot: Any) -> None:
+        plan, args = self.plan, self.args
+        n = plan.sat_requests
+        picks = [i % plan.pool_size for i in range(n)]
+        done, stats = run_slot(slot, self.pool, picks, [plan.sat_tokens] * n, [0.0] * n)
+        self.saturation["slot"] = round(n / max(done), 3)
+        self.details["saturation_slot"] = stats
+        print(f"[load] slot saturation {self.saturation['slot']}/s {stats}", flush=True)
+        scheduler = slot.scheduler
+        assert scheduler is not None
+        self.details["slot_engine"] = {
+            "slots": scheduler.slots,
+            "context": scheduler.decoder.context,
+            "ladder": scheduler.decoder.ladder,
+            "split_attention": scheduler.decoder.split_attention,
+            "compile_error": scheduler.decoder.compile_error,
+            "prefill_tokens_per_step": args.prefill_tokens,
+            "steps_per_round": args.steps_per_round,
+        }
+
+    def run_static_engine(self, workloads: list[Workload]) -> None:
+        """Every rate at each batch cap (the lowest p95 kept) and the saturation run."""
+        plan, pool = self.plan, self.pool
+        static = self.engine(
+            max_new_tokens=plan.high,
+            min_new_tokens=plan.high,
+            max_batch_size=max([*plan.caps, plan.sat_batch]),
         )
-        forced = forced_length_static(static, max(high, sat_tokens))
+        forced = forced_length_static(static, max(plan.high, plan.sat_tokens))
         warm = time.perf_counter()
-        for cap in sorted(set(caps)):
+        for cap in sorted(set(plan.caps)):
             forced.max_new_tokens = 4
-            static.generate_token_ids([pool[i % pool_size] for i in range(cap)])
-        details["warm_up_s"]["static"] = round(time.perf_counter() - warm, 2)
+            static.generate_token_ids([pool[i % plan.pool_size] for i in range(cap)])
+        self.details["warm_up_s"]["static"] = round(time.perf_counter() - warm, 2)
         for rate, times, lengths, picks in workloads:
             best: dict[str, Any] | None = None
-            for cap in caps_of.get(rate, caps_of.get(0.0, caps)):
+            for cap in plan.caps_of.get(rate, plan.caps_of.get(0.0, plan.caps)):
                 static.config = _with(static.config, max_batch_size=cap)
                 done, info = run_static(static, pool, picks, lengths, times, cap)
                 row = {"engine": "static", "arrival_per_s": rate, **summary(times, done)}
-                details["runs"].append({**row, "cap": cap, **info})
+                self.details["runs"].append({**row, "cap": cap, **info})
                 print(f"[load] static cap {cap} at {rate}/s: {row}", flush=True)
                 if best is None or row["p95_s"] < best["p95_s"]:
                     best = row
             assert best is not None
-            rows.append(best)
-            report()
-        static.config = _with(static.config, max_batch_size=sat_batch)
-        sat = [pool[i % pool_size] for i in range(sat_requests)]
-        forced.max_new_tokens = 4  # warm-up of the saturation batch (capture, allocation)
-        static.generate_token_ids(sat[:sat_batch])
-        forced.max_new_tokens = sat_tokens
-        began = time.perf_counter()
-        for first in range(0, sat_requests, sat_calls):
-            static.generate_token_ids(sat[first : first + sat_calls])
-        saturation["static"] = round(sat_requests / (time.perf_counter() - began), 3)
-        details["saturation_static"] = {"batch": sat_batch, "calls_of": sat_calls}
-        print(f"[load] static saturation {saturation['static']}/s", flush=True)
-        report()
+            self.rows.append(best)
+            self.report()
+        self._static_saturation(static, forced)
         del static, forced
+        self._release()
+
+    def _static_saturation(self, static: Any, forced: Any) -> None:
+        plan = self.plan
+        static.config = _with(static.config, max_batch_size=plan.sat_batch)
+        sat = [self.pool[i % plan.pool_size] for i in range(plan.sat_requests)]
+        forced.max_new_tokens = 4  # warm-up of the saturation batch (capture, allocation)
+        static.generate_token_ids(sat[: plan.sat_batch])
+        forced.max_new_tokens = plan.sat_tokens
+        began = time.perf_counter()
+        for first in range(0, plan.sat_requests, plan.sat_calls):
+            static.generate_token_ids(sat[first : first + plan.sat_calls])
+        self.saturation["static"] = round(plan.sat_requests / (time.perf_counter() - began), 3)
+        self.details["saturation_static"] = {"batch": plan.sat_batch, "calls_of": plan.sat_calls}
+        print(f"[load] static saturation {self.saturation['static']}/s", flush=True)
+        self.report()
+
+    def _release(self) -> None:
+        """Drop the last engine's device memory before the next engine is built."""
+        import torch
+
         gc.collect()
-        if device.startswith("cuda"):
+        if self.plan.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    report()
-    print(f"[load] {json.dumps(rows)} saturation {saturation} -> {out}", flush=True)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the load benchmark (arrival rates, saturation) and write its JSON result."""
+    args = parse_args(argv)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    plan = make_plan(args)
+    bench = LoadBench(args, plan, argv)
+    if args.parity:
+        bench.details["parity"] = parity(
+            bench.engine, bench.pool, args.parity, args.parity_tokens, args.seed
+        )
+        print(f"[load] parity {bench.details['parity']}", flush=True)
+        bench.report()
+    workloads = bench.workloads()
+    if "slot" in plan.engines:
+        bench.run_slot_engine(workloads)
+    if "static" in plan.engines:
+        bench.run_static_engine(workloads)
+    bench.report()
+    print(
+        f"[load] {json.dumps(bench.rows)} saturation {bench.saturation} -> {bench.out}", flush=True
+    )
     return 0
 
 

@@ -59,8 +59,8 @@ def timed(function: Callable[[], Any], device: str, repeats: int = 5, warmup: in
     return round(statistics.median(times), 3)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Time the slot engine part by part (see the module docstring); print one JSON object."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--tokenizer-dir")
@@ -74,14 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="only time constrained decoding with forced runs on this many slots",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time the slot engine part by part (see the module docstring); print one JSON object."""
+    args = parse_args(argv)
     if args.constrained:
         return profile_constrained(args)
     import torch
 
     from processors.internvl import EngineConfig, NativeInternVLEngine
-    from processors.slot_decoder import SlotDecoder
-    from processors.slot_engine import SlotEngine, SlotEngineConfig
 
     shape = SMOKE if args.smoke else FULL
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -93,26 +96,43 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(shape, tokenizer, device, dtype, 0)
     pool, _ = make_requests(shape, tokenizer, 16, 0, 0, shape.text_tokens)
     out: dict[str, Any] = {"device": device, "shape": shape.name}
-
     engine = NativeInternVLEngine.from_model(
         EngineConfig(f"{shape.name}-random", feature_cache_mb=0, max_new_tokens=64),
         model,
         tokenizer,
     )
     engine.load()
+    prompt = max(len(i) for i in engine.encode_prompts(pool[:8]))
+    context = -(-(prompt + 1024) // 128) * 128
+    out["prompt_tokens"] = prompt
+    out.update(time_parts(engine, pool, batches, context, device, args.compile))
+    count = args.saturation or (8 if args.smoke else 1024)
+    tokens = args.tokens or (6 if args.smoke else 300)
+    out["saturation"] = saturation_run(engine, pool, max(batches), context, count, tokens, device)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def time_parts(
+    engine: Any, pool: list[Any], batches: list[int], context: int, device: str, compile_too: bool
+) -> dict[str, Any]:
+    """Vision on 1, 4 and 8 requests, a prefill of 8 prompts, one decode step per batch."""
+    import torch
+
+    from processors.slot_decoder import SlotDecoder
+
     base = engine.decoder
     assert base is not None
     ids = engine.encode_prompts(pool[:8])
     prompt = max(len(i) for i in ids)
-    context = -(-(prompt + 1024) // 128) * 128
-    out["prompt_tokens"] = prompt
+    out: dict[str, Any] = {}
     with torch.inference_mode():
-        # Vision: 1, 4 and 8 requests through the tower.
         out["vision_ms"] = {
             str(n): timed(functools.partial(engine.image_features, pool[:n]), device, repeats=3)
             for n in (1, 4, 8)
         }
-        for compiled in (False, True) if args.compile else (False,):
+        for compiled in (False, True) if compile_too else (False,):
+            suffix = "_compiled" if compiled else ""
             decoder = SlotDecoder(
                 base,
                 slots=max(batches),
@@ -124,42 +144,36 @@ def main(argv: list[str] | None = None) -> int:
             )
             features = engine.image_features(pool[:8])
             flat = torch.cat([p.reshape(-1, p.shape[-1]) for f in features for p in f])
-            out[f"prefill_8_ms{'_compiled' if compiled else ''}"] = timed(
+            out[f"prefill_8_ms{suffix}"] = timed(
                 functools.partial(decoder.prefill_rows, ids, flat, [0] * 8), device, repeats=3
             )
-            decoder.capture_graphs()
-            # Every row active at the prompt's length: the step reads ~prompt columns.
-            decoder.lengths.fill_(prompt)
-            decoder.active.fill_(1)
-            steps: dict[str, Any] = {}
-            for batch in batches:
-
-                def step(b: int = batch, d: Any = decoder) -> None:
-                    d.round_step.zero_()
-                    d.lengths[:b].fill_(prompt)
-                    d.step(b)
-
-                steps[str(batch)] = {"graph": timed(step, device)}
-            out[f"decode_step_ms{'_compiled' if compiled else ''}"] = steps
+            out[f"decode_step_ms{suffix}"] = _decode_steps(decoder, batches, prompt, device)
             out["compile_error"] = decoder.compile_error
             del decoder
-            torch.cuda.empty_cache() if device.startswith("cuda") else None
-    # A short saturation run of the engine, with the host time of each scheduler phase.
-    count = args.saturation or (8 if args.smoke else 1024)
-    tokens = args.tokens or (6 if args.smoke else 300)
-    slot = SlotEngine(
-        engine,
-        SlotEngineConfig(
-            slots=max(batches),
-            context_length=context,
-            queue_size=count,
-            stop_at_json_close=False,
-        ),
-    )
-    slot.load()
-    scheduler = slot.scheduler
-    assert scheduler is not None
-    phases: dict[str, float] = {}
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return out
+
+
+def _decode_steps(decoder: Any, batches: list[int], prompt: int, device: str) -> dict[str, Any]:
+    """One graph-replayed step per batch size, every row at the prompt's length."""
+    decoder.capture_graphs()
+    decoder.lengths.fill_(prompt)
+    decoder.active.fill_(1)
+    steps: dict[str, Any] = {}
+    for batch in batches:
+
+        def step(b: int = batch) -> None:
+            decoder.round_step.zero_()
+            decoder.lengths[:b].fill_(prompt)
+            decoder.step(b)
+
+        steps[str(batch)] = {"graph": timed(step, device)}
+    return steps
+
+
+def _phase_timer(phases: dict[str, float]) -> Callable[[Any, str, str], None]:
+    """`wrap(owner, method, label)`: add the method's host seconds to `phases[label]`."""
 
     def wrap(owner: Any, name: str, label: str) -> None:
         original = getattr(owner, name)
@@ -173,6 +187,26 @@ def main(argv: list[str] | None = None) -> int:
 
         setattr(owner, name, timed_call)
 
+    return wrap
+
+
+def saturation_run(
+    engine: Any, pool: list[Any], slots: int, context: int, count: int, tokens: int, device: str
+) -> dict[str, Any]:
+    """`count` requests of `tokens` tokens at once, under the profiler, phases timed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+    config = SlotEngineConfig(
+        slots=slots, context_length=context, queue_size=count, stop_at_json_close=False
+    )
+    slot = SlotEngine(engine, config)
+    slot.load()
+    scheduler = slot.scheduler
+    assert scheduler is not None
+    phases: dict[str, float] = {}
+    wrap = _phase_timer(phases)
     wrap(scheduler, "_vision", "vision")
     wrap(scheduler, "_prefill_group", "prefill_group")
     wrap(scheduler, "_prefill_chunk", "prefill_chunk")
@@ -182,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         future.result()
     phases.clear()
     scheduler.stats = dict.fromkeys(scheduler.stats, 0)
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CUDA] if device.startswith("cuda") else [ProfilerActivity.CPU]
     began = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -203,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             busy += device_us
             kernels.append((event.key[:80], round(device_us / 1000, 1), event.count))
     kernels.sort(key=lambda row: -row[1])
-    out["saturation"] = {
+    return {
         "requests": count,
         "tokens": tokens,
         "per_s": round(count / wall, 3),
@@ -213,8 +245,25 @@ def main(argv: list[str] | None = None) -> int:
         "stats": scheduler.stats,
         "top_kernels_ms": kernels[:25],
     }
-    print(json.dumps(out, indent=1))
-    return 0
+
+
+def _time_passes(scheduler: Any, on_cuda: bool, gpu: list[tuple[str, Any, Any]]) -> None:
+    """Record CUDA events around every pass the decoder replays (kind, start, end)."""
+    import torch
+
+    replay = scheduler.decoder._replay  # noqa: SLF001 (a profiler wraps the pass dispatcher)
+
+    def timed_replay(key: tuple[Any, ...], forward: Any) -> None:
+        if not on_cuda:
+            replay(key, forward)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay(key, forward)
+        end.record()
+        gpu.append((str(key[0]), start, end))
+
+    scheduler.decoder._replay = timed_replay  # noqa: SLF001
 
 
 def profile_constrained(args: argparse.Namespace) -> int:
@@ -251,36 +300,12 @@ def profile_constrained(args: argparse.Namespace) -> int:
     slot.load()
     scheduler = slot.scheduler
     assert scheduler is not None
-    on_cuda = device.startswith("cuda")
     gpu: list[tuple[str, Any, Any]] = []
     host: dict[str, float] = {}
-    replay = scheduler.decoder._replay  # noqa: SLF001 (a profiler wraps the pass dispatcher)
-
-    def timed_replay(key: tuple[Any, ...], forward: Any) -> None:
-        if not on_cuda:
-            replay(key, forward)
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay(key, forward)
-        end.record()
-        gpu.append((str(key[0]), start, end))
-
-    def wrap(name: str) -> None:
-        original = getattr(scheduler, name)
-
-        def timed(*a: Any, **k: Any) -> Any:
-            began = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                host[name] = host.get(name, 0.0) + time.perf_counter() - began
-
-        setattr(scheduler, name, timed)
-
-    scheduler.decoder._replay = timed_replay  # type: ignore[method-assign]  # noqa: SLF001
+    _time_passes(scheduler, device.startswith("cuda"), gpu)
+    wrap = _phase_timer(host)
     for name in ("_take_tokens", "_load_chunks", "_prefill_step", "run_round"):
-        wrap(name)
+        wrap(scheduler, name, name)
     for future in [slot.submit(r, max_new_tokens=32) for r in requests[:slots]]:
         future.result()
     gpu.clear()
