@@ -172,24 +172,6 @@ def _decode_steps(decoder: Any, batches: list[int], prompt: int, device: str) ->
     return steps
 
 
-def _phase_timer(phases: dict[str, float]) -> Callable[[Any, str, str], None]:
-    """`wrap(owner, method, label)`: add the method's host seconds to `phases[label]`."""
-
-    def wrap(owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
-
-        def timed_call(*a: Any, **k: Any) -> Any:
-            began = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                phases[label] = phases.get(label, 0.0) + time.perf_counter() - began
-
-        setattr(owner, name, timed_call)
-
-    return wrap
-
-
 def saturation_run(
     engine: Any, pool: list[Any], slots: int, context: int, count: int, tokens: int, device: str
 ) -> dict[str, Any]:
@@ -205,16 +187,9 @@ def saturation_run(
     slot.load()
     scheduler = slot.scheduler
     assert scheduler is not None
-    phases: dict[str, float] = {}
-    wrap = _phase_timer(phases)
-    wrap(scheduler, "_vision", "vision")
-    wrap(scheduler, "_prefill_group", "prefill_group")
-    wrap(scheduler, "_prefill_chunk", "prefill_chunk")
-    wrap(scheduler.decoder, "step", "decode_step_launch")
-    wrap(scheduler, "run_round", "round_total")
     for future in [slot.submit(pool[i % 16], max_new_tokens=4) for i in range(4)]:
         future.result()
-    phases.clear()
+    scheduler.phase_s = dict.fromkeys(scheduler.phase_s, 0.0)
     scheduler.stats = dict.fromkeys(scheduler.stats, 0)
     activities = [ProfilerActivity.CUDA] if device.startswith("cuda") else [ProfilerActivity.CPU]
     began = time.perf_counter()
@@ -241,29 +216,10 @@ def saturation_run(
         "per_s": round(count / wall, 3),
         "wall_s": round(wall, 3),
         "gpu_kernel_s": round(busy / 1e6, 3),
-        "host_phase_s": {k: round(v, 3) for k, v in phases.items()},
+        "host_phase_s": {k: round(v, 3) for k, v in scheduler.phase_s.items()},
         "stats": scheduler.stats,
         "top_kernels_ms": kernels[:25],
     }
-
-
-def _time_passes(scheduler: Any, on_cuda: bool, gpu: list[tuple[str, Any, Any]]) -> None:
-    """Record CUDA events around every pass the decoder replays (kind, start, end)."""
-    import torch
-
-    replay = scheduler.decoder._replay  # noqa: SLF001 (a profiler wraps the pass dispatcher)
-
-    def timed_replay(key: tuple[Any, ...], forward: Any) -> None:
-        if not on_cuda:
-            replay(key, forward)
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay(key, forward)
-        end.record()
-        gpu.append((str(key[0]), start, end))
-
-    scheduler.decoder._replay = timed_replay  # noqa: SLF001
 
 
 def profile_constrained(args: argparse.Namespace) -> int:
@@ -300,16 +256,10 @@ def profile_constrained(args: argparse.Namespace) -> int:
     slot.load()
     scheduler = slot.scheduler
     assert scheduler is not None
-    gpu: list[tuple[str, Any, Any]] = []
-    host: dict[str, float] = {}
-    _time_passes(scheduler, device.startswith("cuda"), gpu)
-    wrap = _phase_timer(host)
-    for name in ("_take_tokens", "_load_chunks", "_prefill_step", "run_round"):
-        wrap(scheduler, name, name)
     for future in [slot.submit(r, max_new_tokens=32) for r in requests[:slots]]:
         future.result()
-    gpu.clear()
-    host.clear()
+    scheduler.decoder.pass_events = []
+    scheduler.phase_s = dict.fromkeys(scheduler.phase_s, 0.0)
     scheduler.stats = dict.fromkeys(scheduler.stats, 0)
     began = time.perf_counter()
     for future in [slot.submit(r) for r in requests]:
@@ -317,7 +267,7 @@ def profile_constrained(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - began
     slot.close()
     passes: dict[str, list[float]] = {}
-    for kind, start, end in gpu:
+    for kind, start, end in scheduler.decoder.pass_events:
         passes.setdefault(kind, []).append(start.elapsed_time(end))
     out = {
         "slots": slots,
@@ -333,7 +283,7 @@ def profile_constrained(args: argparse.Namespace) -> int:
             }
             for kind, times in passes.items()
         },
-        "host_s": {name: round(value, 3) for name, value in host.items()},
+        "host_s": {name: round(value, 3) for name, value in scheduler.phase_s.items()},
         "mask_fill_s": round(scheduler.grammars.fill_s, 3) if scheduler.grammars else None,
     }
     print(json.dumps(out, indent=1))

@@ -135,7 +135,10 @@ class SlotDecoder:
         self.logits: Any = None
         if vocab_size:
             self.logits = torch.zeros(slots, vocab_size, dtype=torch.float32, device=self.device)
-        self._wide_graphs: dict[tuple[int, int], Any] = {}
+        self._wide_graphs: dict[tuple[Any, ...], Any] = {}
+        # Profiling: set to a list to get (pass kind, start, end) CUDA events of each pass
+        # of `wide_step` ("step" or "extend").
+        self.pass_events: list[tuple[str, Any, Any]] | None = None
         self._graph_pool: Any = None
 
     @property
@@ -522,6 +525,19 @@ class SlotDecoder:
         if not self.cuda_graphs:
             forward()
             return
+        if self.pass_events is not None:
+            import torch
+
+            event: Any = torch.cuda.Event  # untyped constructor
+            start, end = event(enable_timing=True), event(enable_timing=True)
+            start.record()
+            self._replay_graph(key, forward)
+            end.record()
+            self.pass_events.append((str(key[0]), start, end))
+            return
+        self._replay_graph(key, forward)
+
+    def _replay_graph(self, key: tuple[Any, ...], forward: Any) -> None:
         graph = self._wide_graphs.get(key)
         if graph is None:
             import torch

@@ -10,10 +10,11 @@ row's chosen token are fed in the same step (`SlotDecoder.wide_step`).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 from processors.constrained import ConstrainedRows, GrammarCache, forced_tokens
 from processors.errors import ErrorCode, ProcessingError
@@ -28,6 +29,25 @@ from processors.slot_records import (
     SlotEngineConfig,
     SlotWork,
 )
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _timed_phase(name: str) -> Callable[[Method], Method]:
+    """Add the host seconds of each call of the method to `self.phase_s[name]`."""
+
+    def decorate(method: Method) -> Method:
+        @functools.wraps(method)
+        def timed(self: SlotScheduler, *args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self.phase_s[name] += time.perf_counter() - began
+
+        return cast(Method, timed)
+
+    return decorate
 
 
 class SlotScheduler:
@@ -78,6 +98,9 @@ class SlotScheduler:
         # Counters for benchmarks: decode steps, rows decoded (active and padded), prompt
         # tokens prefilled, requests through the vision tower, rounds.
         # forced tokens written by forced runs, constrained steps.
+        # Host seconds per phase (profiling): vision, prefill, rounds (all of each round),
+        # and in constrained rounds the chunk uploads and the token handling.
+        self.phase_s = dict.fromkeys(("vision", "prefill", "rounds", "chunks", "tokens"), 0.0)
         self.stats = dict.fromkeys(
             (
                 "steps",
@@ -212,6 +235,7 @@ class SlotScheduler:
             return [""] * len(ids)
         return list(self.tokenizer.convert_ids_to_tokens(list(ids)))
 
+    @_timed_phase("vision")
     def _vision(self, works: list[SlotWork]) -> list[tuple[SlotWork, ProcessingError]]:
         """Queue the vision work of `works` in one call (feature cache first).
 
@@ -271,6 +295,7 @@ class SlotScheduler:
             return (self.waiting.popleft() if pop else work), failed
         return None, failed
 
+    @_timed_phase("prefill")
     def _prefill_step(self) -> list[tuple[SlotWork, ProcessingError]]:
         """Prefill up to the per-step budget; activate requests whose prompt is done.
 
@@ -369,6 +394,7 @@ class SlotScheduler:
 
     # ----------------------------------------------------------------- rounds
 
+    @_timed_phase("rounds")
     def run_round(
         self,
     ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
@@ -494,6 +520,7 @@ class SlotScheduler:
             self.stats["rounds"] += 1
         return completions, failed
 
+    @_timed_phase("chunks")
     def _load_chunks(self) -> tuple[int, int]:
         """Write each row's forced tokens, chunk width and the rows with a run to the device.
 
@@ -532,6 +559,7 @@ class SlotScheduler:
             decoder.forced_row_ids[: len(listed)] = on_device[: len(listed), columns - 1]
         return width, len(with_runs)
 
+    @_timed_phase("tokens")
     def _take_tokens(self) -> list[tuple[int, SlotWork, FinishReason]]:
         """Bring every row's new token to the host (the step's one wait); the rows that end.
 
