@@ -219,10 +219,3 @@ class ConstrainedRows:
         if matcher.is_terminated():
             self.done[row] = True
         return forced
-
-    def forced_text(self, row: int) -> str:
-        """The text the grammar forces next in `row` ("" when none or the row is done)."""
-        matcher = self.matchers[row]
-        if self.done[row] or matcher is None:
-            return ""
-        return str(matcher.find_jump_forward_string())
