@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="only time constrained decoding with forced runs on this many slots",
     )
+    parser.add_argument(
+        "--chunk-splits", type=int, default=1, help="SlotEngineConfig.chunk_splits (constrained)"
+    )
     return parser.parse_args(argv)
 
 
@@ -250,7 +253,10 @@ def profile_constrained(args: argparse.Namespace) -> int:
     slot = SlotEngine(
         engine,
         SlotEngineConfig(
-            slots=slots, context_length=-(-(prompt + 4064) // 128) * 128, queue_size=count + 8
+            slots=slots,
+            context_length=-(-(prompt + 4064) // 128) * 128,
+            queue_size=count + 8,
+            chunk_splits=args.chunk_splits,
         ),
     )
     slot.load()
@@ -271,6 +277,7 @@ def profile_constrained(args: argparse.Namespace) -> int:
         passes.setdefault(kind, []).append(start.elapsed_time(end))
     out = {
         "slots": slots,
+        "chunk_splits": args.chunk_splits,
         "requests": count,
         "per_s": round(count / wall, 3),
         "wall_s": round(wall, 3),

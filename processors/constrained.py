@@ -50,7 +50,9 @@ def forced_tokens(matcher: Any, limit: int) -> list[int]:
     the split the model would have chosen; the text is the same. A token the matcher
     refuses (not expected) ends the run there. Empty when nothing is forced.
     """
-    if limit <= 0 or matcher.is_terminated():
+    # The forced string alone is about ten times cheaper to find than its tokens, and
+    # most steps (inside free strings) force nothing.
+    if limit <= 0 or matcher.is_terminated() or not matcher.find_jump_forward_string():
         return []
     forced: list[int] = []
     for token in matcher.find_jump_forward_tokens()[:limit]:
@@ -202,6 +204,7 @@ class ConstrainedRows:
 
     def advance(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> None:
         """Feed each row its chosen token (`tokens[i]` to `rows[i]`, default rows 0..n-1)."""
+        # One call per row: xgrammar's batch_accept_token measured slower at 32 rows.
         chosen = range(len(tokens)) if rows is None else rows
         for row, token in zip(chosen, tokens, strict=True):
             matcher = self.matchers[row]

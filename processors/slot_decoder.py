@@ -21,9 +21,12 @@ bodies (norms, projections, rotary embedding, MLP) are those of
 the static path computes; `min_new_tokens` suppresses `<|im_end|>` per row, as
 `MinNewTokensLengthLogitsProcessor` does.
 
-Constrained decoding steps with `wide_step`: every row takes a one-token pass, then the
-rows whose grammar forces tokens after their chosen one take a second pass over that
-whole run (`extend_chunks`); the host masks the logits between the passes and the argmax.
+Constrained decoding steps with `wide_step`: each row feeds its chosen token and the
+tokens its grammar forces after it (its chunk) in one pass. The chunks are packed one
+after another (`load_chunks`), so projections and MLP run over the real tokens only, and
+attention runs per row (`processors.internvl.chunk_attention`: each token reads its
+row's visible columns, causally within the chunk); one CUDA graph per packed size of a
+ladder serves every mix of widths. The host masks the logits between pass and argmax.
 
 Not thread-safe: one thread (the scheduler's) drives it. Shapes are checked by the
 caller (`processors.slot_engine`).
@@ -34,15 +37,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from processors.internvl import SplitKeyAttention, StaticGreedyDecoder
+from processors.internvl import SplitKeyAttention, StaticGreedyDecoder, chunk_attention
 
 
-def width_ladder(max_width: int) -> list[int]:
-    """Chunk widths of the wide step: 1, 2, 4, 8, ... up to `max_width` (included)."""
-    sizes = {1, max_width}
-    size = 2
-    while size < max_width:
-        sizes.add(size)
+def token_ladder(max_tokens: int) -> list[int]:
+    """Packed sizes of the wide pass: 1, 2, 3, 4, 6, 8, 12, ... up to `max_tokens` (included).
+
+    Powers of two and the midpoints between them, so padding stays under a third.
+    """
+    sizes = {max_tokens}
+    size = 1
+    while size < max_tokens:
+        sizes.update(s for s in (size, size + size // 2) if s < max_tokens)
         size *= 2
     return sorted(sizes)
 
@@ -83,6 +89,7 @@ class SlotDecoder:
         stage_rows: int = 8,
         max_width: int = 1,
         vocab_size: int = 0,
+        chunk_splits: int = 1,
     ) -> None:
         import torch
 
@@ -101,14 +108,15 @@ class SlotDecoder:
         if self.ladder[-1] < slots or self.ladder[0] < 1:
             raise ValueError(f"the ladder {self.ladder} must cover 1..{slots}")
         self.stage_rows = stage_rows
-        self.keys, self.values = _kv_cache(base, slots, context)
+        # One spare row past the slots: padding tokens of the wide pass write there.
+        self.keys, self.values = _kv_cache(base, slots + 1, context)
         self.stage_keys, self.stage_values = _kv_cache(base, stage_rows, context)
 
         def longs(*size: int) -> Any:
             return torch.zeros(size, dtype=torch.long, device=self.device)
 
         self.tokens = longs(slots)  # the token each row feeds to the next step
-        self.lengths = longs(slots)  # columns written: the next token's position
+        self.lengths = longs(slots + 1)  # columns written; the spare row's stays 0
         self.produced = longs(slots)  # tokens generated so far (the first from prefill)
         self.min_new = longs(slots)
         self.active = longs(slots)
@@ -125,19 +133,27 @@ class SlotDecoder:
         self._graphs: dict[int, Any] = {}
         self.compile_error: str | None = None
         # The wide step (constrained decoding): each row feeds its chosen token and the
-        # tokens the grammar forces after it, up to `max_width`, in one forward pass.
+        # tokens the grammar forces after it, up to `max_width`, packed into one pass.
         self.max_width = max_width
-        self.widths = width_ladder(max_width)
-        self.chunk = longs(slots, max_width)  # column 0: the chosen token, then forced ones
-        self.chunk_width = torch.ones(slots, dtype=torch.long, device=self.device)
+        self.token_sizes = token_ladder(slots * max_width)
+        self.chunk_splits = chunk_splits
+        self.on_cuda = str(self.device).startswith("cuda")
+        # Rows: packed tokens, their rows, their offsets in the chunk; then per row (the
+        # first `slots` columns) the chunk's first packed index and its width.
+        columns = self.token_sizes[-1]
+        self.packed = longs(5, columns)
+        self.packed_host = torch.zeros((5, columns), dtype=torch.long, pin_memory=self.on_cuda)
         self.offsets = torch.arange(max_width, device=self.device)
-        self.forced_row_ids = longs(slots)  # rows whose chunk has forced tokens (padded)
+        # The wide step's chosen ids, copied to pinned host memory as soon as they exist,
+        # so the host can take them while later work (prefill) still runs.
+        self.tokens_host = torch.zeros(slots, dtype=torch.long, pin_memory=self.on_cuda)
+        self._tokens_copied: Any = None
         self.logits: Any = None
         if vocab_size:
             self.logits = torch.zeros(slots, vocab_size, dtype=torch.float32, device=self.device)
         self._wide_graphs: dict[tuple[Any, ...], Any] = {}
-        # Profiling: set to a list to get (pass kind, start, end) CUDA events of each pass
-        # of `wide_step` ("step" or "extend").
+        # Profiling: set to a list to get ("wide", start, end) CUDA events of each pass
+        # of `wide_step`.
         self.pass_events: list[tuple[str, Any, Any]] | None = None
         self._graph_pool: Any = None
 
@@ -448,73 +464,100 @@ class SlotDecoder:
 
     # --------------------------------------------------------------- wide step
 
-    def width_for(self, width: int) -> int:
-        """The smallest chunk width of the ladder holding `width` tokens."""
-        return next(size for size in self.widths if size >= width)
+    def tokens_for(self, count: int) -> int:
+        """The packed-token count of the captured wide pass that holds `count` tokens."""
+        return next(size for size in self.token_sizes if size >= count)
 
-    def wide_step(self, active: int, width: int, mask: Any = None, forced_rows: int = 0) -> Any:
-        """One step over rows [0, active) in which some rows also feed a forced run.
+    def load_chunks(self, chunks: Sequence[Sequence[int]]) -> int:
+        """Queue the next wide step's input: `chunks[r]` is what row r feeds (1+ tokens).
 
-        Row r feeds `tokens[r]` (the token chosen last) and then `chunk[r, 1:w]`, the
-        tokens forced after it, `w = chunk_width[r]` (set by the caller; 1 = a plain step).
-        The rows with a run are `forced_row_ids[:forced_rows]` (set by the caller, padded
-        by repeating an entry). Every row first takes a plain one-token pass (one CUDA
-        graph per batch size); then the rows with a run take a second pass over their
-        whole chunk (`extend_chunks`), whose keys, values and logits replace the first
-        pass's. Each token attends causally to its row's earlier columns; the next token
-        is the greedy choice after the row's last real token (`<|im_end|>` suppressed while
-        `produced` is below `min_new`), with `mask(logits)` applied first when given (it
-        is called once the passes are queued, so a host-side bitmask fill overlaps them).
-        Each active row's length and `produced` grow by its width. Returns the chosen ids,
-        (batch,) on the device, not yet copied to the host. `width` >= every row's width.
+        Row r's chunk is its chosen token and the tokens its grammar forces after it, at
+        most `max_width` in all; an empty chunk and rows from `len(chunks)` on feed nothing
+        (their logits are meaningless). The chunks are
+        packed one after another (then padding tokens, written to the spare row) into one
+        pinned host buffer and copied with one non-blocking copy; the caller waits on the
+        step's ids before it loads again, so the buffer is free by then. Returns the
+        packed count of the pass (`tokens_for` of the chunks' total).
         """
-        batch = self.batch_for(active)
-        width = self.width_for(width)
-        if width > self.max_width:
-            raise ValueError(f"width {width} exceeds max_width {self.max_width}")
-        self.chunk[:batch, 0] = self.tokens[:batch]
-        self._replay(("step", batch, 1), lambda: self.forward_chunks(batch, 1))
-        if forced_rows and width > 1:
-            rows = self.rows_for(forced_rows)
-            self._replay(("extend", rows, width), lambda: self.extend_chunks(rows, width))
-        logits = self.logits[:batch]
+        total = sum(len(chunk) for chunk in chunks)
+        if len(chunks) > self.slots or any(len(c) > self.max_width for c in chunks):
+            raise ValueError(f"{len(chunks)} chunks for {self.slots} rows of <= {self.max_width}")
+        # The pass computes logits for rows [0, size): every row with a chunk must be there.
+        fed_rows = max((row + 1 for row, chunk in enumerate(chunks) if chunk), default=0)
+        size = self.tokens_for(max(total, fed_rows, 1))
+        flat: list[int] = []
+        owners: list[int] = []
+        offsets: list[int] = []
+        starts = [0] * self.slots
+        widths = [0] * self.slots
+        for row, chunk in enumerate(chunks):
+            starts[row], widths[row] = len(flat), len(chunk)
+            flat.extend(chunk)
+            owners.extend([row] * len(chunk))
+            offsets.extend(range(len(chunk)))
+        pad = size - total
+        host = self.packed_host
+        host[0, :size] = self._as_longs([*flat, *[0] * pad])
+        host[1, :size] = self._as_longs([*owners, *[self.slots] * pad])  # the spare row
+        host[2, :size] = self._as_longs([*offsets, *[0] * pad])
+        host[3, : self.slots] = self._as_longs(starts)
+        host[4, : self.slots] = self._as_longs(widths)
+        columns = max(size, self.slots)
+        self.packed[:, :columns].copy_(host[:, :columns], non_blocking=self.on_cuda)
+        return size
+
+    def _as_longs(self, values: list[int]) -> Any:
+        import torch
+
+        return torch.tensor(values, dtype=torch.long)
+
+    def wide_step(self, active: int, size: int, mask: Any = None) -> Any:
+        """One step over rows [0, active): each feeds its chunk (`load_chunks`) in one pass.
+
+        Every token attends causally to its row's earlier columns; the next token of a
+        row is the greedy choice after its chunk's last token (`<|im_end|>` suppressed
+        while `produced` is below `min_new`), with `mask(logits)` applied first when given
+        (called once the pass is queued, so a host-side bitmask fill overlaps it). Each
+        row's length and `produced` grow by its width. `size` is what `load_chunks`
+        returned. Returns the chosen ids, (active,) on the device, not yet on the host.
+        """
+        self._replay(("wide", size), lambda: self.forward_packed(size))
+        logits = self.logits[:active]
         if mask is not None:
             mask(logits)
         chosen = logits.argmax(-1)
-        self.tokens[:batch] = chosen
-        grown = self.chunk_width[:batch] * self.active[:batch]
-        self.lengths[:batch] += grown
-        self.produced[:batch] += grown
+        self.tokens[:active] = chosen
+        self.tokens_host[:active].copy_(chosen, non_blocking=self.on_cuda)
+        if self.on_cuda:
+            import torch
+
+            self._tokens_copied = torch.cuda.Event()
+            self._tokens_copied.record()
+        widths = self.packed[4, :active]
+        self.lengths[:active] += widths
+        self.produced[:active] += widths
         return chosen
 
+    def stepped_tokens(self, count: int) -> list[int]:
+        """The last wide step's ids of rows [0, count) on the host; waits for that step only."""
+        if self._tokens_copied is not None:
+            self._tokens_copied.synchronize()
+        values: list[int] = self.tokens_host[:count].tolist()
+        return values
+
     def capture_wide(self) -> None:
-        """Capture the graphs of `wide_step` for every batch size and run shape (CUDA only).
+        """Capture the wide pass of every packed size (CUDA only); call while no row decodes.
 
-        Call while no row decodes (the warm-up runs write only columns from each row's
-        length on, and free rows); otherwise they are captured on first use.
+        The warm-up runs feed nothing but padding (written to the spare row); otherwise a
+        size is captured on first use.
         """
-        if not self.cuda_graphs or self.max_width < 2:
+        if not self.cuda_graphs or self.logits is None:
             return
-        self.forced_row_ids.zero_()
-        for batch in self.ladder:
-            self._replay(("step", batch, 1), lambda b=batch: self.forward_chunks(b, 1))
-        count = 1
-        while True:
-            for width in self.widths[1:]:
-                self._replay(
-                    ("extend", count, width), lambda c=count, w=width: self.extend_chunks(c, w)
-                )
-            if count >= self.slots:
-                break
-            count = self.rows_for(count + 1)
+        self.packed.zero_()
+        self.packed[1].fill_(self.slots)
+        for size in self.token_sizes:
+            self._replay(("wide", size), lambda s=size: self.forward_packed(s))
         self.logits.zero_()
-
-    def rows_for(self, count: int) -> int:
-        """The number of forced-run entries a pass of `count` rows is padded to (2^k)."""
-        size = 1
-        while size < count:
-            size *= 2
-        return min(size, self.slots)
 
     def _replay(self, key: tuple[Any, ...], forward: Any) -> None:
         """Run `forward` through its CUDA graph, captured on first use (eagerly off CUDA).
@@ -556,117 +599,86 @@ class SlotDecoder:
             self._wide_graphs[key] = graph
         graph.replay()
 
-    def extend_chunks(self, count: int, width: int) -> None:
-        """Keys, values and logits of the chunks of rows `forced_row_ids[:count]`.
+    def forward_packed(self, size: int) -> None:
+        """Keys, values and next-token logits (`logits`) of the packed chunks (`size` tokens).
 
-        Each listed row feeds `chunk[row, :width]` (its real width `chunk_width[row]`) at
-        its columns from its length on, attending causally over its whole row of the
-        cache (gathered for the pass); the logits after its last real token go to
-        `logits[row]`. A repeated entry repeats identical writes. Writes no counter.
+        Per-token work (projections, MLP) runs over the packed tokens only; attention is
+        per row (`chunk_attention`, or masked SDPA over the rows' padded chunks where the
+        kernel does not apply). Writes no counter (`wide_step` grows them); static buffers
+        only, so it can be captured in a CUDA graph.
         """
-        import torch
-
         base = self.base
         language_model = base.language_model
-        rows = self.forced_row_ids[:count]
-        lengths = self.lengths[rows]
-        widths = self.chunk_width[rows]
-        hidden = language_model.embed_tokens(self.chunk[rows, :width])  # (count, width, h)
-        positions = lengths[:, None] + self.offsets[None, :width]
-        cos, sin = language_model.rotary_emb(hidden, positions)
+        tokens, owners, offsets = (
+            self.packed[0, :size],
+            self.packed[1, :size],
+            self.packed[2, :size],
+        )
+        rows = min(self.slots, size)  # `load_chunks` keeps every row with a chunk below `size`
+        starts, widths = self.packed[3, :rows], self.packed[4, :rows]
+        lengths = self.lengths[:rows]
+        positions = self.lengths[owners] + offsets  # the spare row's length stays 0
+        hidden = language_model.embed_tokens(tokens[None, :])  # (1, size, hidden)
+        cos, sin = language_model.rotary_emb(hidden, positions[None, :])
         cos, sin = cos[:, :, None], sin[:, :, None]
-        group = base.heads // base.kv_heads
-        columns = torch.arange(self.context, device=self.device)
-        visible = (columns[None, None, :] <= positions[:, :, None]).repeat_interleave(group, 1)
-        mask = torch.zeros(visible[:, None].shape, dtype=hidden.dtype, device=self.device)
-        mask.masked_fill_(~visible[:, None], float("-inf"))
-        written = rows[:, None].expand(count, width)
         for index, layer in enumerate(base.layers):
             query, key, value = base.rotated_projections(layer, hidden, cos, sin)
-            self.keys[index][written, :, positions] = key
-            self.values[index][written, :, positions] = value
-            grouped = query.view(count, width, base.kv_heads, group, base.head_dim)
-            grouped = grouped.permute(0, 2, 1, 3, 4).reshape(
-                count, base.kv_heads, width * group, base.head_dim
-            )
-            attended = torch.nn.functional.scaled_dot_product_attention(
-                grouped,
-                self.keys[index][rows],
-                self.values[index][rows],
-                attn_mask=mask,
-                scale=layer.self_attn.scaling,
-            )
-            attended = attended.view(count, base.kv_heads, width, group, base.head_dim)
-            attended = attended.permute(0, 2, 1, 3, 4).reshape(
-                count, width, base.heads * base.head_dim
-            )
-            hidden = base.layer_output(layer, hidden, attended)
-        picked = torch.arange(count, device=self.device)
-        last = hidden[picked, widths - 1]
-        logits = base.lm_head(language_model.norm(last)[:, None, :])[:, -1, :].float()
-        suppress = self.produced[rows] + widths <= self.min_new[rows]
-        logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
-        self.logits.index_copy_(0, rows, logits)
-
-    def forward_chunks(self, batch: int, width: int) -> None:
-        """Keys, values and next-token logits (`logits`) of rows [0, batch)'s chunks.
-
-        Writes no counter (`wide_step` grows them); static buffers only, so it can be
-        captured in a CUDA graph.
-        """
-        import torch
-
-        base = self.base
-        language_model = base.language_model
-        lengths = self.lengths[:batch]
-        hidden = language_model.embed_tokens(self.chunk[:batch, :width])  # (batch, width, h)
-        positions = lengths[:, None] + self.offsets[None, :width]  # (batch, width)
-        cos, sin = language_model.rotary_emb(hidden, positions)
-        cos, sin = cos[:, :, None], sin[:, :, None]
-        group = base.heads // base.kv_heads
-        rows = self.rows[:batch, None].expand(batch, width)
-        columns = torch.arange(self.context, device=self.device)
-        # (batch, 1, width * group, context): query (i, g) of a row sees columns <= its
-        # position; built once per step, shared by every layer.
-        visible = columns[None, None, :] <= positions[:, :, None]
-        hidden_mask = visible.repeat_interleave(group, dim=1)[:, None]
-        # Additive, in the model's dtype: SDPA would convert a boolean mask in every layer.
-        mask = torch.zeros(hidden_mask.shape, dtype=hidden.dtype, device=self.device)
-        mask.masked_fill_(~hidden_mask, float("-inf"))
-        split = self._split if width == 1 else None
-        for index, layer in enumerate(base.layers):
-            query, key, value = base.rotated_projections(layer, hidden, cos, sin)
-            keys, values = self.keys[index][:batch], self.values[index][:batch]
-            keys[rows, :, positions] = key
-            values[rows, :, positions] = value
-            # (batch, width, kv, group, dim) -> (batch, kv, width * group, dim)
-            grouped = query.view(batch, width, base.kv_heads, group, base.head_dim)
-            grouped = grouped.permute(0, 2, 1, 3, 4).reshape(
-                batch, base.kv_heads, width * group, base.head_dim
-            )
-            if split is not None:
-                attended = split(
-                    grouped,
-                    keys,
-                    values,
-                    lengths + 1,
-                    self._one,
-                    self._zero,
-                    layer.self_attn.scaling,
-                )
+            keys, values = self.keys[index], self.values[index]
+            keys[owners, :, positions] = key[0]
+            values[owners, :, positions] = value[0]
+            scale = layer.self_attn.scaling
+            if self._split is not None:
+                attended = chunk_attention(
+                    query[0], keys, values, starts, widths, lengths, scale,
+                    max_width=self.max_width, splits=self.chunk_splits,
+                )  # fmt: skip
             else:
-                attended = torch.nn.functional.scaled_dot_product_attention(
-                    grouped, keys, values, attn_mask=mask, scale=layer.self_attn.scaling
+                attended = self._dense_chunk_attention(
+                    query[0], keys[:rows], values[:rows], starts, widths, lengths, scale
                 )
-            attended = attended.view(batch, base.kv_heads, width, group, base.head_dim)
-            attended = attended.permute(0, 2, 1, 3, 4).reshape(
-                batch, width, base.heads * base.head_dim
-            )
+            attended = attended.reshape(1, size, base.heads * base.head_dim)
             hidden = base.layer_output(layer, hidden, attended)
-        # A row whose chunk is wider than this pass (its run is fed by `extend_chunks`)
-        # takes its last fed token here; the extend pass replaces its logits.
-        last = hidden[self.rows[:batch], (self.chunk_width[:batch] - 1).clamp(max=width - 1)]
+        last = hidden[0, (starts + widths - 1).clamp(min=0)]
         logits = base.lm_head(language_model.norm(last)[:, None, :])[:, -1, :].float()
-        suppress = self.produced[:batch] + self.chunk_width[:batch] <= self.min_new[:batch]
+        suppress = self.produced[:rows] + widths <= self.min_new[:rows]
         logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
-        self.logits[:batch].copy_(logits)
+        self.logits[:rows].copy_(logits)
+
+    def _dense_chunk_attention(
+        self,
+        query: Any,
+        keys: Any,
+        values: Any,
+        starts: Any,
+        widths: Any,
+        lengths: Any,
+        scale: float,
+    ) -> Any:
+        """`chunk_attention` by masked SDPA over each row's chunk padded to `max_width`."""
+        import torch
+
+        base = self.base
+        tokens, rows, width = int(query.shape[0]), int(keys.shape[0]), self.max_width
+        group = base.heads // base.kv_heads
+        picked = self.offsets[None, :width]
+        index = (starts[:, None] + picked).clamp(max=tokens - 1)  # (rows, width)
+        grouped = query[index].view(rows, width, base.kv_heads, group, base.head_dim)
+        grouped = grouped.permute(0, 2, 1, 3, 4).reshape(
+            rows, base.kv_heads, width * group, base.head_dim
+        )
+        positions = lengths[:, None] + picked  # (rows, width)
+        columns = torch.arange(self.context, device=self.device)
+        seen = (columns[None, None, :] <= positions[:, :, None]).repeat_interleave(group, 1)
+        mask = torch.zeros(seen[:, None].shape, dtype=query.dtype, device=self.device)
+        mask.masked_fill_(~seen[:, None], float("-inf"))
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            grouped, keys, values, attn_mask=mask, scale=scale
+        )
+        attended = attended.view(rows, base.kv_heads, width, group, base.head_dim)
+        attended = attended.permute(0, 2, 1, 3, 4).reshape(rows * width, base.heads, -1)
+        target = torch.where(picked < widths[:, None], starts[:, None] + picked, tokens)
+        out = torch.zeros(
+            (tokens + 1, base.heads, base.head_dim), dtype=query.dtype, device=self.device
+        )
+        out[target.reshape(-1)] = attended
+        return out[:tokens]

@@ -89,6 +89,7 @@ class SlotScheduler:
             stage_rows=config.prefill_rows,
             max_width=config.forced_tokens + 1 if self.constrained else 1,
             vocab_size=self.vocab_size if self.constrained else 0,
+            chunk_splits=config.chunk_splits,
         )
         self.waiting: deque[SlotWork] = deque()
         self.prefilling: SlotWork | None = None
@@ -97,7 +98,8 @@ class SlotScheduler:
         self._vision_done: Any = None  # CUDA event after the last vision call
         # Counters for benchmarks: decode steps, rows decoded (active and padded), prompt
         # tokens prefilled, requests through the vision tower, rounds.
-        # forced tokens written by forced runs, constrained steps.
+        # forced tokens written by forced runs, constrained steps, packed tokens of wide
+        # passes (padding included).
         # Host seconds per phase (profiling): vision, prefill, rounds (all of each round),
         # and in constrained rounds the chunk uploads and the token handling.
         self.phase_s = dict.fromkeys(("vision", "prefill", "rounds", "chunks", "tokens"), 0.0)
@@ -111,6 +113,7 @@ class SlotScheduler:
                 "rounds",
                 "forced_tokens",
                 "constrained_steps",
+                "packed_tokens",
             ),
             0,
         )
@@ -493,15 +496,14 @@ class SlotScheduler:
         while done < self.config.steps_per_round:
             stepped = len(self.rows)
             if stepped:
-                width, forced_rows = self._load_chunks()
+                size = self._load_chunks()
                 rows = range(stepped)
-                batch = self.decoder.batch_for(stepped)
 
-                def mask(logits: Any, rows: range = rows, batch: int = batch) -> None:
+                def mask(logits: Any, rows: range = rows) -> None:
                     constraint.fill(rows)
-                    constraint.apply(logits, rows=slice(0, batch))
+                    constraint.apply(logits, rows=slice(0, rows.stop))
 
-                self.decoder.wide_step(stepped, width, mask, forced_rows)
+                self.decoder.wide_step(stepped, size, mask)
                 for work in self.rows:
                     work.unseen = True
                 self.steps += 1
@@ -509,75 +511,67 @@ class SlotScheduler:
                 self.stats["steps"] += 1
                 self.stats["constrained_steps"] += 1
                 self.stats["active_rows"] += stepped
-                self.stats["padded_rows"] += batch
+                self.stats["padded_rows"] += stepped
+                self.stats["packed_tokens"] += size
             failed.extend(self._prefill_step())
             if not self.rows:
                 if self.prefilling is None and not self.waiting:
                     break
                 continue
-            completions.extend(self._leave(self._take_tokens()))
+            completions.extend(self._leave(self._take_tokens(stepped)))
         if done:
             self.stats["rounds"] += 1
         return completions, failed
 
     @_timed_phase("chunks")
-    def _load_chunks(self) -> tuple[int, int]:
-        """Write each row's forced tokens, chunk width and the rows with a run to the device.
+    def _load_chunks(self) -> int:
+        """Queue each row's chunk (its chosen token, then its forced run) for the next step.
 
-        Returns (the widest chunk, the number of rows with a forced run). One copy: rows
-        [0, batch) of the host buffer hold each row's width and tokens, the last column the
-        ids of the rows with a run (padded by repeating the last one).
+        The host has every row's chosen token by now (`_take_tokens`, or a free round's
+        copy): it is the last token of the request before its forced run. Returns the
+        packed size of the step (`SlotDecoder.load_chunks`).
         """
-        import torch
-
-        decoder = self.decoder
-        count = len(self.rows)
-        batch = decoder.batch_for(count)
-        width = max(1 + len(work.forced) for work in self.rows)
-        on_cuda = str(decoder.device).startswith("cuda")
-        columns = decoder.max_width + 2
-        padded = decoder.rows_for(sum(1 for work in self.rows if work.forced))
-        host = torch.zeros((max(batch, padded), columns), dtype=torch.long, pin_memory=on_cuda)
-        host[:, 0] = 1
-        with_runs: list[int] = []
-        for row, work in enumerate(self.rows):
-            forced = work.forced
-            host[row, 0] = 1 + len(forced)
-            if forced:
-                host[row, 2 : 2 + len(forced)] = torch.as_tensor(forced, dtype=torch.long)
-                self.stats["forced_tokens"] += len(forced)
-                with_runs.append(row)
-            work.fed += 1 + len(forced)
+        chunks: list[list[int]] = []
+        for work in self.rows:
+            width = 1 + len(work.forced)
+            chunks.append(work.tokens[len(work.tokens) - width :])
+            self.stats["forced_tokens"] += width - 1
+            work.fed += width
             work.forced = []
-        listed = with_runs + with_runs[-1:] * (padded - len(with_runs)) if with_runs else []
-        if listed:
-            host[: len(listed), columns - 1] = torch.as_tensor(listed, dtype=torch.long)
-        on_device = host.to(decoder.device, non_blocking=on_cuda)
-        decoder.chunk_width[:batch] = on_device[:batch, 0]
-        decoder.chunk[:batch, 1:] = on_device[:batch, 2 : columns - 1]
-        if listed:
-            decoder.forced_row_ids[: len(listed)] = on_device[: len(listed), columns - 1]
-        return width, len(with_runs)
+        return self.decoder.load_chunks(chunks)
 
     @_timed_phase("tokens")
-    def _take_tokens(self) -> list[tuple[int, SlotWork, FinishReason]]:
-        """Bring every row's new token to the host (the step's one wait); the rows that end.
+    def _take_tokens(self, stepped: int) -> list[tuple[int, SlotWork, FinishReason]]:
+        """Bring every row's new token to the host; the rows that end.
 
-        Advances each constrained row's matcher with its token, then accepts the run the
-        grammar forces next (fed by the next step), at most `forced_tokens` of them.
+        Rows [0, stepped) took the last step: their ids wait for that step only, so this
+        host work overlaps the prefill queued after it; the rows activated since (their
+        first tokens) wait for the prefill. Advances each constrained row's matcher with
+        its token, then accepts the run the grammar forces next (fed by the next step),
+        at most `forced_tokens` of them.
         """
+        ended = self._advance_rows(0, self.decoder.stepped_tokens(stepped))
+        if len(self.rows) > stepped:
+            newcomers: list[int] = self.decoder.tokens[stepped : len(self.rows)].tolist()
+            ended += self._advance_rows(stepped, newcomers)
+        return ended
+
+    def _advance_rows(
+        self, first: int, tokens: list[int]
+    ) -> list[tuple[int, SlotWork, FinishReason]]:
+        """Take `tokens[i]` as row `first + i`'s new token (rows not unseen are skipped)."""
         constraint = self.constraint
         assert constraint is not None
-        host: list[int] = self.decoder.tokens[: len(self.rows)].tolist()
-        fresh = [row for row, work in enumerate(self.rows) if work.unseen]
-        constraint.advance([host[row] for row in fresh], fresh)
+        rows = range(first, first + len(tokens))
+        fresh = [row for row in rows if self.rows[row].unseen]
+        constraint.advance([tokens[row - first] for row in fresh], fresh)
         limit = self.config.forced_tokens
         ended: list[tuple[int, SlotWork, FinishReason]] = []
         for row in fresh:
             work = self.rows[row]
             work.unseen = False
             work.first = None
-            token = host[row]
+            token = tokens[row - first]
             reason = work.extend([token], self.eos_id, self._texts([token]))
             if reason is None and work.matcher is not None:
                 room = work.max_new - len(work.tokens) - 1

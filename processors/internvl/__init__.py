@@ -49,7 +49,7 @@ from processors.internvl.convert import (
     convert_original_state_dict,
     load_state_dict_files,
 )
-from processors.internvl.decode_attention import SplitKeyAttention
+from processors.internvl.decode_attention import SplitKeyAttention, chunk_attention
 from processors.internvl.decoder import (
     DecodeSession,
     StaticGreedyDecoder,
@@ -98,6 +98,7 @@ __all__ = [
     "attention_geometry",
     "build_chat_prompt",
     "checkpoint_kind",
+    "chunk_attention",
     "coded_failure",
     "content_key",
     "convert_original_config",

@@ -30,6 +30,103 @@ def _kernel() -> Any:
     return partial_attention
 
 
+@functools.cache
+def _chunk_kernel() -> Any:
+    """The packed-chunk kernel (`chunk_attention`), imported on first use."""
+    from processors.internvl.decode_attention_kernels import chunk_attention_kernel
+
+    return chunk_attention_kernel
+
+
+def _merge_splits(acc: Any, best: Any, weight: Any) -> Any:
+    """Normalised attention from per-split unnormalised sums and base-2 maxima.
+
+    `acc` is (programs, splits, queries, dim), `best` and `weight` (programs, splits,
+    queries); an empty split has maximum -inf and weighs nothing.
+    """
+    import torch
+
+    overall = best.amax(1, keepdim=True)
+    factor = torch.exp2(best - overall)
+    return (acc * factor[..., None]).sum(1) / (weight * factor).sum(1)[..., None]
+
+
+def chunk_attention(
+    query: Any,
+    keys: Any,
+    values: Any,
+    starts: Any,
+    widths: Any,
+    lengths: Any,
+    scale: float,
+    *,
+    max_width: int,
+    splits: int = 1,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> Any:
+    """Causal attention of rows' packed token chunks over a slot cache (Triton, no sync).
+
+    Args:
+        query: (tokens, heads, head dim): every row's chunk, packed; row r's tokens are
+            `starts[r]`..`starts[r] + widths[r] - 1`. Tokens of no row are left zero.
+        keys: the cache, (at least rows, kv heads, context, head dim), last dim
+            contiguous; row r's chunk keys already written at columns `lengths[r]` on.
+        values: the cache's values, shaped as `keys`.
+        starts: (rows,) integer tensor on the device, each chunk's first packed token.
+        widths: (rows,) integer tensor, each chunk's token count (0: no chunk).
+        lengths: (rows,) integer tensor, the columns each row held before its chunk.
+        scale: the softmax scale.
+        max_width: the widest chunk a call may carry (sizes the query block).
+        splits: programs per (row, kv head) along the columns, merged afterwards.
+        block_n: columns read per iteration (a power of two >= 16).
+        num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining stages.
+
+    Token t of a row sees that row's columns [0, lengths[r] + t]. Returns (tokens, heads,
+    head dim) in the query's dtype. Heads map to key/value heads as in `repeat_kv`.
+    """
+    import torch
+
+    tokens, heads, head_dim = query.shape
+    rows, kv_heads = int(widths.shape[0]), int(keys.shape[1])  # keys may have spare rows
+    group = heads // kv_heads
+    block_m = max(GROUP_PAD, 1 << (max_width * group - 1).bit_length())
+    # One spare token row: the merge below sends the blocks' unused rows there.
+    out = torch.zeros((tokens + 1, heads, head_dim), device=query.device, dtype=query.dtype)
+    programs = rows * kv_heads
+    partial_rows = programs * splits if splits > 1 else 1
+    options = {"device": query.device, "dtype": torch.float32}
+    acc = torch.zeros((partial_rows, block_m, head_dim), **options)
+    best = torch.full((partial_rows, block_m), float("-inf"), **options)
+    weight = torch.zeros((partial_rows, block_m), **options)
+    _chunk_kernel()[(programs, splits)](
+        query, keys, values, starts, widths, lengths, out, acc, best, weight,
+        query.stride(0), query.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        out.stride(0), out.stride(1),
+        scale * LOG2_E,
+        KV_HEADS=kv_heads, GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
+        SPLITS=splits,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        merged = _merge_splits(
+            acc.view(programs, splits, block_m, head_dim),
+            best.view(programs, splits, block_m),
+            weight.view(programs, splits, block_m),
+        )  # (rows * kv heads, block, dim): block row m is token m // group, head m % group
+        merged = merged[:, : max_width * group].reshape(rows, kv_heads, max_width, group, -1)
+        merged = merged.permute(0, 2, 1, 3, 4).reshape(rows * max_width, heads, head_dim)
+        picked = torch.arange(max_width, device=query.device)[None, :]
+        index = torch.where(picked < widths[:, None], starts[:, None] + picked, tokens)
+        out[index.reshape(-1)] = merged.to(out.dtype)  # static shapes: graph-capturable
+    return out[:tokens]
+
+
 def split_key_attention(
     query: Any,
     keys: Any,
@@ -92,9 +189,7 @@ def split_key_attention(
     acc = acc.view(programs, splits, GROUP_PAD, head_dim)[:, :, :group]
     best = best.view(programs, splits, GROUP_PAD)[:, :, :group]
     weight = weight.view(programs, splits, GROUP_PAD)[:, :, :group]
-    overall = best.amax(1, keepdim=True)
-    factor = torch.exp2(best - overall)  # base-2 maxima; empty splits: exp2(-inf) = 0
-    merged = (acc * factor[..., None]).sum(1) / (weight * factor).sum(1)[..., None]
+    merged = _merge_splits(acc, best, weight)  # empty splits: exp2(-inf) = 0
     out.copy_(merged.view(batch, kv_heads, group, head_dim))
     return out
 

@@ -81,29 +81,29 @@ def _drain(scheduler: SlotScheduler, requests: list[PreparedRequest]) -> dict[st
 def _stepwise(decoder: SlotDecoder) -> Any:
     """A `wide_step` that feeds each row's chunk one token per forward pass (the reference)."""
 
-    def wide_step(active: int, width: int, mask: Any = None, forced_rows: int = 0) -> Any:
-        batch = decoder.batch_for(active)
-        widths = decoder.chunk_width[:batch].clone()
-        chunk = decoder.chunk[:batch].clone()
-        chunk[:, 0] = decoder.tokens[:batch]
-        active_rows = decoder.active[:batch].clone()
-        final = torch.zeros_like(decoder.logits[:batch])
-        for index in range(int(widths.max())):
-            feeding = (widths > index).long() * active_rows
-            decoder.chunk[:batch, 0] = chunk[:, index]
-            decoder.chunk_width[:batch] = 1
-            decoder.forward_chunks(batch, 1)
-            last = widths - 1 == index
-            final[last] = decoder.logits[:batch][last]
-            decoder.lengths[:batch] += feeding
-            decoder.produced[:batch] += feeding
-        decoder.chunk_width[:batch] = widths
-        decoder.logits[:batch] = final
-        logits = decoder.logits[:batch]
+    def wide_step(active: int, size: int, mask: Any = None) -> Any:
+        starts = decoder.packed[3, :active].tolist()
+        widths = decoder.packed[4, :active].tolist()
+        chunks = [
+            decoder.packed[0, s : s + w].tolist() for s, w in zip(starts, widths, strict=True)
+        ]
+        final = torch.zeros_like(decoder.logits[:active])
+        for index in range(max(widths)):
+            feeding = [chunk[index : index + 1] for chunk in chunks]
+            decoder.forward_packed(decoder.load_chunks(feeding))
+            for row, width in enumerate(widths):
+                if width - 1 == index:
+                    final[row] = decoder.logits[row]
+                if width > index:
+                    decoder.lengths[row] += 1
+                    decoder.produced[row] += 1
+        logits = decoder.logits[:active]
+        logits.copy_(final)
         if mask is not None:
             mask(logits)
         chosen = logits.argmax(-1)
-        decoder.tokens[:batch] = chosen
+        decoder.tokens[:active] = chosen
+        decoder.tokens_host[:active] = chosen  # where the scheduler takes them (CPU: no copy)
         return chosen
 
     return wide_step

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from processors.internvl import SplitKeyAttention, StaticGreedyDecoder
+from processors.internvl import SplitKeyAttention, StaticGreedyDecoder, chunk_attention
 from tests.support.tiny_internvl import build_tokenizer, tiny_native_model
 
 pytest.importorskip("triton")
@@ -107,3 +107,54 @@ def test_decoder_with_split_attention_matches_dense_decoder() -> None:
             results.append(decoder.decode(session, first))
     assert results[0] == results[1]
     assert all(len(row) == 6 for row in results[0])
+
+
+def _chunk_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    widths: list[int],
+    lengths: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Each packed token attends to its row's columns up to its own, one SDPA per token."""
+    group = query.shape[1] // keys.shape[1]
+    out = torch.zeros_like(query)
+    token = 0
+    for row, (width, length) in enumerate(zip(widths, lengths, strict=True)):
+        for offset in range(width):
+            seen = length + offset + 1
+            out[token] = torch.nn.functional.scaled_dot_product_attention(
+                query[token][:, None, :],
+                keys[row, :, :seen].repeat_interleave(group, 0),
+                values[row, :, :seen].repeat_interleave(group, 0),
+                scale=scale,
+            )[:, 0]
+            token += 1
+    return out
+
+
+@pytest.mark.parametrize(("splits", "block_n"), [(1, 16), (2, 16), (3, 32)])
+def test_chunk_attention_matches_per_token_sdpa(splits: int, block_n: int) -> None:
+    """Rows of wide, one-token and empty chunks, short and long histories, spare tokens."""
+    generator = torch.Generator().manual_seed(splits * 10 + block_n)
+    widths, lengths = [5, 1, 0, 3], [40, 0, 7, 77]
+    context, kv_heads, group, head_dim = 96, 2, 7, 16
+    keys = torch.randn(5, kv_heads, context, head_dim, generator=generator)  # a spare row
+    values = torch.randn(5, kv_heads, context, head_dim, generator=generator)
+    tokens = sum(widths) + 2  # two spare tokens, as padding to a captured size leaves
+    query = torch.randn(tokens, kv_heads * group, head_dim, generator=generator)
+    starts = torch.tensor([0, 5, 6, 6])
+    expected = _chunk_reference(query, keys, values, widths, lengths, 0.25)
+    # Columns past each row's chunk hold NaN: no token may read them.
+    for row, (width, length) in enumerate(zip(widths, lengths, strict=True)):
+        keys[row, :, length + width :] = float("nan")
+        values[row, :, length + width :] = float("nan")
+    out = chunk_attention(
+        query, keys, values, starts, torch.tensor(widths), torch.tensor(lengths), 0.25,
+        max_width=5, splits=splits, block_n=block_n,
+    )  # fmt: skip
+    assert out.shape == query.shape
+    assert not out.isnan().any()
+    torch.testing.assert_close(out[: sum(widths)], expected[: sum(widths)], atol=1e-5, rtol=1e-5)
+    assert not out[sum(widths) :].any()  # tokens of no row stay zero
