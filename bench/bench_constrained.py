@@ -51,7 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-dir")
     parser.add_argument("--grammar-threads", type=int, default=8)
     parser.add_argument("--forced-tokens", type=int, default=16)
-    parser.add_argument("--chunk-splits", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="default bench/results/constrained-h200.json")
     return parser.parse_args(argv)
@@ -93,7 +92,6 @@ def _run(
     slots: int,
     forced_tokens: int,
     tokens: int | None,
-    chunk_splits: int = 1,
 ) -> dict[str, Any]:
     """Serve `requests` on a slot engine of `slots` slots; throughput, steps and the ids."""
     from processors.slot_engine import SlotEngine, SlotEngineConfig
@@ -107,7 +105,6 @@ def _run(
             context_length=-(-(prompt + budget + 64) // 128) * 128,
             queue_size=len(requests) + 8,
             forced_tokens=forced_tokens,
-            chunk_splits=chunk_splits,
         ),
     )
     slot.load()
@@ -195,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
                 size,
                 forced,
                 None,
-                args.chunk_splits,
             )
             run["invalid"] = _invalid(run["ids"], constrained_requests, tokenizer, strict=True)
             runs[f"{name}_{size}"] = run
@@ -242,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
         },
         "grammar_threads": args.grammar_threads,
         "forced_tokens": args.forced_tokens,
-        "chunk_splits": args.chunk_splits,
         "versions": versions(),
     }
     path = Path(args.out) if args.out else RESULTS / "constrained-h200.json"

@@ -74,9 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="only time constrained decoding with forced runs on this many slots",
     )
-    parser.add_argument(
-        "--chunk-splits", type=int, default=1, help="SlotEngineConfig.chunk_splits (constrained)"
-    )
     return parser.parse_args(argv)
 
 
@@ -256,7 +253,6 @@ def profile_constrained(args: argparse.Namespace) -> int:
             slots=slots,
             context_length=-(-(prompt + 4064) // 128) * 128,
             queue_size=count + 8,
-            chunk_splits=args.chunk_splits,
         ),
     )
     slot.load()
@@ -277,7 +273,6 @@ def profile_constrained(args: argparse.Namespace) -> int:
         passes.setdefault(kind, []).append(start.elapsed_time(end))
     out = {
         "slots": slots,
-        "chunk_splits": args.chunk_splits,
         "requests": count,
         "per_s": round(count / wall, 3),
         "wall_s": round(wall, 3),

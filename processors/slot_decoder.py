@@ -89,7 +89,6 @@ class SlotDecoder:
         stage_rows: int = 8,
         max_width: int = 1,
         vocab_size: int = 0,
-        chunk_splits: int = 1,
     ) -> None:
         import torch
 
@@ -136,7 +135,6 @@ class SlotDecoder:
         # tokens the grammar forces after it, up to `max_width`, packed into one pass.
         self.max_width = max_width
         self.token_sizes = token_ladder(slots * max_width)
-        self.chunk_splits = chunk_splits
         self.on_cuda = str(self.device).startswith("cuda")
         # Rows: packed tokens, their rows, their offsets in the chunk; then per row (the
         # first `slots` columns) the chunk's first packed index and its width.
@@ -630,7 +628,7 @@ class SlotDecoder:
             if self._split is not None:
                 attended = chunk_attention(
                     query[0], keys, values, starts, widths, lengths, scale,
-                    max_width=self.max_width, splits=self.chunk_splits,
+                    max_width=self.max_width,
                 )  # fmt: skip
             else:
                 attended = self._dense_chunk_attention(

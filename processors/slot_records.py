@@ -39,8 +39,6 @@ class SlotEngineConfig:
         forced_tokens: with constrained decoding, at most this many tokens the grammar
             forces after a row's chosen token are written in the same forward pass (a
             forced run); 0 steps through them one by one like free tokens.
-        chunk_splits: programs per (row, key/value head) along the columns in the
-            attention of constrained steps (`processors.internvl.chunk_attention`).
     """
 
     slots: int = 0
@@ -54,7 +52,6 @@ class SlotEngineConfig:
     vision_requests: int = 8
     prefill_rows: int = 8
     forced_tokens: int = 16
-    chunk_splits: int = 1
 
     def __post_init__(self) -> None:
         for name in ("slots", "context_length", "forced_tokens"):
@@ -67,7 +64,6 @@ class SlotEngineConfig:
             "max_slots",
             "vision_requests",
             "prefill_rows",
-            "chunk_splits",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -89,7 +89,6 @@ class SlotScheduler:
             stage_rows=config.prefill_rows,
             max_width=config.forced_tokens + 1 if self.constrained else 1,
             vocab_size=self.vocab_size if self.constrained else 0,
-            chunk_splits=config.chunk_splits,
         )
         self.waiting: deque[SlotWork] = deque()
         self.prefilling: SlotWork | None = None
@@ -567,12 +566,13 @@ class SlotScheduler:
         constraint.advance([tokens[row - first] for row in fresh], fresh)
         limit = self.config.forced_tokens
         ended: list[tuple[int, SlotWork, FinishReason]] = []
-        for row in fresh:
+        texts = self._texts([tokens[row - first] for row in fresh])  # one call for all rows
+        for row, text in zip(fresh, texts, strict=True):
             work = self.rows[row]
             work.unseen = False
             work.first = None
             token = tokens[row - first]
-            reason = work.extend([token], self.eos_id, self._texts([token]))
+            reason = work.extend([token], self.eos_id, [text])
             if reason is None and work.matcher is not None:
                 room = work.max_new - len(work.tokens) - 1
                 forced = constraint.force(row, min(limit, room))

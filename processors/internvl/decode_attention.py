@@ -38,19 +38,6 @@ def _chunk_kernel() -> Any:
     return chunk_attention_kernel
 
 
-def _merge_splits(acc: Any, best: Any, weight: Any) -> Any:
-    """Normalised attention from per-split unnormalised sums and base-2 maxima.
-
-    `acc` is (programs, splits, queries, dim), `best` and `weight` (programs, splits,
-    queries); an empty split has maximum -inf and weighs nothing.
-    """
-    import torch
-
-    overall = best.amax(1, keepdim=True)
-    factor = torch.exp2(best - overall)
-    return (acc * factor[..., None]).sum(1) / (weight * factor).sum(1)[..., None]
-
-
 def chunk_attention(
     query: Any,
     keys: Any,
@@ -61,7 +48,6 @@ def chunk_attention(
     scale: float,
     *,
     max_width: int,
-    splits: int = 1,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -70,7 +56,7 @@ def chunk_attention(
 
     Args:
         query: (tokens, heads, head dim): every row's chunk, packed; row r's tokens are
-            `starts[r]`..`starts[r] + widths[r] - 1`. Tokens of no row are left zero.
+            `starts[r]`..`starts[r] + widths[r] - 1`. Tokens of no row come out zero.
         keys: the cache, (at least rows, kv heads, context, head dim), last dim
             contiguous; row r's chunk keys already written at columns `lengths[r]` on.
         values: the cache's values, shaped as `keys`.
@@ -78,53 +64,37 @@ def chunk_attention(
         widths: (rows,) integer tensor, each chunk's token count (0: no chunk).
         lengths: (rows,) integer tensor, the columns each row held before its chunk.
         scale: the softmax scale.
-        max_width: the widest chunk a call may carry (sizes the query block).
-        splits: programs per (row, kv head) along the columns, merged afterwards.
+        max_width: the widest chunk a call may carry (sizes the grid).
         block_n: columns read per iteration (a power of two >= 16).
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
 
-    Token t of a row sees that row's columns [0, lengths[r] + t]. Returns (tokens, heads,
-    head dim) in the query's dtype. Heads map to key/value heads as in `repeat_kv`.
+    Token t of a row sees that row's columns [0, lengths[r] + t]. Each (row, key/value
+    head) runs one program per block of 16 queries (a one-token chunk is one block);
+    splitting the columns as `SplitKeyAttention` does measured slower here. Returns
+    (tokens, heads, head dim) in the query's dtype; heads map to key/value heads as in
+    `repeat_kv`.
     """
     import torch
 
     tokens, heads, head_dim = query.shape
     rows, kv_heads = int(widths.shape[0]), int(keys.shape[1])  # keys may have spare rows
     group = heads // kv_heads
-    block_m = max(GROUP_PAD, 1 << (max_width * group - 1).bit_length())
-    # One spare token row: the merge below sends the blocks' unused rows there.
-    out = torch.zeros((tokens + 1, heads, head_dim), device=query.device, dtype=query.dtype)
-    programs = rows * kv_heads
-    partial_rows = programs * splits if splits > 1 else 1
-    options = {"device": query.device, "dtype": torch.float32}
-    acc = torch.zeros((partial_rows, block_m, head_dim), **options)
-    best = torch.full((partial_rows, block_m), float("-inf"), **options)
-    weight = torch.zeros((partial_rows, block_m), **options)
-    _chunk_kernel()[(programs, splits)](
-        query, keys, values, starts, widths, lengths, out, acc, best, weight,
+    query_blocks = -(-max_width * group // GROUP_PAD)
+    out = torch.zeros((tokens, heads, head_dim), device=query.device, dtype=query.dtype)
+    _chunk_kernel()[(rows * kv_heads * query_blocks,)](
+        query, keys, values, starts, widths, lengths, out,
         query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(1),
         scale * LOG2_E,
-        KV_HEADS=kv_heads, GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
-        SPLITS=splits,
+        KV_HEADS=kv_heads, GROUP=group, QUERY_BLOCKS=query_blocks, BLOCK_M=GROUP_PAD,
+        HEAD_DIM=head_dim, BLOCK_N=block_n,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if splits > 1:
-        merged = _merge_splits(
-            acc.view(programs, splits, block_m, head_dim),
-            best.view(programs, splits, block_m),
-            weight.view(programs, splits, block_m),
-        )  # (rows * kv heads, block, dim): block row m is token m // group, head m % group
-        merged = merged[:, : max_width * group].reshape(rows, kv_heads, max_width, group, -1)
-        merged = merged.permute(0, 2, 1, 3, 4).reshape(rows * max_width, heads, head_dim)
-        picked = torch.arange(max_width, device=query.device)[None, :]
-        index = torch.where(picked < widths[:, None], starts[:, None] + picked, tokens)
-        out[index.reshape(-1)] = merged.to(out.dtype)  # static shapes: graph-capturable
-    return out[:tokens]
+    return out
 
 
 def split_key_attention(
@@ -189,7 +159,9 @@ def split_key_attention(
     acc = acc.view(programs, splits, GROUP_PAD, head_dim)[:, :, :group]
     best = best.view(programs, splits, GROUP_PAD)[:, :, :group]
     weight = weight.view(programs, splits, GROUP_PAD)[:, :, :group]
-    merged = _merge_splits(acc, best, weight)  # empty splits: exp2(-inf) = 0
+    overall = best.amax(1, keepdim=True)
+    factor = torch.exp2(best - overall)  # base-2 maxima; empty splits: exp2(-inf) = 0
+    merged = (acc * factor[..., None]).sum(1) / (weight * factor).sum(1)[..., None]
     out.copy_(merged.view(batch, kv_heads, group, head_dim))
     return out
 

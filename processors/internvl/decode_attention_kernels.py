@@ -160,9 +160,6 @@ def chunk_attention_kernel(
     widths,
     lengths,
     out,
-    out_acc,
-    out_max,
-    out_sum,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -176,37 +173,35 @@ def chunk_attention_kernel(
     scale_log2,
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
+    QUERY_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One (row, key/value head) program's share (split `program_id(1)`) of a chunk's attention.
+    """One (row, key/value head, query block) program of a packed chunk's attention.
 
     Row `row` feeds `widths[row]` tokens, packed at `starts[row]` in `query` and `out`
     (token, head, dim); its cache holds `lengths[row]` earlier columns, then the chunk's
-    own keys. Query m of the block is token m // GROUP, head `head * GROUP + m % GROUP`;
-    token t sees columns [0, length + t]. A row of width 0 writes nothing. Splits write
-    partial sums as `partial_attention` does.
+    own keys. The row's queries are numbered m = token * GROUP + g (head `head * GROUP +
+    g`); block b takes m in [b * BLOCK_M, (b + 1) * BLOCK_M), so a one-token chunk is one
+    block, as in `partial_attention`, and blocks past a row's chunk exit at once. Token t
+    sees columns [0, length + t]. A row's blocks are adjacent program ids, so they read
+    its keys and values at about the same time (from L2 after the first).
     """
-    row_head = tl.program_id(0)
-    split = tl.program_id(1)
+    program = tl.program_id(0)
+    block = program % QUERY_BLOCKS
+    row_head = program // QUERY_BLOCKS
     row = row_head // KV_HEADS
     head = row_head % KV_HEADS
     width = tl.load(widths + row)
-    if width == 0:
+    if block * BLOCK_M >= width * GROUP:
         return
     start_token = tl.load(starts + row)
     length = tl.load(lengths + row)
-    total = length + width
-    per_split = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    stop = tl.minimum(start + per_split, total)
-
-    block_rows = tl.arange(0, BLOCK_M)
-    tokens = block_rows // GROUP
-    heads = head * GROUP + block_rows % GROUP
+    numbers = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = numbers // GROUP
+    heads = head * GROUP + numbers % GROUP
     real = tokens < width
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
@@ -221,16 +216,17 @@ def chunk_attention_kernel(
     key_base = keys + row * stride_kb + head * stride_kh
     value_base = values + row * stride_vb + head * stride_vh
     # Columns before the chunk are seen by every token: whole blocks, no masks.
-    whole = start + tl.maximum(tl.minimum(stop, length) - start, 0) // BLOCK_N * BLOCK_N
+    whole = length // BLOCK_N * BLOCK_N
     best, total_weight, acc = attend_range(
-        q, key_base, value_base, start, whole, 0, best, total_weight, acc,
+        q, key_base, value_base, 0, whole, 0, best, total_weight, acc,
         stride_kl, stride_vl, scale_log2, HEAD_DIM, BLOCK_N, PRECISION, False,
     )  # fmt: skip
-    # The rest: bounds and the causal limit of each token. A query may see none of a
-    # split's columns: its running maximum stays -inf, so exponents use a finite stand-in.
+    # The rest, up to this block's last token: bounds and each token's causal limit.
+    # Every token sees column `whole` (<= length), so no running maximum stays -inf.
     limit = length + tokens
-    for block in range(whole, stop, BLOCK_N):
-        columns = block + tl.arange(0, BLOCK_N)
+    stop = length + tl.minimum(width, (block * BLOCK_M + BLOCK_M - 1) // GROUP + 1)
+    for first in range(whole, stop, BLOCK_N):
+        columns = first + tl.arange(0, BLOCK_N)
         valid = columns < stop
         k = tl.load(
             key_base + columns[:, None] * stride_kl + dims[None, :],
@@ -241,9 +237,8 @@ def chunk_attention_kernel(
         seen = valid[None, :] & (columns[None, :] <= limit[:, None])
         scores = tl.where(seen, scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 1))
-        finite = tl.where(new_best == float("-inf"), 0.0, new_best)
-        rescale = tl.exp2(best - finite)
-        weights = tl.exp2(scores - finite[:, None])
+        rescale = tl.exp2(best - new_best)
+        weights = tl.exp2(scores - new_best[:, None])
         total_weight = total_weight * rescale + tl.sum(weights, 1)
         v = tl.load(
             value_base + columns[:, None] * stride_vl + dims[None, :],
@@ -252,12 +247,6 @@ def chunk_attention_kernel(
         )
         acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         best = new_best
-    if SPLITS == 1:  # every token sees column 0, so its weight is positive
-        result = acc / total_weight[:, None]
-        pointers = out + (start_token + tokens)[:, None] * stride_ot + heads[:, None] * stride_oh
-        tl.store(pointers + dims[None, :], result.to(out.dtype.element_ty), mask=real[:, None])
-    else:
-        slot = row_head * SPLITS + split
-        tl.store(out_acc + (slot * BLOCK_M + block_rows[:, None]) * HEAD_DIM + dims[None, :], acc)
-        tl.store(out_max + slot * BLOCK_M + block_rows, best)
-        tl.store(out_sum + slot * BLOCK_M + block_rows, total_weight)
+    result = acc / total_weight[:, None]
+    pointers = out + (start_token + tokens)[:, None] * stride_ot + heads[:, None] * stride_oh
+    tl.store(pointers + dims[None, :], result.to(out.dtype.element_ty), mask=real[:, None])
