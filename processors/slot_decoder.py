@@ -157,7 +157,7 @@ class SlotDecoder:
 
     @property
     def split_attention(self) -> bool:
-        """Whether the one-token passes use the split-key kernel (else masked SDPA)."""
+        """Whether steps use the Triton kernels (split-key, `chunk_attention`); else masked SDPA."""
         return self._split is not None
 
     # ------------------------------------------------------------------- sizing
