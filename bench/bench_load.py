@@ -98,6 +98,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "admission) against one-at-a-time generate (use with --dtype float32)",
     )
     parser.add_argument("--parity-tokens", type=int, default=64)
+    parser.add_argument(
+        "--pipeline-rate",
+        type=float,
+        default=0.0,
+        help="also run the real pipeline (images over local HTTP) at this rate; 0: skip",
+    )
+    parser.add_argument("--pipeline-slots", type=int, default=128)
+    parser.add_argument(
+        "--pipeline-free", action="store_true", help="decode the pipeline's answers freely"
+    )
     parser.add_argument("--tokenizer-dir")
     parser.add_argument("--out")
     parser.add_argument("--seed", type=int, default=0)
@@ -489,6 +499,49 @@ class LoadBench:
         print(f"[load] static saturation {self.saturation['static']}/s", flush=True)
         self.report()
 
+    def run_pipeline(self) -> None:
+        """The real pipeline at `--pipeline-rate` on its own slot engine (`bench.load_pipeline`).
+
+        Answers are constrained (the worker's default) unless `--pipeline-free`; free
+        answers of the random model are invalid, so each event then takes two attempts.
+        """
+        import tempfile
+
+        from bench.load_pipeline import run_pipeline
+        from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+        plan, args = self.plan, self.args
+        free = args.pipeline_free
+        budget = plan.high if free else 4000
+        slot = SlotEngine(
+            self.engine(max_new_tokens=budget, constrained_decoding=not free),
+            SlotEngineConfig(slots=args.pipeline_slots, queue_size=256),
+        )
+        warm = time.perf_counter()
+        slot.load()
+        times = arrival_times(args.pipeline_rate, plan.duration, args.seed + 999)
+        questions = int(self.request_stats["questions"])
+        try:
+            with tempfile.TemporaryDirectory() as root:
+                # Warm-up: one event per question set (grammars compiled, HTTP session).
+                run_pipeline(slot, [0.0] * 3, questions, Path(root), args.seed)
+                self.details["warm_up_s"]["pipeline"] = round(time.perf_counter() - warm, 2)
+                done, info = run_pipeline(slot, times, questions, Path(root), args.seed)
+        finally:
+            slot.close()
+        row = {"arrival_per_s": args.pipeline_rate, **summary(times, done)}
+        self.details["pipeline"] = {
+            **row,
+            **info,
+            "slots": args.pipeline_slots,
+            "decoding": "free" if free else "constrained",
+            "max_new_tokens": budget,
+        }
+        print(f"[load] pipeline: {self.details['pipeline']}", flush=True)
+        self.report()
+        del slot
+        self._release()
+
     def _release(self) -> None:
         """Drop the last engine's device memory before the next engine is built."""
         import torch
@@ -515,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.run_slot_engine(workloads)
     if "static" in plan.engines:
         bench.run_static_engine(workloads)
+    if args.pipeline_rate > 0:
+        bench.run_pipeline()
     bench.report()
     print(
         f"[load] {json.dumps(bench.rows)} saturation {bench.saturation} -> {bench.out}", flush=True

@@ -79,20 +79,23 @@ NO_ENGINE_MESSAGE = (
 
 
 def slot_engine(settings: Settings, engine: InferenceEngine) -> InferenceEngine:
-    """`engine` wrapped in the slot engine when `VS_ENGINE_MODE=slot` asks for it (unloaded).
+    """`engine` wrapped in the slot engine when `VS_ENGINE_MODE` asks for it (unloaded).
 
+    `auto` (the default) and `slot` wrap the native InternVL engine; `static` never wraps.
     An engine that already takes submissions is kept; only the native InternVL engine can
-    be wrapped, so the replay and remote-code engines stay static (logged).
+    be wrapped, so the replay and remote-code engines stay static (a warning when `slot`
+    was asked for explicitly).
     """
-    if settings.engine_mode != "slot" or isinstance(engine, SubmittingEngine):
+    if settings.engine_mode == "static" or isinstance(engine, SubmittingEngine):
         return engine
     from processors.internvl import NativeInternVLEngine
 
     if not isinstance(engine, NativeInternVLEngine):
-        log.warning(
-            "VS_ENGINE_MODE=slot needs the native InternVL engine; %s runs static batches",
-            type(engine).__name__,
-        )
+        if settings.engine_mode == "slot":
+            log.warning(
+                "VS_ENGINE_MODE=slot needs the native InternVL engine; %s runs static batches",
+                type(engine).__name__,
+            )
         return engine
     from processors.slot_engine import SlotEngine, SlotEngineConfig
 

@@ -59,7 +59,9 @@ class Settings:
     model_max_batch: int = 32
     model_compile: bool = False
     constrained_decoding: bool = True  # VS_CONSTRAINED_DECODING=0: free decoding + retry
-    engine_mode: str = "static"  # "static" micro-batches or "slot" (continuous batching)
+    # "slot" (continuous batching), "static" micro-batches, or "auto": slot for the native
+    # InternVL engine, static for the others (replay, remote code).
+    engine_mode: str = "auto"
     slot_count: int = 0  # 0: sized from free GPU memory (16 on CPU)
     slot_prefill_tokens: int = 8192
     slot_context_length: int = 0  # 0: 4096 + max_new_tokens, rounded up to 128
@@ -158,8 +160,10 @@ class Settings:
         if engine not in {"", "internvl", "replay"}:
             raise SettingsError(f"VS_ENGINE must be 'internvl' or 'replay', got {engine!r}")
         engine_mode = reader.text("VS_ENGINE_MODE", default.engine_mode).lower()
-        if engine_mode not in {"static", "slot"}:
-            raise SettingsError(f"VS_ENGINE_MODE must be 'static' or 'slot', got {engine_mode!r}")
+        if engine_mode not in {"auto", "static", "slot"}:
+            raise SettingsError(
+                f"VS_ENGINE_MODE must be 'auto', 'static' or 'slot', got {engine_mode!r}"
+            )
         web_port = reader.integer("VS_WEB_PORT", 6067 if role == "sink" else default.web_port)
         instance = reader.text("VS_GROUP_INSTANCE_ID", "")
         if instance.lower() == "off":

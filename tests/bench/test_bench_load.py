@@ -35,3 +35,17 @@ def test_smoke_load_benchmark_writes_the_result(tmp_path: Path) -> None:
     assert all(row["identical"] for row in result["details"]["parity"]["rows"])
     slot_runs = [run for run in result["details"]["runs"] if run["engine"] == "slot"]
     assert slot_runs and all(run["steps"] > 0 for run in slot_runs)
+
+
+def test_smoke_pipeline_run_downloads_tiles_and_answers_every_event(tmp_path: Path) -> None:
+    out = tmp_path / "load-pipeline.json"
+    argv = ["--smoke", "--engines", "none", "--pipeline-rate", "2", "--pipeline-free"]
+    assert main([*argv, "--pipeline-slots", "4", "--out", str(out)]) == 0
+    pipeline = json.loads(out.read_text(encoding="utf-8"))["details"]["pipeline"]
+    # Every event has an outcome: the random model's free answers are invalid twice (1301).
+    assert pipeline["events"] > 0 and pipeline["decisions"] == 0
+    assert pipeline["failures_by_code"] == {"1301": pipeline["events"]}
+    phases = pipeline["mean_phase_s_per_event"]
+    assert phases["gather"] > 0 and phases["tile"] > 0 and phases["model"] > 0
+    assert pipeline["decode_steps_per_event"] > 0  # both attempts went through the engine
+    assert 0 < pipeline["p50_s"] <= pipeline["p95_s"] <= pipeline["p99_s"]

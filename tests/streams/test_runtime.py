@@ -11,7 +11,7 @@ import pytest
 
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import ReplayEngine
-from streams.runtime import build_engine, in_daemon_thread
+from streams.runtime import build_engine, in_daemon_thread, slot_engine
 from streams.settings import Settings, SettingsError
 
 
@@ -45,6 +45,37 @@ def test_replay_without_recordings_refuses(tmp_path: Path) -> None:
 def test_an_unknown_engine_is_a_settings_error() -> None:
     with pytest.raises(SettingsError, match="VS_ENGINE"):
         Settings.from_env({"VS_ENGINE": "gpt"})
+
+
+@pytest.mark.parametrize(
+    ("mode", "wrapped"), [("", True), ("auto", True), ("slot", True), ("static", False)]
+)
+def test_the_native_engine_runs_on_the_slot_engine_unless_static_is_asked_for(
+    tmp_path: Path, mode: str, wrapped: bool
+) -> None:
+    from processors.internvl import EngineConfig, NativeInternVLEngine
+    from processors.slot_engine import SlotEngine
+
+    native = NativeInternVLEngine(EngineConfig(str(tmp_path / "checkpoint")))  # not loaded
+    env = {"VS_ENGINE_MODE": mode, "VS_SLOT_COUNT": "3"} if mode else {"VS_SLOT_COUNT": "3"}
+    engine = slot_engine(Settings.from_env(env), native)
+    assert isinstance(engine, SlotEngine) is wrapped
+    if isinstance(engine, SlotEngine):
+        assert engine.engine is native and engine.config.slots == 3
+    else:
+        assert engine is native
+
+
+def test_engines_that_cannot_be_wrapped_stay_static_and_warn_only_when_slot_was_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    replay = ReplayEngine({"u-1": ["{}"]})
+    assert slot_engine(Settings.from_env({}), replay) is replay
+    assert "needs the native InternVL engine" not in caplog.text
+    assert slot_engine(Settings.from_env({"VS_ENGINE_MODE": "slot"}), replay) is replay
+    assert "needs the native InternVL engine" in caplog.text
+    with pytest.raises(SettingsError, match="VS_ENGINE_MODE"):
+        Settings.from_env({"VS_ENGINE_MODE": "fast"})
 
 
 # ------------------------------------------------------------------ wiring, without a broker

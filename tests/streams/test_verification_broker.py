@@ -72,6 +72,7 @@ def test_tiny_internvl_end_to_end_records_retries_and_loses_nothing(
         VS_IMAGE_ALLOW_LOOPBACK="true",
         VS_IMAGE_RETRIES="0",
         VS_CONSTRAINED_DECODING="0",
+        VS_ENGINE_MODE="static",  # one engine call serves the batch (checked below)
     )
     ensure_topics(kafka_bootstrap, all_topics(env), 4)
     events = [pickup_event(n, vendor_urls=[f"{image_server}/vendor.jpg"]) for n in range(3)]
