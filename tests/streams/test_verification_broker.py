@@ -177,3 +177,5 @@ def test_tiny_internvl_constrained_end_to_end_yields_decisions(
         (f"SHP-{n:05d}", 1) for n in range(3)
     ]  # no retry
     assert all(a["validation_status"] == "valid" for a in attempts)
+    # The default engine mode puts the native engine on the slot engine: one submission each.
+    assert all(a["batch_size"] == 1 for a in attempts)
