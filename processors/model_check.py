@@ -22,8 +22,12 @@ When the fast engine decodes inside each request's answer schema (the InternVL e
 `constrained_decoding` on), each request also runs constrained on the fast engine, and
 the report says how often the constrained and the free greedy answers lead to the same
 decision and answers, and how often their texts are identical: on a real checkpoint the
-two agree wherever the model's own choice is inside the schema. This does not decide the
-verdict.
+two agree wherever the model's own choice is inside the schema. Each constrained request
+also runs on the slot engine with forced runs (what the worker serves by default: the
+tokens the grammar forces are fed as xgrammar splits them, which may differ from the
+split the model would choose), and the report says how often that answer gives the same
+decision and answers, and the same text, as stepping through the grammar token by token.
+Neither comparison decides the verdict.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from processors.internvl import (
 )
 from processors.prompt import build_prompt, parse_questions
 from processors.records import PickupRequest
+from processors.slot_engine import SlotEngine, SlotEngineConfig
 from processors.tiling import TilingConfig, tile_images
 
 Engine = NativeInternVLEngine | RemoteCodeInternVLEngine
@@ -166,6 +171,11 @@ class RequestCheck:
     constrained_agrees: bool | None = None  # same decision and answers as the free answer
     constrained_text_equal: bool | None = None
     constrained_s: float | None = None
+    # The same constrained request on the slot engine with forced runs, against stepping.
+    forced_decision: str | None = None
+    forced_agrees: bool | None = None
+    forced_text_equal: bool | None = None
+    forced_s: float | None = None
 
     @property
     def prompt_equal(self) -> bool:
@@ -210,6 +220,16 @@ class PrecisionRun:
             return None
         agree = sum(1 for r in compared if r.constrained_agrees)
         identical = sum(1 for r in compared if r.constrained_text_equal)
+        return agree, identical, len(compared)
+
+    @property
+    def forced_agreement(self) -> tuple[int, int, int] | None:
+        """(same decision and answers, identical text, compared) of forced runs vs stepping."""
+        compared = [r for r in self.requests if r.forced_agrees is not None]
+        if not compared:
+            return None
+        agree = sum(1 for r in compared if r.forced_agrees)
+        identical = sum(1 for r in compared if r.forced_text_equal)
         return agree, identical, len(compared)
 
 
@@ -257,6 +277,7 @@ class ModelCheck:
             raw["tokens_equal"] = run.tokens_equal
             raw["decisions_agree"] = run.decisions_agree
             raw["constrained_agreement"] = run.constrained_agreement
+            raw["forced_agreement"] = run.forced_agreement
         return out
 
 
@@ -400,40 +421,13 @@ def run_precision(
         reference.load()
     tiling = TilingConfig(image_size=fast.image_size)
     checks: list[RequestCheck] = []
-    for sample in progress(samples, f"{dtype} requests"):
-        prepared = prepare_sample(sample, tiling)
-        request = prepared.request
-        if isinstance(reference, RemoteCodeInternVLEngine):
-            (ref_prompt, ref_ids, ref_text), ref_s = _timed(
-                lambda: _chat_reference(reference, prepared)  # noqa: B023 (called at once)
-            )
-        else:
-            ref_prompt = _template_prompt_ids(reference, request)
-            ref_ids_all, ref_s = _timed(lambda: reference.generate_token_ids([request]))  # noqa: B023
-            ref_ids = ref_ids_all[0]
-            ref_text = reference.tokenizer.decode(ref_ids, skip_special_tokens=True).strip()
-        fast_ids_all, fast_s = _timed(lambda: fast.generate_token_ids([request]))  # noqa: B023
-        fast_ids = fast_ids_all[0]
-        fast_text = fast.tokenizer.decode(fast_ids, skip_special_tokens=True).strip()
-        ref_summary, ref_key = decision_of(prepared, ref_text)
-        fast_summary, fast_key = decision_of(prepared, fast_text)
-        constrained = _constrained_check(fast, prepared, fast_text, fast_key, answer_limits)
-        checks.append(
-            RequestCheck(
-                name=sample.name,
-                prompt_tokens=len(ref_prompt),
-                prompt_diff=token_diff(fast.tokenizer, ref_prompt, fast.prompt_ids(request)),
-                reference_tokens=len(ref_ids),
-                fast_tokens=len(fast_ids),
-                token_diff=token_diff(fast.tokenizer, ref_ids, fast_ids),
-                reference_decision=ref_summary,
-                fast_decision=fast_summary,
-                decisions_agree=ref_key == fast_key,
-                reference_s=ref_s,
-                fast_s=fast_s,
-                **constrained,
-            )
-        )
+    slot = _forced_engine(fast)
+    try:
+        for sample in progress(samples, f"{dtype} requests"):
+            checks.append(_check_request(sample, tiling, reference, fast, slot, answer_limits))
+    finally:
+        if slot is not None:
+            slot.close()
     label = (
         REMOTE_REFERENCE
         if isinstance(reference, RemoteCodeInternVLEngine)
@@ -442,14 +436,69 @@ def run_precision(
     return PrecisionRun(dtype, label, _describe(fast), tuple(checks)), fast
 
 
+def _forced_engine(fast: Engine) -> SlotEngine | None:
+    """A two-slot engine with forced runs over the loaded fast engine (None: not constrained)."""
+    if not isinstance(fast, NativeInternVLEngine) or not fast.config.constrained_decoding:
+        return None
+    slot = SlotEngine(fast, SlotEngineConfig(slots=2, queue_size=2))
+    slot.load()
+    return slot
+
+
+def _check_request(
+    sample: SampleRequest,
+    tiling: TilingConfig,
+    reference: Engine,
+    fast: Engine,
+    slot: SlotEngine | None,
+    answer_limits: FieldLimits | None,
+) -> RequestCheck:
+    """One sample through the reference, the fast path and (if on) the constrained paths."""
+    prepared = prepare_sample(sample, tiling)
+    request = prepared.request
+    if isinstance(reference, RemoteCodeInternVLEngine):
+        (ref_prompt, ref_ids, ref_text), ref_s = _timed(
+            lambda: _chat_reference(reference, prepared)
+        )
+    else:
+        ref_prompt = _template_prompt_ids(reference, request)
+        ref_ids_all, ref_s = _timed(lambda: reference.generate_token_ids([request]))
+        ref_ids = ref_ids_all[0]
+        ref_text = reference.tokenizer.decode(ref_ids, skip_special_tokens=True).strip()
+    fast_ids_all, fast_s = _timed(lambda: fast.generate_token_ids([request]))
+    fast_ids = fast_ids_all[0]
+    fast_text = fast.tokenizer.decode(fast_ids, skip_special_tokens=True).strip()
+    ref_summary, ref_key = decision_of(prepared, ref_text)
+    fast_summary, fast_key = decision_of(prepared, fast_text)
+    constrained = _constrained_check(fast, prepared, fast_text, fast_key, answer_limits, slot)
+    return RequestCheck(
+        name=sample.name,
+        prompt_tokens=len(ref_prompt),
+        prompt_diff=token_diff(fast.tokenizer, ref_prompt, fast.prompt_ids(request)),
+        reference_tokens=len(ref_ids),
+        fast_tokens=len(fast_ids),
+        token_diff=token_diff(fast.tokenizer, ref_ids, fast_ids),
+        reference_decision=ref_summary,
+        fast_decision=fast_summary,
+        decisions_agree=ref_key == fast_key,
+        reference_s=ref_s,
+        fast_s=fast_s,
+        **constrained,
+    )
+
+
 def _constrained_check(
     fast: Engine,
     prepared: PreparedSample,
     free_text: str,
     free_key: tuple[Any, ...] | None,
     limits: FieldLimits | None,
+    slot: SlotEngine | None,
 ) -> dict[str, Any]:
-    """The request decoded inside its answer schema, against the free answer ({} if off)."""
+    """The request decoded inside its answer schema, against the free answer ({} if off).
+
+    With `slot`, the same request also runs there with forced runs, against stepping.
+    """
     if not isinstance(fast, NativeInternVLEngine) or not fast.config.constrained_decoding:
         return {}
     schema = answer_schema(prepared.questions, limits or FieldLimits())
@@ -457,12 +506,23 @@ def _constrained_check(
     ids_all, seconds = _timed(lambda: fast.generate_token_ids([request]))
     text = fast.tokenizer.decode(ids_all[0], skip_special_tokens=True).strip()
     summary, key = decision_of(prepared, text)
-    return {
+    out: dict[str, Any] = {
         "constrained_decision": summary,
         "constrained_agrees": key == free_key,
         "constrained_text_equal": text == free_text,
         "constrained_s": seconds,
     }
+    if slot is not None:
+        completion, forced_s = _timed(lambda: slot.submit(request).result())
+        forced_text = str(completion.text).strip()
+        forced_summary, forced_key = decision_of(prepared, forced_text)
+        out.update(
+            forced_decision=forced_summary,
+            forced_agrees=forced_key == key,
+            forced_text_equal=forced_text == text,
+            forced_s=forced_s,
+        )
+    return out
 
 
 def checkpoint_facts(model_path: Path, engine: Engine) -> CheckpointFacts:
@@ -566,64 +626,3 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def format_report(check: ModelCheck) -> str:
-    """The human-readable report (what `python -m streams check-model` prints)."""
-    f = check.facts
-    lines = [
-        f"checkpoint       {f.model_path}",
-        f"layout           {f.layout}",
-        f"served by        {f.engine}",
-        f"chat template    {f.template} (from {f.template_source})",
-        f"system message   {f.system_message}",
-        f"dtype            checkpoint {f.checkpoint_dtype}; exactness in float32",
-        f"vocabulary       tokenizer {f.tokenizer_size}, model {f.model_vocab_size} "
-        f"(padding {f.vocab_padding})",
-        f"tiles            {f.image_size} px, {f.tokens_per_tile} tokens per tile; "
-        f"trained {f.checkpoint_tiles}; served {f.served_tiles}",
-        f"remote code      {'yes: ' + ', '.join(f.code_files) if f.remote_code else 'no'}",
-    ]
-    for run in check.runs:
-        gate = "exactness check" if run.dtype == "float32" else "reported only"
-        lines += ["", f"== {run.dtype} ({gate}): reference = {run.reference}; fast = {run.fast}"]
-        for r in run.requests:
-            prompt = "equal" if r.prompt_diff is None else _diff_text(r.prompt_diff)
-            tokens = (
-                f"equal ({r.fast_tokens} ids)" if r.token_diff is None else _diff_text(r.token_diff)
-            )
-            lines += [
-                f"{r.name}: prompt {r.prompt_tokens} ids {prompt}; greedy {tokens}",
-                f"  decision {'agrees' if r.decisions_agree else 'DIFFERS'}: "
-                f"reference {r.reference_decision} | fast {r.fast_decision}",
-                f"  time: reference {r.reference_s:.3f} s, fast {r.fast_s:.3f} s",
-            ]
-            if r.constrained_agrees is not None:
-                same = "same text" if r.constrained_text_equal else "text differs"
-                lines.append(
-                    f"  constrained {'agrees' if r.constrained_agrees else 'DIFFERS'} "
-                    f"({same}): {r.constrained_decision} ({r.constrained_s or 0.0:.3f} s)"
-                )
-        lines.append(
-            f"{run.dtype}: prompts {'equal' if run.prompts_equal else 'DIFFER'}, greedy ids "
-            f"{'equal' if run.tokens_equal else 'DIVERGE'}, decisions "
-            f"{'agree' if run.decisions_agree else 'DIFFER'}"
-        )
-        agreement = run.constrained_agreement
-        if agreement is not None:
-            agree, identical, compared = agreement
-            lines.append(
-                f"{run.dtype}: constrained and free greedy give the same decision and answers "
-                f"on {agree} of {compared} requests, the same text on {identical}"
-            )
-    verdict = "PASS" if check.passed else "FAIL"
-    lines += [
-        "",
-        f"{verdict}: float32 prompts and greedy ids "
-        + ("are equal on both paths" if check.passed else "differ (see above)"),
-    ]
-    return "\n".join(lines)
-
-
-def _diff_text(diff: TokenDiff) -> str:
-    return f"DIFFER at {diff.position}: reference {diff.reference}, fast {diff.fast}"

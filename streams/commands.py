@@ -166,7 +166,8 @@ def _register_model_commands(app: faust.App, settings: Settings) -> None:
         """
         from processors.errors import ProcessingError
         from processors.model_check import check_model as run_check
-        from processors.model_check import format_report, load_samples
+        from processors.model_check import load_samples
+        from processors.model_check_report import format_report
 
         chosen = load_samples(Path(samples) if samples else SAMPLE_REQUESTS, requests)
         try:

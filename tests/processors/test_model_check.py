@@ -14,9 +14,9 @@ from processors.model_check import (
     ModelCheck,
     check_model,
     first_difference,
-    format_report,
     load_samples,
 )
+from processors.model_check_report import format_report
 from tests.support.tiny_internvl import TinyCheckpoints
 
 SAMPLE_REQUESTS = Path(__file__).parents[2] / "streams" / "samples" / "check_model.jsonl"
@@ -127,3 +127,12 @@ def test_constrained_answers_are_compared_with_the_free_ones(checkpoints: dict[s
     assert check.to_json()["runs"][0]["constrained_agreement"] == (0, 0, 1)
     report = format_report(check)
     assert "same decision and answers on 0 of 1 requests, the same text on 0" in report
+    # The same constrained request on the slot engine with forced runs (the worker's path).
+    assert request.forced_decision is not None
+    assert not request.forced_decision.startswith("none"), request.forced_decision
+    assert request.forced_agrees is not None and request.forced_text_equal is not None
+    assert request.forced_agrees or not request.forced_text_equal  # same text: same decision
+    expected = (int(request.forced_agrees), int(request.forced_text_equal), 1)
+    assert run.forced_agreement == expected
+    assert check.to_json()["runs"][0]["forced_agreement"] == expected
+    assert "forced runs (the slot engine) and stepping through the grammar" in report
