@@ -106,6 +106,7 @@ def slot_engine(settings: Settings, engine: InferenceEngine) -> InferenceEngine:
             context_length=settings.slot_context_length,
             prefill_tokens_per_step=settings.slot_prefill_tokens,
             queue_size=settings.slot_queue_size,
+            forced_tokens=settings.slot_forced_tokens,
         ),
     )
 

@@ -66,6 +66,7 @@ class Settings:
     slot_prefill_tokens: int = 8192
     slot_context_length: int = 0  # 0: 4096 + max_new_tokens, rounded up to 128
     slot_queue_size: int = 256
+    slot_forced_tokens: int = 16  # 0: constrained answers step through forced tokens too
     categorizer_artifacts: Path | None = None
     image_encoder: str = "efficientnet-lite0"
     image_input_size: int = 224
@@ -214,6 +215,9 @@ class Settings:
                 "VS_SLOT_CONTEXT_LENGTH", default.slot_context_length
             ),
             slot_queue_size=max(1, reader.integer("VS_SLOT_QUEUE_SIZE", default.slot_queue_size)),
+            slot_forced_tokens=max(
+                0, reader.integer("VS_SLOT_FORCED_TOKENS", default.slot_forced_tokens)
+            ),
             categorizer_artifacts=Path(env["VS_CATEGORIZER_ARTIFACTS"])
             if env.get("VS_CATEGORIZER_ARTIFACTS")
             else state_dir / "categorizer",

@@ -66,6 +66,16 @@ def test_the_native_engine_runs_on_the_slot_engine_unless_static_is_asked_for(
         assert engine is native
 
 
+def test_forced_runs_are_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    from processors.internvl import EngineConfig, NativeInternVLEngine
+    from processors.slot_engine import SlotEngine
+
+    native = NativeInternVLEngine(EngineConfig(str(tmp_path / "checkpoint")))
+    for env, forced in (({}, 16), ({"VS_SLOT_FORCED_TOKENS": "0"}, 0)):
+        engine = slot_engine(Settings.from_env(env), native)
+        assert isinstance(engine, SlotEngine) and engine.config.forced_tokens == forced
+
+
 def test_engines_that_cannot_be_wrapped_stay_static_and_warn_only_when_slot_was_asked(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
