@@ -471,11 +471,12 @@ class SlotDecoder:
 
         Row r's chunk is its chosen token and the tokens its grammar forces after it, at
         most `max_width` in all; an empty chunk and rows from `len(chunks)` on feed nothing
-        (their logits are meaningless). The chunks are
-        packed one after another (then padding tokens, written to the spare row) into one
-        pinned host buffer and copied with one non-blocking copy; the caller waits on the
-        step's ids before it loads again, so the buffer is free by then. Returns the
-        packed count of the pass (`tokens_for` of the chunks' total).
+        (their logits are meaningless). The chunks are packed one after another (then
+        padding tokens, written to the spare row) into one pinned host buffer and copied
+        with one non-blocking copy; the caller waits on the step's ids before it loads
+        again, so the buffer is free by then. Returns the packed count of the pass
+        (`tokens_for` of the chunks' total). Raises `ValueError` for more chunks than
+        slots or a chunk wider than `max_width`.
         """
         total = sum(len(chunk) for chunk in chunks)
         if len(chunks) > self.slots or any(len(c) > self.max_width for c in chunks):
