@@ -167,3 +167,29 @@ def test_free_rows_beside_constrained_rows_decode_as_alone(
         out.update({c.request_id: list(c.token_ids) for _w, c in ended})
     assert out["free"] == [t for t in alone if t != scheduler.eos_id][:40]
     _assert_valid(engine, requests[0], out[requests[0].request_id])
+
+
+def test_chunks_are_packed_row_after_row_with_padding_on_the_spare_row(
+    engine: NativeInternVLEngine,
+) -> None:
+    decoder = _scheduler(engine, slots=4).decoder
+    assert decoder.token_sizes[:8] == [1, 2, 3, 4, 6, 8, 12, 16]
+    assert decoder.token_sizes[-1] == 4 * decoder.max_width
+    size = decoder.load_chunks([[5, 6], [7], [8, 9, 10, 11, 12]])
+    assert size == 8  # 8 real tokens: no padding
+    packed = decoder.packed.tolist()
+    assert packed[0][:8] == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert packed[1][:8] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert packed[2][:8] == [0, 1, 0, 0, 1, 2, 3, 4]
+    assert packed[3][:4] == [0, 2, 3, 0] and packed[4][:4] == [2, 1, 5, 0]  # row 3: none
+    size = decoder.load_chunks([[5], [], [6, 7, 8]])  # 4 tokens, rows up to 3 fed
+    assert size == 4
+    assert packed != decoder.packed.tolist()
+    packed = decoder.packed.tolist()
+    assert packed[1][:4] == [0, 2, 2, 2] and packed[4][:4] == [1, 0, 3, 0]
+    size = decoder.load_chunks([[5, 6, 7], [8, 9]])  # 5 tokens: padded to 6 on the spare row
+    assert size == 6 and decoder.packed[1, 5].item() == decoder.slots
+    with pytest.raises(ValueError, match="chunks"):
+        decoder.load_chunks([[1] * (decoder.max_width + 1)])
+    with pytest.raises(ValueError, match="chunks"):
+        decoder.load_chunks([[1]] * (decoder.slots + 1))
