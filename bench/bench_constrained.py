@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-dir")
     parser.add_argument("--grammar-threads", type=int, default=8)
     parser.add_argument("--forced-tokens", type=int, default=16)
+    parser.add_argument(
+        "--follow-model", action="store_true", help="forced runs with SlotEngineConfig.follow_model"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="default bench/results/constrained-h200.json")
     return parser.parse_args(argv)
@@ -92,6 +95,7 @@ def _run(
     slots: int,
     forced_tokens: int,
     tokens: int | None,
+    follow_model: bool = False,
 ) -> dict[str, Any]:
     """Serve `requests` on a slot engine of `slots` slots; throughput, steps and the ids."""
     from processors.slot_engine import SlotEngine, SlotEngineConfig
@@ -105,6 +109,7 @@ def _run(
             context_length=-(-(prompt + budget + 64) // 128) * 128,
             queue_size=len(requests) + 8,
             forced_tokens=forced_tokens,
+            follow_model=follow_model,
         ),
     )
     slot.load()
@@ -132,6 +137,7 @@ def _run(
             "steps_per_answer": scheduler.stats["active_rows"] / len(requests),
             "tokens_per_answer": sum(len(row) for row in ids) / len(ids),
             "forced_tokens_per_answer": scheduler.stats["forced_tokens"] / len(requests),
+            "forced_taken_back_per_answer": scheduler.stats["forced_taken_back"] / len(requests),
             "mask_ms": mask_ms,
         }
     finally:
@@ -192,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 size,
                 forced,
                 None,
+                args.follow_model and forced > 0,
             )
             run["invalid"] = _invalid(run["ids"], constrained_requests, tokenizer, strict=True)
             runs[f"{name}_{size}"] = run
@@ -238,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "grammar_threads": args.grammar_threads,
         "forced_tokens": args.forced_tokens,
+        "follow_model": args.follow_model,
         "versions": versions(),
     }
     path = Path(args.out) if args.out else RESULTS / "constrained-h200.json"

@@ -64,6 +64,31 @@ def forced_tokens(matcher: Any, limit: int) -> list[int]:
     return forced
 
 
+def model_departure(
+    matcher: Any, forced: Sequence[int], choices: Sequence[int]
+) -> tuple[int, int] | None:
+    """Where the model would have left a forced run it was fed: (index, its token), or None.
+
+    `matcher` has accepted the run `forced`; `choices[i]` is the model's own greedy token
+    where `forced[i]` was fed. The departure is the first i whose choice differs from
+    `forced[i]` and is allowed by the grammar there too (the model splits the forced text
+    otherwise, or leaves it where the grammar allows). Then the matcher is left after
+    `forced[:i]`, the model's token not accepted; without one it is as it was.
+
+    Raises:
+        ValueError: the matcher refuses the run it accepted before (a matcher misused).
+    """
+    matcher.rollback(len(forced))
+    for index, token in enumerate(forced):
+        choice = int(choices[index])
+        if choice != token and matcher.accept_token(choice):
+            matcher.rollback(1)
+            return index, choice
+        if not matcher.accept_token(int(token)):
+            raise ValueError(f"the matcher refuses forced token {token} at {index}")
+    return None
+
+
 class GrammarCache:
     """Compiled answer grammars for one tokenizer, least recently used dropped first.
 

@@ -37,7 +37,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from processors.internvl import SplitKeyAttention, StaticGreedyDecoder, chunk_attention
+from processors.internvl import (
+    SplitKeyAttention,
+    StaticGreedyDecoder,
+    chunk_attention,
+    dense_chunk_attention,
+)
 
 
 def token_ladder(max_tokens: int) -> list[int]:
@@ -89,6 +94,7 @@ class SlotDecoder:
         stage_rows: int = 8,
         max_width: int = 1,
         vocab_size: int = 0,
+        position_argmax: bool = False,
     ) -> None:
         import torch
 
@@ -131,29 +137,47 @@ class SlotDecoder:
         self.cuda_graphs = cuda_graphs and str(self.device).startswith("cuda")
         self._graphs: dict[int, Any] = {}
         self.compile_error: str | None = None
-        # The wide step (constrained decoding): each row feeds its chosen token and the
-        # tokens the grammar forces after it, up to `max_width`, packed into one pass.
         self.max_width = max_width
-        self.token_sizes = token_ladder(slots * max_width)
         self.on_cuda = str(self.device).startswith("cuda")
-        # Rows: packed tokens, their rows, their offsets in the chunk; then per row (the
-        # first `slots` columns) the chunk's first packed index and its width.
-        columns = self.token_sizes[-1]
-        self.packed = longs(5, columns)
-        self.packed_host = torch.zeros((5, columns), dtype=torch.long, pin_memory=self.on_cuda)
-        self.offsets = torch.arange(max_width, device=self.device)
-        # The wide step's chosen ids, copied to pinned host memory as soon as they exist,
-        # so the host can take them while later work (prefill) still runs.
-        self.tokens_host = torch.zeros(slots, dtype=torch.long, pin_memory=self.on_cuda)
-        self._tokens_copied: Any = None
-        self.logits: Any = None
-        if vocab_size:
-            self.logits = torch.zeros(slots, vocab_size, dtype=torch.float32, device=self.device)
+        self._wide_buffers(vocab_size, position_argmax)
         self._wide_graphs: dict[tuple[Any, ...], Any] = {}
         # Profiling: set to a list to get ("wide", start, end) CUDA events of each pass
         # of `wide_step`.
         self.pass_events: list[tuple[str, Any, Any]] | None = None
         self._graph_pool: Any = None
+
+    def _wide_buffers(self, vocab_size: int, position_argmax: bool) -> None:
+        """The buffers of the wide step (constrained decoding).
+
+        Each row feeds its chosen token and the tokens the grammar forces after it, up to
+        `max_width`, packed into one pass. `packed` rows: packed tokens, their rows, their
+        offsets in the chunk; then per row (the first `slots` columns) the chunk's first
+        packed index and its width. The chosen ids go to pinned host memory as soon as
+        they exist, so the host can take them while later work (prefill) still runs. With
+        `position_argmax` the pass also writes the greedy choice after every packed token
+        (the model's own next token at each forced position), copied out with them.
+        """
+        import torch
+
+        self.token_sizes = token_ladder(self.slots * self.max_width)
+        columns = self.token_sizes[-1]
+
+        def pinned(*size: int) -> Any:
+            return torch.zeros(size, dtype=torch.long, pin_memory=self.on_cuda)
+
+        self.packed = torch.zeros((5, columns), dtype=torch.long, device=self.device)
+        self.packed_host = pinned(5, columns)
+        self.tokens_host = pinned(self.slots)
+        self._tokens_copied: Any = None
+        self.position_ids: Any = None
+        self.position_ids_host: Any = None
+        if position_argmax:
+            self.position_ids = torch.zeros(columns, dtype=torch.long, device=self.device)
+            self.position_ids_host = pinned(columns)
+        self.logits: Any = None
+        if vocab_size:
+            shape = (self.slots, vocab_size)
+            self.logits = torch.zeros(shape, dtype=torch.float32, device=self.device)
 
     @property
     def split_attention(self) -> bool:
@@ -527,6 +551,8 @@ class SlotDecoder:
         chosen = logits.argmax(-1)
         self.tokens[:active] = chosen
         self.tokens_host[:active].copy_(chosen, non_blocking=self.on_cuda)
+        if self.position_ids is not None and self.position_ids_host is not None:
+            self.position_ids_host[:size].copy_(self.position_ids[:size], non_blocking=self.on_cuda)
         if self.on_cuda:
             import torch
 
@@ -536,6 +562,24 @@ class SlotDecoder:
         self.lengths[:active] += widths
         self.produced[:active] += widths
         return chosen
+
+    def stepped_positions(self, size: int) -> list[int]:
+        """The last wide step's greedy choice after each of its `size` packed tokens.
+
+        Call after `stepped_tokens` (which waits for the step); needs `position_argmax`.
+        """
+        if self.position_ids_host is None:
+            raise RuntimeError("the decoder was built without position_argmax")
+        values: list[int] = self.position_ids_host[:size].tolist()
+        return values
+
+    def rewind(self, row: int, count: int) -> None:
+        """Take back the last `count` tokens `row` fed: its length and `produced` shrink.
+
+        Their keys and values stay in columns no step reads until they are written again.
+        """
+        self.lengths[row] -= count
+        self.produced[row] -= count
 
     def stepped_tokens(self, count: int) -> list[int]:
         """The last wide step's ids of rows [0, count) on the host; waits for that step only."""
@@ -632,52 +676,26 @@ class SlotDecoder:
                     max_width=self.max_width,
                 )  # fmt: skip
             else:
-                attended = self._dense_chunk_attention(
-                    query[0], keys[:rows], values[:rows], starts, widths, lengths, scale
-                )
+                attended = dense_chunk_attention(
+                    query[0], keys[:rows], values[:rows], starts, widths, lengths, scale,
+                    max_width=self.max_width,
+                )  # fmt: skip
             attended = attended.reshape(1, size, base.heads * base.head_dim)
             hidden = base.layer_output(layer, hidden, attended)
+        if self.position_ids is not None:
+            self._position_argmax(hidden[0], size)
         last = hidden[0, (starts + widths - 1).clamp(min=0)]
         logits = base.lm_head(language_model.norm(last)[:, None, :])[:, -1, :].float()
         suppress = self.produced[:rows] + widths <= self.min_new[:rows]
         logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
         self.logits[:rows].copy_(logits)
 
-    def _dense_chunk_attention(
-        self,
-        query: Any,
-        keys: Any,
-        values: Any,
-        starts: Any,
-        widths: Any,
-        lengths: Any,
-        scale: float,
-    ) -> Any:
-        """`chunk_attention` by masked SDPA over each row's chunk padded to `max_width`."""
-        import torch
-
+    def _position_argmax(self, hidden: Any, size: int, block: int = 256) -> None:
+        """The greedy choice after each packed token, `block` tokens of logits at a time."""
         base = self.base
-        tokens, rows, width = int(query.shape[0]), int(keys.shape[0]), self.max_width
-        group = base.heads // base.kv_heads
-        picked = self.offsets[None, :width]
-        index = (starts[:, None] + picked).clamp(max=tokens - 1)  # (rows, width)
-        grouped = query[index].view(rows, width, base.kv_heads, group, base.head_dim)
-        grouped = grouped.permute(0, 2, 1, 3, 4).reshape(
-            rows, base.kv_heads, width * group, base.head_dim
-        )
-        positions = lengths[:, None] + picked  # (rows, width)
-        columns = torch.arange(self.context, device=self.device)
-        seen = (columns[None, None, :] <= positions[:, :, None]).repeat_interleave(group, 1)
-        mask = torch.zeros(seen[:, None].shape, dtype=query.dtype, device=self.device)
-        mask.masked_fill_(~seen[:, None], float("-inf"))
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            grouped, keys, values, attn_mask=mask, scale=scale
-        )
-        attended = attended.view(rows, base.kv_heads, width, group, base.head_dim)
-        attended = attended.permute(0, 2, 1, 3, 4).reshape(rows * width, base.heads, -1)
-        target = torch.where(picked < widths[:, None], starts[:, None] + picked, tokens)
-        out = torch.zeros(
-            (tokens + 1, base.heads, base.head_dim), dtype=query.dtype, device=self.device
-        )
-        out[target.reshape(-1)] = attended
-        return out[:tokens]
+        assert self.position_ids is not None
+        for first in range(0, size, block):
+            end = min(first + block, size)
+            part = base.language_model.norm(hidden[first:end])
+            logits = base.lm_head(part[:, None, :])[:, -1, :].float()
+            self.position_ids[first:end] = logits.argmax(-1)

@@ -39,6 +39,11 @@ class SlotEngineConfig:
         forced_tokens: with constrained decoding, at most this many tokens the grammar
             forces after a row's chosen token are written in the same forward pass (a
             forced run); 0 steps through them one by one like free tokens.
+        follow_model: with forced runs, also take the model's own greedy choice at every
+            forced position (the logits of every packed token); where it differs from
+            the forced token and the grammar allows it, the model's token replaces the
+            rest of the run, so the answer follows the model's own split of the forced
+            text. The answer's forced opening is then not prefilled either.
     """
 
     slots: int = 0
@@ -52,6 +57,7 @@ class SlotEngineConfig:
     vision_requests: int = 8
     prefill_rows: int = 8
     forced_tokens: int = 16
+    follow_model: bool = False
 
     def __post_init__(self) -> None:
         for name in ("slots", "context_length", "forced_tokens"):
@@ -92,6 +98,7 @@ class JsonObjectEnd:
     """Watches generated text; `feed` returns True once the first JSON object closes.
 
     Counts braces outside double-quoted strings (escapes honoured) from the first `{`.
+    `state` and `restore` save and put back where it is (a forced run taken back).
     """
 
     __slots__ = ("depth", "escape", "in_string")
@@ -100,6 +107,14 @@ class JsonObjectEnd:
         self.depth = 0
         self.in_string = False
         self.escape = False
+
+    def state(self) -> tuple[int, bool, bool]:
+        """Where the watch is: (depth, in a string, after a backslash)."""
+        return self.depth, self.in_string, self.escape
+
+    def restore(self, state: tuple[int, bool, bool]) -> None:
+        """Go back to a `state()`."""
+        self.depth, self.in_string, self.escape = state
 
     def feed(self, text: str) -> bool:
         """Watch more generated text; True once the first JSON object has closed."""
@@ -143,6 +158,8 @@ class SlotWork:
     vision_ready: bool = False
     matcher: Any = None  # the answer grammar's matcher (constrained decoding), else None
     forced: list[int] = field(default_factory=list)  # forced tokens not yet fed
+    chunk: list[int] = field(default_factory=list)  # what the row fed in the last wide step
+    json_before_forced: tuple[int, bool, bool] | None = None  # the watch before `forced`
     fed: int = 0  # generated tokens whose keys and values are in the row's columns
     unseen: bool = False  # the row's latest token is on the device only
 

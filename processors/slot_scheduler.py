@@ -16,7 +16,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
-from processors.constrained import ConstrainedRows, GrammarCache, forced_tokens
+from processors.constrained import (
+    ConstrainedRows,
+    GrammarCache,
+    forced_tokens,
+    model_departure,
+)
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import PreparedRequest
 from processors.internvl import IM_END_TOKEN, NativeInternVLEngine, coded_failure
@@ -76,6 +81,7 @@ class SlotScheduler:
         # Constrained decoding: rows whose request carries an answer schema decode inside
         # its grammar, stepping one token (plus its forced run) at a time.
         self.constrained = bool(engine.config.constrained_decoding)
+        self.follows_model = self.constrained and config.follow_model and config.forced_tokens > 0
         self.vocab_size = int(base.lm_head.out_features)
         self.grammars: GrammarCache | None = None
         self.constraint: ConstrainedRows | None = None
@@ -89,16 +95,18 @@ class SlotScheduler:
             stage_rows=config.prefill_rows,
             max_width=config.forced_tokens + 1 if self.constrained else 1,
             vocab_size=self.vocab_size if self.constrained else 0,
+            position_argmax=self.follows_model,
         )
         self.waiting: deque[SlotWork] = deque()
         self.prefilling: SlotWork | None = None
         self.rows: list[SlotWork] = []  # row index -> request
         self.steps = 0  # decode steps so far
         self._vision_done: Any = None  # CUDA event after the last vision call
+        self._wide_size = 0  # packed size of the last wide step
         # Counters for benchmarks: decode steps, rows decoded (active and padded), prompt
         # tokens prefilled, requests through the vision tower, rounds.
         # forced tokens written by forced runs, constrained steps, packed tokens of wide
-        # passes (padding included).
+        # passes (padding included), forced tokens taken back for the model's own choice.
         # Host seconds per phase (profiling): vision, prefill, rounds (all of each round),
         # and in constrained rounds the chunk uploads and the token handling.
         self.phase_s = dict.fromkeys(("vision", "prefill", "rounds", "chunks", "tokens"), 0.0)
@@ -113,6 +121,7 @@ class SlotScheduler:
                 "forced_tokens",
                 "constrained_steps",
                 "packed_tokens",
+                "forced_taken_back",
             ),
             0,
         )
@@ -227,8 +236,10 @@ class SlotScheduler:
             raise ProcessingError(
                 ErrorCode.INVALID_REQUEST, f"request {request.request_id}: {exc}", STAGE
             ) from exc
-        if not self.config.forced_tokens:
-            return matcher, []  # every token, the forced ones too, is a step of its own
+        if not self.config.forced_tokens or self.follows_model:
+            # Every token is a step of its own, or the opening is checked against the
+            # model like any forced run (`_follow_model`).
+            return matcher, []
         return matcher, forced_tokens(matcher, max_new - 1)
 
     def _texts(self, ids: Sequence[int]) -> list[str]:
@@ -495,7 +506,7 @@ class SlotScheduler:
         while done < self.config.steps_per_round:
             stepped = len(self.rows)
             if stepped:
-                size = self._load_chunks()
+                size = self._wide_size = self._load_chunks()
                 rows = range(stepped)
 
                 def mask(logits: Any, rows: range = rows) -> None:
@@ -533,7 +544,8 @@ class SlotScheduler:
         chunks: list[list[int]] = []
         for work in self.rows:
             width = 1 + len(work.forced)
-            chunks.append(work.tokens[len(work.tokens) - width :])
+            work.chunk = work.tokens[len(work.tokens) - width :]
+            chunks.append(work.chunk)
             self.stats["forced_tokens"] += width - 1
             work.fed += width
             work.forced = []
@@ -549,7 +561,18 @@ class SlotScheduler:
         its token, then accepts the run the grammar forces next (fed by the next step),
         at most `forced_tokens` of them.
         """
-        ended = self._advance_rows(0, self.decoder.stepped_tokens(stepped))
+        tokens = self.decoder.stepped_tokens(stepped)
+        if self.follows_model and stepped:
+            positions = self.decoder.stepped_positions(self._wide_size)
+            start = 0
+            for row in range(stepped):
+                work = self.rows[row]
+                if len(work.chunk) > 1:
+                    followed = self._follow_model(row, work, positions[start:])
+                    if followed is not None:
+                        tokens[row] = followed
+                start += len(work.chunk)
+        ended = self._advance_rows(0, tokens)
         if len(self.rows) > stepped:
             newcomers: list[int] = self.decoder.tokens[stepped : len(self.rows)].tolist()
             ended += self._advance_rows(stepped, newcomers)
@@ -576,12 +599,44 @@ class SlotScheduler:
             if reason is None and work.matcher is not None:
                 room = work.max_new - len(work.tokens) - 1
                 forced = constraint.force(row, min(limit, room))
+                if work.json is not None and self.follows_model:
+                    work.json_before_forced = work.json.state()
                 if forced:
                     reason = work.extend(forced, self.eos_id, self._texts(forced))
                     work.forced = forced
             if reason is not None:
                 ended.append((row, work, reason))
         return ended
+
+    def _follow_model(self, row: int, work: SlotWork, positions: list[int]) -> int | None:
+        """The model's own token where it left the forced run `work.chunk[1:]`, else None.
+
+        `positions[i]` is the model's greedy choice after the chunk's token i. At the
+        departure (`model_departure`) the run is taken back: the request's tokens, the
+        JSON watch, the matcher (left before the model's token, which the caller accepts
+        as the step's choice) and the row's length go back there. The grammar's token
+        stays where the model's choice is outside it.
+        """
+        constraint = self.constraint
+        matcher = work.matcher
+        if constraint is None or matcher is None or constraint.done[row]:
+            return None
+        forced = work.chunk[1:]
+        departure = model_departure(matcher, forced, positions[: len(forced)])
+        if departure is None:
+            return None
+        index, model = departure
+        dropped = len(forced) - index
+        del work.tokens[len(work.tokens) - dropped :]
+        if work.json is not None and work.json_before_forced is not None:
+            work.json.restore(work.json_before_forced)
+            for text in self._texts(forced[:index]):
+                work.json.feed(text)
+        self.decoder.rewind(row, dropped)
+        work.fed -= dropped
+        self.stats["forced_tokens"] -= dropped
+        self.stats["forced_taken_back"] += dropped
+        return model
 
     def _completion(self, work: SlotWork, reason: FinishReason, now: float) -> Completion:
         text = self.tokenizer.decode(work.tokens, skip_special_tokens=True)

@@ -107,6 +107,7 @@ def slot_engine(settings: Settings, engine: InferenceEngine) -> InferenceEngine:
             prefill_tokens_per_step=settings.slot_prefill_tokens,
             queue_size=settings.slot_queue_size,
             forced_tokens=settings.slot_forced_tokens,
+            follow_model=settings.slot_follow_model,
         ),
     )
 

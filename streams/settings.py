@@ -67,6 +67,7 @@ class Settings:
     slot_context_length: int = 0  # 0: 4096 + max_new_tokens, rounded up to 128
     slot_queue_size: int = 256
     slot_forced_tokens: int = 16  # 0: constrained answers step through forced tokens too
+    slot_follow_model: bool = False  # forced runs give way to the model's own split
     categorizer_artifacts: Path | None = None
     image_encoder: str = "efficientnet-lite0"
     image_input_size: int = 224
@@ -218,6 +219,7 @@ class Settings:
             slot_forced_tokens=max(
                 0, reader.integer("VS_SLOT_FORCED_TOKENS", default.slot_forced_tokens)
             ),
+            slot_follow_model=reader.flag("VS_SLOT_FOLLOW_MODEL", default.slot_follow_model),
             categorizer_artifacts=Path(env["VS_CATEGORIZER_ARTIFACTS"])
             if env.get("VS_CATEGORIZER_ARTIFACTS")
             else state_dir / "categorizer",

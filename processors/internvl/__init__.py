@@ -49,7 +49,11 @@ from processors.internvl.convert import (
     convert_original_state_dict,
     load_state_dict_files,
 )
-from processors.internvl.decode_attention import SplitKeyAttention, chunk_attention
+from processors.internvl.decode_attention import (
+    SplitKeyAttention,
+    chunk_attention,
+    dense_chunk_attention,
+)
 from processors.internvl.decoder import (
     DecodeSession,
     StaticGreedyDecoder,
@@ -104,6 +108,7 @@ __all__ = [
     "convert_original_config",
     "convert_original_state_dict",
     "create_engine",
+    "dense_chunk_attention",
     "expand_image_placeholders",
     "has_remote_code",
     "is_convertible",

@@ -97,6 +97,48 @@ def chunk_attention(
     return out
 
 
+def dense_chunk_attention(
+    query: Any,
+    keys: Any,
+    values: Any,
+    starts: Any,
+    widths: Any,
+    lengths: Any,
+    scale: float,
+    *,
+    max_width: int,
+) -> Any:
+    """`chunk_attention` by masked SDPA over each row's chunk padded to `max_width`.
+
+    The reference and the fallback where Triton does not run (CPU tests, head sizes the
+    kernel does not take); `keys` and `values` hold exactly the rows of `widths`. It reads
+    every column of the cache, so its memory grows with rows x `max_width` x context.
+    """
+    import torch
+
+    tokens, heads, head_dim = (int(size) for size in query.shape)
+    rows, kv_heads, context = int(keys.shape[0]), int(keys.shape[1]), int(keys.shape[2])
+    group = heads // kv_heads
+    picked = torch.arange(max_width, device=query.device)[None, :]
+    index = (starts[:, None] + picked).clamp(max=tokens - 1)  # (rows, width)
+    grouped = query[index].view(rows, max_width, kv_heads, group, head_dim)
+    grouped = grouped.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, max_width * group, head_dim)
+    positions = lengths[:, None] + picked  # (rows, width)
+    columns = torch.arange(context, device=query.device)
+    seen = (columns[None, None, :] <= positions[:, :, None]).repeat_interleave(group, 1)
+    mask = torch.zeros(seen[:, None].shape, dtype=query.dtype, device=query.device)
+    mask.masked_fill_(~seen[:, None], float("-inf"))
+    attended = torch.nn.functional.scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=mask, scale=scale
+    )
+    attended = attended.view(rows, kv_heads, max_width, group, head_dim)
+    attended = attended.permute(0, 2, 1, 3, 4).reshape(rows * max_width, heads, head_dim)
+    target = torch.where(picked < widths[:, None], starts[:, None] + picked, tokens)
+    out = torch.zeros((tokens + 1, heads, head_dim), dtype=query.dtype, device=query.device)
+    out[target.reshape(-1)] = attended  # the blocks' unused rows go to the spare token row
+    return out[:tokens]
+
+
 def split_key_attention(
     query: Any,
     keys: Any,

@@ -13,6 +13,7 @@ from jsonschema import Draft202012Validator
 
 from processors.answer_parsing import parse_answer
 from processors.answer_schema import FieldLimits, answer_schema
+from processors.constrained import GrammarCache, forced_tokens, model_departure
 from processors.decision import unknown_recommendation
 from processors.inference import PreparedRequest
 from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
@@ -177,3 +178,28 @@ def test_rows_are_filled_advanced_and_reset_one_by_one(engine: NativeInternVLEng
     assert bool((rows.bitmask[2] == opening).all())
     rows.reset_row(2, None)
     assert not rows.active
+
+
+def test_a_departure_is_the_first_choice_the_grammar_also_allows(
+    engine: NativeInternVLEngine,
+) -> None:
+    tokenizer = engine.tokenizer
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert engine.decoder is not None
+    vocab = int(engine.decoder.lm_head.out_features)
+    cache = GrammarCache(tokenizer, vocab_size=vocab, stop_id=stop)
+    schema = answer_schema(parse_questions(json.dumps(QUESTION_SETS["one boolean"])), LIMITS)
+    matcher = cache.matcher(schema)
+    forced = forced_tokens(matcher, 64)  # the answer's opening, as xgrammar splits it
+    pieces = tokenizer.convert_ids_to_tokens(forced)
+    at = next(i for i, piece in enumerate(pieces) if len(piece) > 1)
+    shorter = tokenizer.convert_tokens_to_ids(pieces[at][0])  # the same text, split finer
+    outside = tokenizer.convert_tokens_to_ids("zz")
+    assert model_departure(matcher, forced, forced) is None  # the model agrees: no departure
+    assert model_departure(matcher, forced, [*forced[:at], outside, *forced[at + 1 :]]) is None
+    assert model_departure(matcher, forced, [*forced[:at], shorter, *forced[at + 1 :]]) == (
+        at,
+        shorter,
+    )
+    # Left after forced[:at]: the model's token is the next one the grammar takes.
+    assert matcher.accept_token(shorter)

@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator
 
 from processors.answer_parsing import parse_answer
 from processors.answer_schema import FieldLimits, answer_schema
+from processors.constrained import GrammarCache
 from processors.inference import PreparedRequest
 from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
 from processors.prompt import build_prompt, parse_questions
@@ -193,3 +194,92 @@ def test_chunks_are_packed_row_after_row_with_padding_on_the_spare_row(
         decoder.load_chunks([[1] * (decoder.max_width + 1)])
     with pytest.raises(ValueError, match="chunks"):
         decoder.load_chunks([[1]] * (decoder.slots + 1))
+
+
+def _model_choices(
+    engine: NativeInternVLEngine, request: PreparedRequest, ids: list[int]
+) -> list[int]:
+    """The model's own greedy choice at each answer position, fed the answer one token a pass."""
+    decoder = _scheduler(engine, slots=1).decoder
+    prompt = engine.encode_prompts([request])[0]
+    features = engine.image_features([request])[0]
+    flat = torch.cat([part.reshape(-1, part.shape[-1]) for part in features])
+    choices = [int(decoder.prefill_rows([prompt], flat, [0])[0])]  # no mask: the model's own
+    decoder.activate(0, len(prompt), torch.tensor([ids[0]]), 0)
+    for token in ids[:-1]:
+        decoder.forward_packed(decoder.load_chunks([[token]]))
+        choices.append(int(decoder.logits[0].argmax()))
+        decoder.lengths[0] += 1
+    return choices
+
+
+def test_following_the_model_takes_its_own_choice_wherever_the_grammar_allows_it(
+    engine: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    scheduler = _scheduler(engine, follow_model=True)
+    got = _drain(scheduler, requests)
+    assert scheduler.stats["forced_tokens"] > 0
+    cache = GrammarCache(
+        engine.tokenizer, vocab_size=scheduler.vocab_size, stop_id=scheduler.eos_id
+    )
+    with torch.inference_mode():
+        for request in requests:
+            ids = got[request.request_id]
+            _assert_valid(engine, request, ids)
+            assert request.answer_schema is not None
+            matcher = cache.matcher(request.answer_schema)
+            for position, (token, choice) in enumerate(
+                zip(ids, _model_choices(engine, request, ids), strict=True)
+            ):
+                if token != choice:  # only where the grammar refuses the model's own token
+                    assert not matcher.accept_token(choice), (request.request_id, position)
+                assert matcher.accept_token(token), (request.request_id, position)
+
+
+def test_runs_taken_back_for_the_model_keep_rows_and_answers_consistent(
+    engine: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    """A stand-in "model" that agrees with every forced token but splits one finer."""
+    scheduler = _scheduler(engine, follow_model=True)
+    decoder = scheduler.decoder
+    tokenizer = engine.tokenizer
+    real = decoder.stepped_positions
+    departures = [0]
+
+    def finer_split(size: int) -> list[int]:
+        positions = real(size)
+        packed = decoder.packed.tolist()
+        for start, width in zip(
+            packed[3][: decoder.slots], packed[4][: decoder.slots], strict=True
+        ):
+            if width < 2:
+                continue
+            forced = packed[0][start + 1 : start + width]
+            positions[start : start + width - 1] = forced
+            for index, piece in enumerate(tokenizer.convert_ids_to_tokens(forced)):
+                if len(piece) > 1 and departures[0] < 40:  # the same text, split finer
+                    positions[start + index] = tokenizer.convert_tokens_to_ids(piece[0])
+                    departures[0] += 1
+                    break
+        return positions
+
+    decoder.stepped_positions = finer_split  # type: ignore[method-assign]
+    for request in requests:
+        scheduler.add(request)
+    out: dict[str, list[int]] = {}
+    while not scheduler.idle:
+        ended, failed = scheduler.run_round()
+        assert not failed
+        out.update({c.request_id: list(c.token_ids) for _w, c in ended})
+        print("DEBUG ended", [(c.request_id, c.finish, len(c.token_ids)) for _w, c in ended])
+        for row, work in enumerate(scheduler.rows):  # host and device agree on every row
+            assert int(decoder.lengths[row]) == len(work.ids) + work.fed
+    assert scheduler.stats["forced_taken_back"] > 0
+    for request in requests:
+        print(
+            "DEBUG",
+            request.request_id,
+            len(out[request.request_id]),
+            engine.tokenizer.decode(out[request.request_id])[-300:],
+        )
+        _assert_valid(engine, request, out[request.request_id])

@@ -74,6 +74,9 @@ def test_forced_runs_are_on_by_default_and_can_be_turned_off(tmp_path: Path) -> 
     for env, forced in (({}, 16), ({"VS_SLOT_FORCED_TOKENS": "0"}, 0)):
         engine = slot_engine(Settings.from_env(env), native)
         assert isinstance(engine, SlotEngine) and engine.config.forced_tokens == forced
+        assert not engine.config.follow_model
+    engine = slot_engine(Settings.from_env({"VS_SLOT_FOLLOW_MODEL": "true"}), native)
+    assert isinstance(engine, SlotEngine) and engine.config.follow_model
 
 
 def test_engines_that_cannot_be_wrapped_stay_static_and_warn_only_when_slot_was_asked(
