@@ -134,11 +134,11 @@ class SlotDecoder:
         self._run_layer: Any = self._decode_layer
         if compile_step:
             self._run_layer = torch.compile(self._decode_layer, dynamic=True)
-        self.cuda_graphs = cuda_graphs and str(self.device).startswith("cuda")
+        self.on_cuda = str(self.device).startswith("cuda")
+        self.cuda_graphs = cuda_graphs and self.on_cuda
         self._graphs: dict[int, Any] = {}
         self.compile_error: str | None = None
         self.max_width = max_width
-        self.on_cuda = str(self.device).startswith("cuda")
         self._wide_buffers(vocab_size, position_argmax)
         self._wide_graphs: dict[tuple[Any, ...], Any] = {}
         # Profiling: set to a list to get ("wide", start, end) CUDA events of each pass
@@ -312,8 +312,7 @@ class SlotDecoder:
         import torch
 
         width = max(len(ids) for ids in prompts)
-        pinned = str(self.device).startswith("cuda")
-        host = torch.full((len(prompts), width), pad, dtype=torch.long, pin_memory=pinned)
+        host = torch.full((len(prompts), width), pad, dtype=torch.long, pin_memory=self.on_cuda)
         for row, ids in enumerate(prompts):
             host[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         return host.to(self.device, non_blocking=True)

@@ -567,11 +567,12 @@ class SlotScheduler:
             start = 0
             for row in range(stepped):
                 work = self.rows[row]
-                if len(work.chunk) > 1:
-                    followed = self._follow_model(row, work, positions[start:])
+                width = len(work.chunk)
+                if width > 1:  # the choices after the chunk's tokens but its last
+                    followed = self._follow_model(row, work, positions[start : start + width - 1])
                     if followed is not None:
                         tokens[row] = followed
-                start += len(work.chunk)
+                start += width
         ended = self._advance_rows(0, tokens)
         if len(self.rows) > stepped:
             newcomers: list[int] = self.decoder.tokens[stepped : len(self.rows)].tolist()
@@ -611,18 +612,18 @@ class SlotScheduler:
     def _follow_model(self, row: int, work: SlotWork, positions: list[int]) -> int | None:
         """The model's own token where it left the forced run `work.chunk[1:]`, else None.
 
-        `positions[i]` is the model's greedy choice after the chunk's token i. At the
-        departure (`model_departure`) the run is taken back: the request's tokens, the
-        JSON watch, the matcher (left before the model's token, which the caller accepts
-        as the step's choice) and the row's length go back there. The grammar's token
-        stays where the model's choice is outside it.
+        `positions[i]` is the model's greedy choice after the chunk's token i (one per
+        forced token). At the departure (`model_departure`) the run is taken back: the
+        request's tokens, the JSON watch, the matcher (left before the model's token,
+        which the caller accepts as the step's choice) and the row's length go back
+        there. The grammar's token stays where the model's choice is outside it.
         """
         constraint = self.constraint
         matcher = work.matcher
         if constraint is None or matcher is None or constraint.done[row]:
             return None
         forced = work.chunk[1:]
-        departure = model_departure(matcher, forced, positions[: len(forced)])
+        departure = model_departure(matcher, forced, positions)
         if departure is None:
             return None
         index, model = departure
