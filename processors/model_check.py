@@ -215,22 +215,24 @@ class PrecisionRun:
     @property
     def constrained_agreement(self) -> tuple[int, int, int] | None:
         """(same decision and answers, identical text, compared) of constrained vs free."""
-        compared = [r for r in self.requests if r.constrained_agrees is not None]
-        if not compared:
-            return None
-        agree = sum(1 for r in compared if r.constrained_agrees)
-        identical = sum(1 for r in compared if r.constrained_text_equal)
-        return agree, identical, len(compared)
+        return _agreement((r.constrained_agrees, r.constrained_text_equal) for r in self.requests)
 
     @property
     def forced_agreement(self) -> tuple[int, int, int] | None:
         """(same decision and answers, identical text, compared) of forced runs vs stepping."""
-        compared = [r for r in self.requests if r.forced_agrees is not None]
-        if not compared:
-            return None
-        agree = sum(1 for r in compared if r.forced_agrees)
-        identical = sum(1 for r in compared if r.forced_text_equal)
-        return agree, identical, len(compared)
+        return _agreement((r.forced_agrees, r.forced_text_equal) for r in self.requests)
+
+
+def _agreement(
+    outcomes: Iterable[tuple[bool | None, bool | None]],
+) -> tuple[int, int, int] | None:
+    """(agreeing, identical, compared) over (agrees, text equal) pairs; None: none compared."""
+    compared = [(agrees, equal) for agrees, equal in outcomes if agrees is not None]
+    if not compared:
+        return None
+    agree = sum(1 for agrees, _ in compared if agrees)
+    identical = sum(1 for _, equal in compared if equal)
+    return agree, identical, len(compared)
 
 
 @dataclass(frozen=True, slots=True)

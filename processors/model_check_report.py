@@ -52,21 +52,19 @@ def format_report(check: ModelCheck) -> str:
             f"{'equal' if run.tokens_equal else 'DIVERGE'}, decisions "
             f"{'agree' if run.decisions_agree else 'DIFFER'}"
         )
-        agreement = run.constrained_agreement
-        if agreement is not None:
-            agree, identical, compared = agreement
-            lines.append(
-                f"{run.dtype}: constrained and free greedy give the same decision and answers "
-                f"on {agree} of {compared} requests, the same text on {identical}"
-            )
-        forced = run.forced_agreement
-        if forced is not None:
-            agree, identical, compared = forced
-            lines.append(
-                f"{run.dtype}: forced runs (the slot engine) and stepping through the grammar "
-                f"give the same decision and answers on {agree} of {compared} requests, "
-                f"the same text on {identical}"
-            )
+        for subject, counts in (
+            ("constrained and free greedy", run.constrained_agreement),
+            (
+                "forced runs (the slot engine) and stepping through the grammar",
+                run.forced_agreement,
+            ),
+        ):
+            if counts is not None:
+                agree, identical, compared = counts
+                lines.append(
+                    f"{run.dtype}: {subject} give the same decision and answers on {agree} of "
+                    f"{compared} requests, the same text on {identical}"
+                )
     verdict = "PASS" if check.passed else "FAIL"
     lines += [
         "",
