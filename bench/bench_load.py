@@ -513,7 +513,13 @@ class LoadBench:
         """
         import tempfile
 
-        from bench.load_pipeline import run_pipeline
+        from bench.load_pipeline import (
+            PICKUP_IMAGES,
+            VENDOR_IMAGES,
+            image_server,
+            run_pipeline,
+            write_images,
+        )
         from processors.slot_engine import SlotEngine, SlotEngineConfig
 
         plan, args = self.plan, self.args
@@ -529,11 +535,13 @@ class LoadBench:
         questions = int(self.request_stats["questions"])
         try:
             with tempfile.TemporaryDirectory() as root:
-                # Warm-up: every question set's grammar, a burst, then a single event.
-                run_pipeline(slot, [0.0] * 24, questions, Path(root), args.seed)
-                run_pipeline(slot, [0.0], questions, Path(root), args.seed)
-                self.details["warm_up_s"]["pipeline"] = round(time.perf_counter() - warm, 2)
-                done, info = run_pipeline(slot, times, questions, Path(root), args.seed)
+                write_images(Path(root), VENDOR_IMAGES, PICKUP_IMAGES, args.seed)
+                with image_server(Path(root)) as base:
+                    # Warm-up: every question set's grammar, a burst, then a single event.
+                    run_pipeline(slot, [0.0] * 24, questions, base)
+                    run_pipeline(slot, [0.0], questions, base)
+                    self.details["warm_up_s"]["pipeline"] = round(time.perf_counter() - warm, 2)
+                    done, info = run_pipeline(slot, times, questions, base)
         finally:
             slot.close()
         row = {"arrival_per_s": args.pipeline_rate, **summary(times, done)}

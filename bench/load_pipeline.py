@@ -29,6 +29,10 @@ from typing import Any
 
 from bench.bench_vlm import questions_for
 
+#: Distinct images served: events draw their vendor and pickup photos from these.
+VENDOR_IMAGES = 64
+PICKUP_IMAGES = 16
+
 
 class _QuietHandler(SimpleHTTPRequestHandler):
     """Serves files without a log line per request."""
@@ -146,26 +150,24 @@ async def drive(engine: Any, events: list[dict[str, Any]], times: list[float]) -
         done=done,
         decisions=sum(1 for outcome in outcomes if outcome.decision is not None),
         failures=dict(failures),
-        phase_s={name: round(value / len(times), 4) for name, value in phases.items()},
+        phase_s={name: round(value / max(1, len(times)), 4) for name, value in phases.items()},
     )
 
 
 def run_pipeline(
-    engine: Any, times: list[float], questions: int, root: Path, seed: int
+    engine: Any, times: list[float], questions: int, base: str
 ) -> tuple[list[float], dict[str, Any]]:
-    """Run the pipeline over arrivals `times` on a loaded slot engine.
+    """Run the pipeline over arrivals `times` on a loaded slot engine, images from `base`.
 
-    Returns each event's outcome time (seconds from the first arrival's clock start) and
-    the details: outcomes (decisions, failures by code), the pipeline's mean phase
-    seconds per event, and the engine's decode steps and forced tokens per event.
+    `base` serves the images of `write_images` (see `image_server`). Returns each event's
+    outcome time (seconds from the first arrival's clock start) and the details:
+    outcomes (decisions, failures by code), the pipeline's mean phase seconds per event,
+    and the engine's decode steps and forced tokens per event.
     """
-    vendors, pickups = 64, 16
-    write_images(root, vendors, pickups, seed)
     scheduler = engine.scheduler
     before = dict(scheduler.stats)
-    with image_server(root) as base:
-        events = pickup_events(len(times), base, vendors, pickups, questions)
-        load = asyncio.run(drive(engine, events, times))
+    events = pickup_events(len(times), base, VENDOR_IMAGES, PICKUP_IMAGES, questions)
+    load = asyncio.run(drive(engine, events, times))
     stats = {key: value - before[key] for key, value in scheduler.stats.items()}
     count = max(1, len(times))
     return load.done, {
