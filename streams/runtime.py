@@ -5,9 +5,10 @@ loop); the verification agent waits for `verification_ready` (set once the engin
 loaded, before the categorizer), the categorization agent for `ready`. A model that cannot
 load stops the worker at start with the reason, never per event.
 
-With `VS_ENGINE_MODE=slot` a native InternVL engine is wrapped in the slot engine
-(`processors.slot_engine.SlotEngine`, continuous batching) and the pickup agent runs on a
-`streams.streaming.StreamingVerifier`; the replay and remote-code engines stay static.
+By default (`VS_ENGINE_MODE=auto`, or `slot`) a native InternVL engine is wrapped in the
+slot engine (`processors.slot_engine.SlotEngine`, continuous batching) and the pickup agent
+runs on a `streams.streaming.StreamingVerifier`; the replay and remote-code engines, and
+every engine with `VS_ENGINE_MODE=static`, stay on static micro-batches.
 """
 
 from __future__ import annotations
