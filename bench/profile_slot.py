@@ -67,7 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", default="")
     parser.add_argument("--saturation", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=0)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="engine compile options on")
+    parser.add_argument("--slots", type=int, default=0, help="saturation slots (largest batch)")
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=0,
+        help="also time decode steps at this batch beside vision + prefill on a second stream",
+    )
     parser.add_argument(
         "--constrained",
         type=int,
@@ -96,8 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(shape, tokenizer, device, dtype, 0)
     pool, _ = make_requests(shape, tokenizer, 16, 0, 0, shape.text_tokens)
     out: dict[str, Any] = {"device": device, "shape": shape.name}
+    compiled = args.compile and device.startswith("cuda")
     engine = NativeInternVLEngine.from_model(
-        EngineConfig(f"{shape.name}-random", feature_cache_mb=0, max_new_tokens=64),
+        EngineConfig(
+            f"{shape.name}-random",
+            feature_cache_mb=0,
+            max_new_tokens=64,
+            compile_vision=compiled,
+            compile_prefill=compiled,
+            compile_decode=compiled,
+        ),
         model,
         tokenizer,
     )
@@ -105,10 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     prompt = max(len(i) for i in engine.encode_prompts(pool[:8]))
     context = -(-(prompt + 1024) // 128) * 128
     out["prompt_tokens"] = prompt
+    out["compiled"] = compiled
     out.update(time_parts(engine, pool, batches, context, device, args.compile))
+    if compiled:
+        out["vision_variants"] = vision_variants(engine, model, pool, device)
+    if args.overlap:
+        out["overlap"] = overlap_parts(engine, pool, args.overlap, context, device)
     count = args.saturation or (8 if args.smoke else 1024)
     tokens = args.tokens or (6 if args.smoke else 300)
-    out["saturation"] = saturation_run(engine, pool, max(batches), context, count, tokens, device)
+    slots = args.slots or max(batches)
+    out["saturation"] = saturation_run(engine, pool, slots, context, count, tokens, device)
     print(json.dumps(out, indent=1))
     return 0
 
@@ -152,6 +173,119 @@ def time_parts(
             del decoder
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    return out
+
+
+def vision_variants(engine: Any, model: Any, pool: list[Any], device: str) -> dict[str, Any]:
+    """Vision of 1, 2, 4, 8 and 16 requests: eager, layers compiled static, then dynamic.
+
+    The slot engine calls the vision tower on groups of varying size: a layer compiled
+    with static shapes compiles again for every new tile count (until dynamo's recompile
+    limit, then runs eagerly). Per variant: the median milliseconds per count and the
+    seconds of the first call of each count (compilation included).
+    """
+    import torch
+
+    layers = model.model.vision_tower.encoder.layer
+    counts = (1, 2, 4, 8, 16)
+    out: dict[str, Any] = {
+        "tiles": [sum(int(n) for r in pool[:c] for n in r.num_patches) for c in counts]
+    }
+
+    def measure() -> dict[str, Any]:
+        first: dict[str, float] = {}
+        median: dict[str, float] = {}
+        for count in counts:
+            began = time.perf_counter()
+            engine.image_features(pool[:count])
+            torch.cuda.synchronize()
+            first[str(count)] = round(time.perf_counter() - began, 2)
+            median[str(count)] = timed(
+                functools.partial(engine.image_features, pool[:count]), device, repeats=3
+            )
+        return {"ms": median, "first_call_s": first}
+
+    with torch.inference_mode():
+        with torch.compiler.set_stance("force_eager"):
+            out["eager"] = measure()
+        out["static_compiled"] = measure()
+        for layer in layers:
+            layer.compile(dynamic=True)
+        out["dynamic_compiled"] = measure()
+        for layer in layers:  # back to the engine's own setting for the runs after this
+            layer.compile(dynamic=False)
+    return out
+
+
+def overlap_parts(
+    engine: Any, pool: list[Any], batch: int, context: int, device: str, steps: int = 48
+) -> dict[str, Any]:
+    """Decode steps on one stream beside vision + prefill on another, against each alone.
+
+    `steps` graph-replayed steps at `batch` rows, and vision of 8 requests followed by a
+    prefill of 2 of them; alone, then both queued together on two streams (with equal
+    priorities, then with the decode stream at the higher priority). Milliseconds of each
+    stream's work from the common start (CUDA events) and of the whole.
+    """
+    import torch
+
+    from processors.slot_decoder import SlotDecoder
+
+    if not device.startswith("cuda"):
+        return {"skipped": "needs CUDA"}
+    base = engine.decoder
+    ids = engine.encode_prompts(pool[:2])
+    prompt = max(len(i) for i in ids)
+    decoder = SlotDecoder(
+        base, slots=batch, context=context, steps_per_round=steps, ladder=[batch], stage_rows=2
+    )
+    out: dict[str, Any] = {"batch": batch, "steps": steps}
+    with torch.inference_mode():
+        decoder.capture_graphs()
+        decoder.active.fill_(1)
+
+        def decode() -> None:
+            decoder.round_step.zero_()
+            decoder.lengths.fill_(prompt)
+            for _ in range(steps):
+                decoder.step(batch)
+
+        def side() -> None:
+            features = engine.image_features(pool[:8])
+            flat = torch.cat([p.reshape(-1, p.shape[-1]) for f in features[:2] for p in f])
+            decoder.prefill_rows(ids, flat, [0, 0])
+
+        def run(decode_stream: Any, side_stream: Any, parts: tuple[str, ...]) -> dict[str, float]:
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            ends = {}
+            for name, work, stream in (
+                ("decode", decode, decode_stream),
+                ("side", side, side_stream),
+            ):
+                if name not in parts:
+                    continue
+                stream.wait_event(start)
+                with torch.cuda.stream(stream):
+                    work()
+                    ends[name] = torch.cuda.Event(enable_timing=True)
+                    ends[name].record()
+            torch.cuda.synchronize()
+            return {name: round(start.elapsed_time(end), 3) for name, end in ends.items()}
+
+        plain = torch.cuda.Stream(device)
+        other = torch.cuda.Stream(device)
+        stream_type: Any = torch.cuda.Stream  # its stubs take priority_range for a method
+        low, high = stream_type.priority_range()
+        urgent = torch.cuda.Stream(device, priority=high)
+        relaxed = torch.cuda.Stream(device, priority=low)
+        for _ in range(2):  # warm-up (kernel selection, allocator)
+            run(plain, other, ("decode", "side"))
+        out["decode_alone_ms"] = run(plain, other, ("decode",))["decode"]
+        out["side_alone_ms"] = run(plain, other, ("side",))["side"]
+        out["together_ms"] = run(plain, other, ("decode", "side"))
+        out["together_priority_ms"] = run(urgent, relaxed, ("decode", "side"))
     return out
 
 
