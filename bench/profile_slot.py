@@ -13,7 +13,9 @@ host time of each scheduler phase, and the share of wall time the GPU was busy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import json
 import statistics
 import sys
@@ -68,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--saturation", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="engine compile options on")
+    parser.add_argument("--saturation-only", action="store_true", help="skip the part timings")
+    parser.add_argument("--modes", default="spans", help="saturation runs: spans,kernels,cprofile")
     parser.add_argument("--slots", type=int, default=0, help="saturation slots (largest batch)")
     parser.add_argument(
         "--overlap",
@@ -121,15 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     context = -(-(prompt + 1024) // 128) * 128
     out["prompt_tokens"] = prompt
     out["compiled"] = compiled
-    out.update(time_parts(engine, pool, batches, context, device, args.compile))
-    if compiled:
+    if not args.saturation_only:
+        out.update(time_parts(engine, pool, batches, context, device, args.compile))
+    if compiled and not args.saturation_only:
         out["vision_variants"] = vision_variants(engine, model, pool, device)
     if args.overlap:
         out["overlap"] = overlap_parts(engine, pool, args.overlap, context, device)
     count = args.saturation or (8 if args.smoke else 1024)
     tokens = args.tokens or (6 if args.smoke else 300)
     slots = args.slots or max(batches)
-    out["saturation"] = saturation_run(engine, pool, slots, context, count, tokens, device)
+    out["saturation"] = [
+        saturation_run(engine, pool, slots, context, count, tokens, device, mode)
+        for mode in args.modes.split(",")
+    ]
     print(json.dumps(out, indent=1))
     return 0
 
@@ -166,7 +174,9 @@ def time_parts(
             features = engine.image_features(pool[:8])
             flat = torch.cat([p.reshape(-1, p.shape[-1]) for f in features for p in f])
             out[f"prefill_8_ms{suffix}"] = timed(
-                functools.partial(decoder.prefill_rows, ids, flat, [0] * 8), device, repeats=3
+                functools.partial(decoder.prefill.prefill_rows, ids, flat, [0] * 8),
+                device,
+                repeats=3,
             )
             out[f"decode_step_ms{suffix}"] = _decode_steps(decoder, batches, prompt, device)
             out["compile_error"] = decoder.compile_error
@@ -253,7 +263,7 @@ def overlap_parts(
         def side() -> None:
             features = engine.image_features(pool[:8])
             flat = torch.cat([p.reshape(-1, p.shape[-1]) for f in features[:2] for p in f])
-            decoder.prefill_rows(ids, flat, [0, 0])
+            decoder.prefill.prefill_rows(ids, flat, [0, 0])
 
         def run(decode_stream: Any, side_stream: Any, parts: tuple[str, ...]) -> dict[str, float]:
             torch.cuda.synchronize()
@@ -307,9 +317,25 @@ def _decode_steps(decoder: Any, batches: list[int], prompt: int, device: str) ->
 
 
 def saturation_run(
-    engine: Any, pool: list[Any], slots: int, context: int, count: int, tokens: int, device: str
+    engine: Any,
+    pool: list[Any],
+    slots: int,
+    context: int,
+    count: int,
+    tokens: int,
+    device: str,
+    mode: str = "spans",
 ) -> dict[str, Any]:
-    """`count` requests of `tokens` tokens at once, under the profiler, phases timed."""
+    """`count` requests of `tokens` tokens at once, phases timed on the host.
+
+    `mode`: "spans" also sums the GPU time of each scheduler phase (CUDA events, little
+    overhead: the throughput is the engine's own); "kernels" runs under torch's profiler
+    (its top kernels; launches cost more); "cprofile" profiles the scheduler thread's
+    Python (its top functions by own time).
+    """
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     from processors.slot_engine import SlotEngine, SlotEngineConfig
@@ -325,9 +351,23 @@ def saturation_run(
         future.result()
     scheduler.phase_s = dict.fromkeys(scheduler.phase_s, 0.0)
     scheduler.stats = dict.fromkeys(scheduler.stats, 0)
+    python = cProfile.Profile()
+    if mode == "spans" and device.startswith("cuda"):
+        scheduler.gpu_spans = []
+    if mode == "cprofile":
+        run_round = scheduler.run_round
+
+        def profiled() -> Any:
+            python.enable()
+            try:
+                return run_round()
+            finally:
+                python.disable()
+
+        scheduler.run_round = profiled  # type: ignore[method-assign]
     activities = [ProfilerActivity.CUDA] if device.startswith("cuda") else [ProfilerActivity.CPU]
     began = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities) if mode == "kernels" else contextlib.nullcontext() as prof:
         futures = [
             slot.submit(pool[i % 16], max_new_tokens=tokens, min_new_tokens=tokens)
             for i in range(count)
@@ -336,6 +376,32 @@ def saturation_run(
             future.result()
     wall = time.perf_counter() - began
     slot.close()
+    out: dict[str, Any] = {
+        "mode": mode,
+        "slots": slots,
+        "requests": count,
+        "tokens": tokens,
+        "per_s": round(count / wall, 3),
+        "wall_s": round(wall, 3),
+        "host_phase_s": {k: round(v, 3) for k, v in scheduler.phase_s.items()},
+        "stats": scheduler.stats,
+    }
+    if scheduler.gpu_spans:
+        gpu: dict[str, float] = {}
+        for name, start, end in scheduler.gpu_spans:
+            gpu[name] = gpu.get(name, 0.0) + start.elapsed_time(end) / 1000
+        out["gpu_phase_s"] = {k: round(v, 3) for k, v in gpu.items()}  # nested phases overlap
+    if prof is not None:
+        out.update(_kernel_summary(prof))
+    if mode == "cprofile":
+        text = io.StringIO()
+        pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(40)
+        out["cprofile_top"] = text.getvalue().splitlines()[:70]
+    return out
+
+
+def _kernel_summary(prof: Any) -> dict[str, Any]:
+    """GPU kernel seconds in all and the 25 kernels that took longest, from torch's profiler."""
     kernels = []
     busy = 0.0
     for event in prof.key_averages():
@@ -344,16 +410,7 @@ def saturation_run(
             busy += device_us
             kernels.append((event.key[:80], round(device_us / 1000, 1), event.count))
     kernels.sort(key=lambda row: -row[1])
-    return {
-        "requests": count,
-        "tokens": tokens,
-        "per_s": round(count / wall, 3),
-        "wall_s": round(wall, 3),
-        "gpu_kernel_s": round(busy / 1e6, 3),
-        "host_phase_s": {k: round(v, 3) for k, v in scheduler.phase_s.items()},
-        "stats": scheduler.stats,
-        "top_kernels_ms": kernels[:25],
-    }
+    return {"gpu_kernel_s": round(busy / 1e6, 3), "top_kernels_ms": kernels[:25]}
 
 
 def profile_constrained(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@
 per-row state in device tensors: the token each row feeds next, its length (columns
 written), how many tokens it has produced, its `min_new_tokens` and whether it is active.
 The active rows are always rows [0, n) (the host moves the last active row into a row
-that leaves, see `move`), so a decode step runs over the first `b` rows, `b` the smallest
-size of the ladder >= n; rows in [n, b) are inactive (length 0, their outputs ignored).
+that leaves, all of a round's moves in one copy, see `move_rows`), so a decode step runs
+over the first `b` rows, `b` the smallest size of the ladder >= n; rows in [n, b) are
+inactive (length 0, their outputs ignored).
 
 A row's prompt sits in columns [0, prompt length) and its generated tokens right after
 it, so a row's next position is its length: the split-key kernel
@@ -14,8 +15,9 @@ length argument is the per-row visible count; the generated range it has beside 
 empty), and the dense path masks the rest. Nothing per row lives on the host, so one
 CUDA graph per ladder size serves every mix of rows, and admissions never re-capture.
 
-Newcomers are prefilled in chunks into a separate staging row (causal attention over the
-chunk and the columns before it), then copied into a free row (`activate`). The layer
+Newcomers are prefilled into staging rows (`processors.slot_prefill`: whole prompts on
+captured graphs, or a long prompt in chunks), then copied into free rows
+(`activate_rows`, one copy for a group). The layer
 bodies (norms, projections, rotary embedding, MLP) are those of
 `processors.internvl.StaticGreedyDecoder`, by reference, so the slot path computes what
 the static path computes; `min_new_tokens` suppresses `<|im_end|>` per row, as
@@ -43,6 +45,7 @@ from processors.internvl import (
     chunk_attention,
     dense_chunk_attention,
 )
+from processors.slot_prefill import StagedPrefill, kv_block
 
 
 def token_ladder(max_tokens: int) -> list[int]:
@@ -64,18 +67,6 @@ def graph_ladder(slots: int) -> list[int]:
     sizes.update(range(64, slots, 32))
     sizes.add(slots)
     return sorted(sizes)
-
-
-def _kv_cache(base: StaticGreedyDecoder, rows: int, context: int) -> tuple[list[Any], list[Any]]:
-    """Zeroed keys, then values, of every layer: `rows` rows of `context` columns each."""
-    import torch
-
-    shape = (rows, base.kv_heads, context, base.head_dim)
-    options = {"device": base.device, "dtype": base.dtype}
-    layers = len(base.layers)
-    keys = [torch.zeros(shape, **options) for _ in range(layers)]
-    values = [torch.zeros(shape, **options) for _ in range(layers)]
-    return keys, values
 
 
 class SlotDecoder:
@@ -113,9 +104,11 @@ class SlotDecoder:
         if self.ladder[-1] < slots or self.ladder[0] < 1:
             raise ValueError(f"the ladder {self.ladder} must cover 1..{slots}")
         self.stage_rows = stage_rows
-        # One spare row past the slots: padding tokens of the wide pass write there.
-        self.keys, self.values = _kv_cache(base, slots + 1, context)
-        self.stage_keys, self.stage_values = _kv_cache(base, stage_rows, context)
+        # One spare row past the slots: padding tokens of the wide pass write there. One
+        # block for every layer's keys and values, so moving rows is one copy.
+        self.kv = kv_block(base, slots + 1, context)
+        self.keys = [self.kv[0, index] for index in range(len(base.layers))]
+        self.values = [self.kv[1, index] for index in range(len(base.layers))]
 
         def longs(*size: int) -> Any:
             return torch.zeros(size, dtype=torch.long, device=self.device)
@@ -136,6 +129,9 @@ class SlotDecoder:
             self._run_layer = torch.compile(self._decode_layer, dynamic=True)
         self.on_cuda = str(self.device).startswith("cuda")
         self.cuda_graphs = cuda_graphs and self.on_cuda
+        self.prefill = StagedPrefill(
+            base, rows=stage_rows, context=context, cuda_graphs=self.cuda_graphs
+        )
         self._graphs: dict[int, Any] = {}
         self.compile_error: str | None = None
         self.max_width = max_width
@@ -198,115 +194,6 @@ class SlotDecoder:
 
     # ------------------------------------------------------------------ prefill
 
-    def prefill_chunk(
-        self,
-        input_ids: Any,
-        start: int,
-        image_features: Any,
-        last: bool,
-        min_new_tokens: int,
-        logits_mask: Any = None,
-    ) -> Any:
-        """Prefill prompt columns [start, start + len) of the staging row.
-
-        `input_ids` is (1, chunk) on the device; `image_features` the projected features
-        of this chunk's image tokens in order, (tokens, hidden), or None. Columns before
-        `start` must hold the earlier chunks. Returns the greedy first token, shape (1,),
-        when `last` (`<|im_end|>` suppressed if `min_new_tokens` > 0, `logits_mask(logits)`
-        applied first when given), else None.
-        """
-        import torch
-        import torch.nn.functional as functional
-
-        base = self.base
-        language_model = base.language_model
-        embeds = language_model.embed_tokens(input_ids)
-        if image_features is not None:
-            mask = (input_ids == base.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-        width = int(input_ids.shape[1])
-        end = start + width
-        positions = torch.arange(start, end, device=input_ids.device)[None, :]
-        cos, sin = language_model.rotary_emb(embeds, positions)
-        cos, sin = cos[:, :, None], sin[:, :, None]
-        causal = None
-        if start:
-            columns = torch.arange(end, device=input_ids.device)[None, :]
-            causal = columns <= positions[0][:, None]  # (chunk, end): earlier columns + causal
-        hidden = embeds
-        for index, layer in enumerate(base.layers):
-            if not start:  # the first chunk is exactly the static path's prefill layer
-                hidden, key, value = base.prefill_layer(layer, hidden, cos, sin)
-                self.stage_keys[index][0, :, :end] = key[0]  # already (kv heads, width, dim)
-                self.stage_values[index][0, :, :end] = value[0]
-                continue
-            query, key, value = base.rotated_projections(layer, hidden, cos, sin)
-            self.stage_keys[index][0, :, start:end] = key[0].transpose(0, 1)
-            self.stage_values[index][0, :, start:end] = value[0].transpose(0, 1)
-            # Heads expanded by hand (repeat_kv order): with a mask and `enable_gqa`, SDPA
-            # would fall back to its slow math kernel on CUDA.
-            group = base.heads // base.kv_heads
-            attended = functional.scaled_dot_product_attention(
-                query.transpose(1, 2),
-                self.stage_keys[index][:1, :, :end].repeat_interleave(group, dim=1),
-                self.stage_values[index][:1, :, :end].repeat_interleave(group, dim=1),
-                attn_mask=causal,
-                scale=layer.self_attn.scaling,
-            )
-            attended = attended.transpose(1, 2).reshape(1, width, base.heads * base.head_dim)
-            hidden = base.layer_output(layer, hidden, attended)
-        if not last:
-            return None
-        final = language_model.norm(hidden[:, -1])
-        logits = base.lm_head(final[:, None, :])[:, -1, :].float()
-        if logits_mask is not None:
-            logits_mask(logits)
-        if min_new_tokens > 0:
-            logits[:, self.eos_id] = -float("inf")
-        return logits.argmax(-1)
-
-    def prefill_rows(
-        self,
-        prompts: Sequence[Sequence[int]],
-        image_features: Any,
-        min_new: Sequence[int],
-        logits_mask: Any = None,
-    ) -> Any:
-        """Prefill whole prompts into staging rows 0..len-1 in one batched call.
-
-        Prompts are right-padded (causal attention never looks at a later pad, as in the
-        static path's prefill); `image_features` holds every image token's features in
-        row order, or None. Returns each row's greedy first token, shape (rows,), with
-        `<|im_end|>` suppressed in rows whose `min_new` is > 0 and `logits_mask(logits)`
-        applied first when given.
-        """
-        import torch
-
-        base = self.base
-        language_model = base.language_model
-        input_ids = self.to_device(prompts, pad=base.eos_id)
-        embeds = language_model.embed_tokens(input_ids)
-        if image_features is not None:
-            mask = (input_ids == base.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-        rows, width = len(prompts), int(input_ids.shape[1])
-        positions = torch.arange(width, device=input_ids.device)[None, :]
-        cos, sin = language_model.rotary_emb(embeds, positions)
-        cos, sin = cos[:, :, None], sin[:, :, None]
-        hidden = embeds
-        for index, layer in enumerate(base.layers):
-            hidden, key, value = base.prefill_layer(layer, hidden, cos, sin)
-            self.stage_keys[index][:rows, :, :width] = key
-            self.stage_values[index][:rows, :, :width] = value
-        last = torch.stack([hidden[row, len(ids) - 1] for row, ids in enumerate(prompts)])
-        logits = base.lm_head(language_model.norm(last)[:, None, :])[:, -1, :].float()
-        if logits_mask is not None:
-            logits_mask(logits)
-        for row, count in enumerate(min_new):
-            if count > 0:
-                logits[row, self.eos_id] = -float("inf")
-        return logits.argmax(-1)
-
     def to_device(self, prompts: Sequence[Sequence[int]], pad: int) -> Any:
         """Right-padded ids on the device, through pinned memory (no stream sync)."""
         import torch
@@ -317,32 +204,46 @@ class SlotDecoder:
             host[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         return host.to(self.device, non_blocking=True)
 
-    def activate(
-        self, row: int, prompt_length: int, first_token: Any, min_new: int, stage: int = 0
+    def activate_rows(
+        self, first_row: int, lengths: Sequence[int], first_tokens: Any, min_new: Sequence[int]
     ) -> None:
-        """Copy staging row `stage`'s prompt into `row` and make the row decode from there."""
-        for index in range(len(self.keys)):
-            self.keys[index][row, :, :prompt_length] = self.stage_keys[index][
-                stage, :, :prompt_length
-            ]
-            self.values[index][row, :, :prompt_length] = self.stage_values[index][
-                stage, :, :prompt_length
-            ]
-        self.tokens[row : row + 1] = first_token
-        self.lengths[row] = prompt_length
-        self.produced[row] = 1
-        self.min_new[row] = min_new
-        self.active[row] = 1
+        """Copy staging rows 0..n-1 into rows `first_row`.. and make them decode from there.
 
-    def move(self, source: int, target: int, columns: int) -> None:
-        """Move row `source` (its first `columns` columns and its state) to `target`; free it."""
-        if source != target:
-            for index in range(len(self.keys)):
-                self.keys[index][target, :, :columns] = self.keys[index][source, :, :columns]
-                self.values[index][target, :, :columns] = self.values[index][source, :, :columns]
+        One copy of every layer's columns up to the longest prompt (columns past a row's
+        length are never read before a step writes them); `first_tokens` is (n,).
+        """
+        count, columns = len(lengths), max(lengths)
+        rows = slice(first_row, first_row + count)
+        self.kv[:, :, rows, :, :columns] = self.prefill.kv[:, :, :count, :, :columns]
+        self.tokens[rows] = first_tokens
+        for row, (length, needed) in enumerate(zip(lengths, min_new, strict=True), first_row):
+            self.lengths[row] = length
+            self.min_new[row] = needed
+        self.produced[rows] = 1
+        self.active[rows] = 1
+
+    def move_rows(self, moves: Sequence[tuple[int, int]], columns: int, keep: int) -> None:
+        """Move rows: each (source, target) row's first `columns` columns and its state.
+
+        Then every row from `keep` on is free. Sources must be rows >= `keep` and targets
+        rows below it (what the scheduler's leaving rows produce), so one gather and one
+        scatter do every move.
+        """
+        if moves:
+            sources = self._indices([source for source, _ in moves])
+            targets = self._indices([target for _, target in moves])
+            self.kv[:, :, targets, :, :columns] = self.kv[:, :, sources, :, :columns]
             for state in (self.tokens, self.lengths, self.produced, self.min_new, self.active):
-                state[target : target + 1] = state[source : source + 1]
-        self.release(source)
+                state[targets] = state[sources]
+        for state in (self.lengths, self.produced, self.min_new, self.active):
+            state[keep : self.slots] = 0
+
+    def _indices(self, values: list[int]) -> Any:
+        """Row indices on the device through pinned memory (no stream sync)."""
+        import torch
+
+        host = torch.tensor(values, dtype=torch.long, pin_memory=self.on_cuda)
+        return host.to(self.device, non_blocking=True)
 
     def release(self, row: int) -> None:
         """Mark `row` free: inactive, length 0 (a padded step then writes only column 0)."""

@@ -39,20 +39,38 @@ Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 def _timed_phase(name: str) -> Callable[[Method], Method]:
-    """Add the host seconds of each call of the method to `self.phase_s[name]`."""
+    """Add the host seconds of each call of the method to `self.phase_s[name]`.
+
+    With `self.gpu_spans` set to a list (profiling, CUDA only), each call also appends
+    (name, start event, end event) recorded on the current stream around the work it queued.
+    """
 
     def decorate(method: Method) -> Method:
         @functools.wraps(method)
         def timed(self: SlotScheduler, *args: Any, **kwargs: Any) -> Any:
             began = time.perf_counter()
+            spans = self.gpu_spans
+            start = _timing_event() if spans is not None else None
             try:
                 return method(self, *args, **kwargs)
             finally:
                 self.phase_s[name] += time.perf_counter() - began
+                if spans is not None:
+                    spans.append((name, start, _timing_event()))
 
         return cast(Method, timed)
 
     return decorate
+
+
+def _timing_event() -> Any:
+    """A recorded CUDA event with timing on (profiling only)."""
+    import torch
+
+    constructor: Any = torch.cuda.Event
+    event = constructor(enable_timing=True)
+    event.record()
+    return event
 
 
 class SlotScheduler:
@@ -107,9 +125,13 @@ class SlotScheduler:
         # tokens prefilled, requests through the vision tower, rounds.
         # forced tokens written by forced runs, constrained steps, packed tokens of wide
         # passes (padding included), forced tokens taken back for the model's own choice.
-        # Host seconds per phase (profiling): vision, prefill, rounds (all of each round),
+        # Host seconds per phase (profiling): vision, prefill (vision included), group (a
+        # batched prefill), rounds (all of each round), free decode steps, leaving rows,
         # and in constrained rounds the chunk uploads and the token handling.
-        self.phase_s = dict.fromkeys(("vision", "prefill", "rounds", "chunks", "tokens"), 0.0)
+        self.phase_s = dict.fromkeys(
+            ("vision", "prefill", "group", "rounds", "chunks", "tokens", "step", "leave"), 0.0
+        )
+        self.gpu_spans: list[tuple[str, Any, Any]] | None = None  # see `_timed_phase`
         self.stats = dict.fromkeys(
             (
                 "steps",
@@ -129,6 +151,7 @@ class SlotScheduler:
 
         with torch.inference_mode():
             self.decoder.capture_graphs()
+            self.decoder.prefill.capture()
             if self.constrained:
                 self.decoder.capture_wide()
 
@@ -341,19 +364,19 @@ class SlotScheduler:
             budget -= tokens
         return failed
 
+    @_timed_phase("group")
     def _prefill_group(self, group: list[SlotWork]) -> None:
         import torch
 
         parts = [work.features for work in group if work.features is not None]
         features = torch.cat(parts) if parts else None
-        first = self.decoder.prefill_rows(
+        first = self.decoder.prefill.prefill_rows(
             [work.ids for work in group],
             features,
             [work.min_new for work in group],
             logits_mask=self._first_token_mask(group),
         )
-        for stage, work in enumerate(group):
-            self._activate(work, first[stage : stage + 1], stage)
+        self._activate(group, first)
         self.stats["prefill_tokens"] += sum(len(work.ids) for work in group)
 
     def _prefill_chunk(self, work: SlotWork, budget: int) -> int:
@@ -367,14 +390,14 @@ class SlotScheduler:
         last = work.done + take == len(work.ids)
         input_ids = self.decoder.to_device([chunk], pad=self.eos_id)
         mask = self._first_token_mask([work]) if last else None
-        first = self.decoder.prefill_chunk(
+        first = self.decoder.prefill.prefill_chunk(
             input_ids, work.done, features, last, work.min_new, logits_mask=mask
         )
         work.done += take
         work.images_done += images
         self.stats["prefill_tokens"] += take
         if last:
-            self._activate(work, first, 0)
+            self._activate([work], first)
             self.prefilling = None
         return take
 
@@ -394,16 +417,20 @@ class SlotScheduler:
 
         return mask
 
-    def _activate(self, work: SlotWork, first: Any, stage: int) -> None:
+    def _activate(self, group: list[SlotWork], first: Any) -> None:
+        """Move the prefilled staging rows of `group` into rows n..; `first` is (len,)."""
         row = len(self.rows)
-        self.decoder.activate(row, len(work.ids), first, work.min_new, stage)
-        if self.constraint is not None:
-            self.constraint.set_row(row, work.matcher)
-        work.first = first
-        work.unseen = True
-        work.features = None
-        work.activated_step = self.steps
-        self.rows.append(work)
+        self.decoder.activate_rows(
+            row, [len(work.ids) for work in group], first, [work.min_new for work in group]
+        )
+        for stage, work in enumerate(group):
+            if self.constraint is not None:
+                self.constraint.set_row(row + stage, work.matcher)
+            work.first = first[stage : stage + 1]
+            work.unseen = True
+            work.features = None
+            work.activated_step = self.steps
+            self.rows.append(work)
 
     # ----------------------------------------------------------------- rounds
 
@@ -437,7 +464,7 @@ class SlotScheduler:
                 if self.prefilling is None and not self.waiting:
                     break
                 continue
-            decoder.step(len(self.rows))
+            self._step()
             self.steps += 1
             done += 1
             self.stats["active_rows"] += len(self.rows)
@@ -470,22 +497,33 @@ class SlotScheduler:
                 ended.append((row, work, reason))
         return self._leave(ended), failed
 
+    @_timed_phase("step")
+    def _step(self) -> None:
+        self.decoder.step(len(self.rows))
+
+    @_timed_phase("leave")
     def _leave(
         self, ended: list[tuple[int, SlotWork, FinishReason]]
     ) -> list[tuple[SlotWork, Completion]]:
         """Free the rows of ended requests (the last row moves into each); their completions."""
+        if not ended:
+            return []
         now = time.perf_counter()
         completions = []
+        origin = list(range(len(self.rows)))  # row -> the row whose state it will hold
         for row, work, reason in sorted(ended, key=lambda item: -item[0]):
             last = len(self.rows) - 1
-            moved = self.rows[last]
-            columns = min(self.decoder.context, len(moved.ids) + moved.fed)
-            self.decoder.move(last, row, columns)
             if self.constraint is not None:
                 self.constraint.move_row(last, row)
-            self.rows[row] = moved
+            self.rows[row] = self.rows[last]
+            origin[row] = origin[last]
             self.rows.pop()
+            origin.pop()
             completions.append((work, self._completion(work, reason, now)))
+        # Each source is a row past the survivors, each target a row below: one copy.
+        moves = [(source, target) for target, source in enumerate(origin) if source != target]
+        columns = max((len(self.rows[t].ids) + self.rows[t].fed for _, t in moves), default=0)
+        self.decoder.move_rows(moves, min(self.decoder.context, columns), len(self.rows))
         return completions[::-1]
 
     def _constrained_round(

@@ -96,8 +96,8 @@ class EngineConfig:
         feature_cache_images: the first N images of each request are cache candidates (the
             vendor images, which repeat across returns, come first in the prompt).
         compile_vision: on CUDA, `torch.compile` each vision-tower layer (fuses the norms,
-            activations and layer scales around the matrix products; one compilation is
-            shared by the identical layers) and run the patch embedding as a matrix product
+            activations and layer scales around the matrix products; one compilation with a
+            dynamic tile count is shared by the identical layers) and run the patch embedding as a matrix product
             (`patch_projection_as_matmul`). Off by default: it costs a compilation at
             the first batch and changes the model object in place.
         compile_decode: on CUDA, `torch.compile` the static path's decode layer (fusing its

@@ -204,8 +204,8 @@ def _model_choices(
     prompt = engine.encode_prompts([request])[0]
     features = engine.image_features([request])[0]
     flat = torch.cat([part.reshape(-1, part.shape[-1]) for part in features])
-    choices = [int(decoder.prefill_rows([prompt], flat, [0])[0])]  # no mask: the model's own
-    decoder.activate(0, len(prompt), torch.tensor([ids[0]]), 0)
+    choices = [int(decoder.prefill.prefill_rows([prompt], flat, [0])[0])]  # no mask: its own
+    decoder.activate_rows(0, [len(prompt)], torch.tensor([ids[0]]), [0])
     for token in ids[:-1]:
         decoder.forward_packed(decoder.load_chunks([[token]]))
         choices.append(int(decoder.logits[0].argmax()))
