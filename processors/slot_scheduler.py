@@ -10,11 +10,10 @@ row's chosen token are fed in the same step (`SlotDecoder.wide_step`).
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any
 
 from processors.constrained import (
     ConstrainedRows,
@@ -26,6 +25,7 @@ from processors.errors import ErrorCode, ProcessingError
 from processors.inference import PreparedRequest
 from processors.internvl import IM_END_TOKEN, NativeInternVLEngine, coded_failure
 from processors.slot_decoder import SlotDecoder
+from processors.slot_phases import timed_phase
 from processors.slot_records import (
     STAGE,
     Completion,
@@ -34,43 +34,6 @@ from processors.slot_records import (
     SlotEngineConfig,
     SlotWork,
 )
-
-Method = TypeVar("Method", bound=Callable[..., Any])
-
-
-def _timed_phase(name: str) -> Callable[[Method], Method]:
-    """Add the host seconds of each call of the method to `self.phase_s[name]`.
-
-    With `self.gpu_spans` set to a list (profiling, CUDA only), each call also appends
-    (name, start event, end event) recorded on the current stream around the work it queued.
-    """
-
-    def decorate(method: Method) -> Method:
-        @functools.wraps(method)
-        def timed(self: SlotScheduler, *args: Any, **kwargs: Any) -> Any:
-            began = time.perf_counter()
-            spans = self.gpu_spans
-            start = _timing_event() if spans is not None else None
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                self.phase_s[name] += time.perf_counter() - began
-                if spans is not None:
-                    spans.append((name, start, _timing_event()))
-
-        return cast(Method, timed)
-
-    return decorate
-
-
-def _timing_event() -> Any:
-    """A recorded CUDA event with timing on (profiling only)."""
-    import torch
-
-    constructor: Any = torch.cuda.Event
-    event = constructor(enable_timing=True)
-    event.record()
-    return event
 
 
 class SlotScheduler:
@@ -131,7 +94,7 @@ class SlotScheduler:
         self.phase_s = dict.fromkeys(
             ("vision", "prefill", "group", "rounds", "chunks", "tokens", "step", "leave"), 0.0
         )
-        self.gpu_spans: list[tuple[str, Any, Any]] | None = None  # see `_timed_phase`
+        self.gpu_spans: list[tuple[str, Any, Any]] | None = None  # see `timed_phase`
         self.stats = dict.fromkeys(
             (
                 "steps",
@@ -271,7 +234,7 @@ class SlotScheduler:
             return [""] * len(ids)
         return list(self.tokenizer.convert_ids_to_tokens(list(ids)))
 
-    @_timed_phase("vision")
+    @timed_phase("vision")
     def _vision(self, works: list[SlotWork]) -> list[tuple[SlotWork, ProcessingError]]:
         """Queue the vision work of `works` in one call (feature cache first).
 
@@ -331,7 +294,7 @@ class SlotScheduler:
             return (self.waiting.popleft() if pop else work), failed
         return None, failed
 
-    @_timed_phase("prefill")
+    @timed_phase("prefill")
     def _prefill_step(self) -> list[tuple[SlotWork, ProcessingError]]:
         """Prefill up to the per-step budget; activate requests whose prompt is done.
 
@@ -364,7 +327,7 @@ class SlotScheduler:
             budget -= tokens
         return failed
 
-    @_timed_phase("group")
+    @timed_phase("group")
     def _prefill_group(self, group: list[SlotWork]) -> None:
         import torch
 
@@ -434,7 +397,7 @@ class SlotScheduler:
 
     # ----------------------------------------------------------------- rounds
 
-    @_timed_phase("rounds")
+    @timed_phase("rounds")
     def run_round(
         self,
     ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
@@ -478,7 +441,7 @@ class SlotScheduler:
         flat = decoder.round_out[:count, :done].reshape(-1)
         if firsts:
             flat = torch.cat([flat, *firsts])
-        host: list[int] = flat.tolist()
+        host = self._round_ids(flat, failed)
         first_ids = iter(host[count * done :])
         texts_of = self.tokenizer.convert_ids_to_tokens if self.config.stop_at_json_close else None
         ended: list[tuple[int, SlotWork, FinishReason]] = []
@@ -497,11 +460,33 @@ class SlotScheduler:
                 ended.append((row, work, reason))
         return self._leave(ended), failed
 
-    @_timed_phase("step")
+    def _round_ids(self, flat: Any, failed: list[tuple[SlotWork, ProcessingError]]) -> list[int]:
+        """The round's ids on the host; the next newcomers' vision is queued meanwhile.
+
+        The copy is queued first and waited for last: the host prepares the vision work
+        (tiles into pinned memory) while the GPU finishes the round's steps, and the GPU
+        runs that vision while the host handles the round, instead of idling.
+        """
+        import torch
+
+        on_cuda = self.decoder.on_cuda
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=on_cuda)
+        host.copy_(flat, non_blocking=on_cuda)
+        copied = None
+        if on_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        failed.extend(self._take_next(pop=False)[1])
+        if copied is not None:
+            copied.synchronize()
+        values: list[int] = host.tolist()
+        return values
+
+    @timed_phase("step")
     def _step(self) -> None:
         self.decoder.step(len(self.rows))
 
-    @_timed_phase("leave")
+    @timed_phase("leave")
     def _leave(
         self, ended: list[tuple[int, SlotWork, FinishReason]]
     ) -> list[tuple[SlotWork, Completion]]:
@@ -571,7 +556,7 @@ class SlotScheduler:
             self.stats["rounds"] += 1
         return completions, failed
 
-    @_timed_phase("chunks")
+    @timed_phase("chunks")
     def _load_chunks(self) -> int:
         """Queue each row's chunk (its chosen token, then its forced run) for the next step.
 
@@ -589,7 +574,7 @@ class SlotScheduler:
             work.forced = []
         return self.decoder.load_chunks(chunks)
 
-    @_timed_phase("tokens")
+    @timed_phase("tokens")
     def _take_tokens(self, stepped: int) -> list[tuple[int, SlotWork, FinishReason]]:
         """Bring every row's new token to the host; the rows that end.
 
