@@ -441,7 +441,7 @@ class SlotScheduler:
         flat = decoder.round_out[:count, :done].reshape(-1)
         if firsts:
             flat = torch.cat([flat, *firsts])
-        host = self._round_ids(flat, failed)
+        host: list[int] = flat.tolist()
         first_ids = iter(host[count * done :])
         texts_of = self.tokenizer.convert_ids_to_tokens if self.config.stop_at_json_close else None
         ended: list[tuple[int, SlotWork, FinishReason]] = []
@@ -459,28 +459,6 @@ class SlotScheduler:
             if reason is not None:
                 ended.append((row, work, reason))
         return self._leave(ended), failed
-
-    def _round_ids(self, flat: Any, failed: list[tuple[SlotWork, ProcessingError]]) -> list[int]:
-        """The round's ids on the host; the next newcomers' vision is queued meanwhile.
-
-        The copy is queued first and waited for last: the host prepares the vision work
-        (tiles into pinned memory) while the GPU finishes the round's steps, and the GPU
-        runs that vision while the host handles the round, instead of idling.
-        """
-        import torch
-
-        on_cuda = self.decoder.on_cuda
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=on_cuda)
-        host.copy_(flat, non_blocking=on_cuda)
-        copied = None
-        if on_cuda:
-            copied = torch.cuda.Event()
-            copied.record()
-        failed.extend(self._take_next(pop=False)[1])
-        if copied is not None:
-            copied.synchronize()
-        values: list[int] = host.tolist()
-        return values
 
     @timed_phase("step")
     def _step(self) -> None:
