@@ -83,6 +83,7 @@ class SlotDecoder:
         compile_step: bool = False,
         ladder: Sequence[int] | None = None,
         stage_rows: int = 8,
+        prefill_graph_tokens: int = 16384,
         max_width: int = 1,
         vocab_size: int = 0,
         position_argmax: bool = False,
@@ -130,7 +131,11 @@ class SlotDecoder:
         self.on_cuda = str(self.device).startswith("cuda")
         self.cuda_graphs = cuda_graphs and self.on_cuda
         self.prefill = StagedPrefill(
-            base, rows=stage_rows, context=context, cuda_graphs=self.cuda_graphs
+            base,
+            rows=stage_rows,
+            context=context,
+            cuda_graphs=self.cuda_graphs,
+            graph_tokens=prefill_graph_tokens,
         )
         self._graphs: dict[int, Any] = {}
         self.compile_error: str | None = None

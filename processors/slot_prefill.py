@@ -5,7 +5,8 @@ newcomers are prefilled into before `SlotDecoder.activate_rows` copies them into
 slots. Whole prompts go through `prefill_rows`: their ids are right-padded to a width of
 the ladder (multiples of `WIDTH_BUCKET` tokens) and their count to a row size (1, 2, 4,
 ...), so one CUDA graph per (rows, width) serves every group; the graphs are captured at
-start. Off CUDA, or with graphs off, the same code runs eagerly. Padding is harmless: the
+start, for shapes of up to `graph_tokens` padded tokens (a larger group runs eagerly).
+Off CUDA, or with graphs off, the same code runs eagerly. Padding is harmless: the
 attention is causal (a real token never sees a later pad) and padded rows are never
 activated.
 
@@ -60,7 +61,13 @@ class StagedPrefill:
     """Prefill into `rows` staging rows of `context` columns (see the module docstring)."""
 
     def __init__(
-        self, base: StaticGreedyDecoder, *, rows: int, context: int, cuda_graphs: bool
+        self,
+        base: StaticGreedyDecoder,
+        *,
+        rows: int,
+        context: int,
+        cuda_graphs: bool,
+        graph_tokens: int = 16384,
     ) -> None:
         import torch
 
@@ -76,6 +83,14 @@ class StagedPrefill:
         self.values = [self.kv[1, index] for index in range(len(base.layers))]
         self.row_sizes = row_sizes(rows)
         self.widths = width_ladder(context)
+        # Captured shapes hold at most `graph_tokens` padded tokens (bounded memory and
+        # start-up); a rarer, larger group runs eagerly.
+        self.graph_shapes = [
+            (size, width)
+            for size in self.row_sizes
+            for width in self.widths
+            if size * width <= max(graph_tokens, width)
+        ]
         hidden = int(base.language_model.embed_tokens.embedding_dim)
         vocab = int(base.lm_head.out_features)
         options = {"device": self.device}
@@ -144,25 +159,24 @@ class StagedPrefill:
         return host
 
     def _run(self, rows: int, width: int) -> None:
-        if not self.cuda_graphs:
-            self._forward(rows, width)
-            return
         graph = self._graphs.get((rows, width))
-        if graph is None:
+        if graph is None and self.cuda_graphs and (rows, width) in self.graph_shapes:
             graph = self._capture(rows, width)
-        graph.replay()
+        if graph is None:
+            self._forward(rows, width)
+        else:
+            graph.replay()
 
     def capture(self) -> None:
-        """Capture the graph of every (rows, width) (CUDA with graphs on; else nothing).
+        """Capture the graph of every shape of `graph_shapes` (CUDA with graphs on).
 
         The warm-up runs write only staging rows, which hold nothing between groups.
         """
         if not self.cuda_graphs:
             return
-        for rows in self.row_sizes:
-            for width in self.widths:
-                if (rows, width) not in self._graphs:
-                    self._capture(rows, width)
+        for shape in self.graph_shapes:
+            if shape not in self._graphs:
+                self._capture(*shape)
 
     def _capture(self, rows: int, width: int) -> Any:
         import torch

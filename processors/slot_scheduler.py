@@ -74,6 +74,8 @@ class SlotScheduler:
             cuda_graphs=engine.config.cuda_graphs,
             compile_step=engine.config.compile_decode and engine.device.startswith("cuda"),
             stage_rows=config.prefill_rows,
+            # A group holds at most one budget of real tokens; padding can double it.
+            prefill_graph_tokens=2 * config.prefill_tokens_per_step,
             max_width=config.forced_tokens + 1 if self.constrained else 1,
             vocab_size=self.vocab_size if self.constrained else 0,
             position_argmax=self.follows_model,

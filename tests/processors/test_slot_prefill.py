@@ -11,7 +11,7 @@ import torch
 
 from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
 from processors.slot_decoder import SlotDecoder
-from processors.slot_prefill import WIDTH_BUCKET, row_sizes, width_ladder
+from processors.slot_prefill import WIDTH_BUCKET, StagedPrefill, row_sizes, width_ladder
 from tests.support.tiny_internvl import build_tiny_internvl
 
 
@@ -33,6 +33,18 @@ def test_ladders() -> None:
     assert row_sizes(6) == [1, 2, 4, 6]
     assert width_ladder(640) == [WIDTH_BUCKET, 2 * WIDTH_BUCKET, 640]
     assert width_ladder(WIDTH_BUCKET) == [WIDTH_BUCKET]
+
+
+def test_captured_shapes_are_bounded_but_every_width_has_one_row(
+    engine: NativeInternVLEngine,
+) -> None:
+    assert engine.decoder is not None
+    prefill = StagedPrefill(
+        engine.decoder, rows=8, context=2048, cuda_graphs=False, graph_tokens=1024
+    )
+    assert all(rows * width <= 1024 or rows == 1 for rows, width in prefill.graph_shapes)
+    assert {width for rows, width in prefill.graph_shapes if rows == 1} == set(prefill.widths)
+    assert (4, 256) in prefill.graph_shapes and (4, 512) not in prefill.graph_shapes
 
 
 def test_a_padded_group_equals_each_prompt_alone_unpadded(engine: NativeInternVLEngine) -> None:
