@@ -70,7 +70,7 @@ def graph_ladder(slots: int) -> list[int]:
 
 
 class SlotDecoder:
-    """Static KV slots, chunked prefill into a staging row, decode steps over rows [0, b)."""
+    """Static KV slots, prefill into staging rows (`prefill`), decode steps over rows [0, b)."""
 
     def __init__(
         self,
