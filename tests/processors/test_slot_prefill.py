@@ -85,6 +85,8 @@ def test_min_new_tokens_suppresses_the_end_token_of_its_row_only(
     assert int(first[1]) == prefill.eos_id
     with pytest.raises(ValueError, match="prompts"):
         prefill.prefill_rows([prompt] * 5, None, [0] * 5)  # 4 staging rows
+    with pytest.raises(ValueError, match="prompts"):
+        prefill.prefill_rows([list(range(prefill.context + 1))], None, [0])  # past the context
 
 
 def test_moves_of_a_round_in_one_copy_equal_moving_one_by_one(
