@@ -97,9 +97,10 @@ class EngineConfig:
             vendor images, which repeat across returns, come first in the prompt).
         compile_vision: on CUDA, `torch.compile` each vision-tower layer (fuses the norms,
             activations and layer scales around the matrix products; one compilation with a
-            dynamic tile count is shared by the identical layers) and run the patch embedding as a matrix product
-            (`patch_projection_as_matmul`). Off by default: it costs a compilation at
-            the first batch and changes the model object in place.
+            dynamic tile count is shared by the identical layers) and run the patch
+            embedding as a matrix product (`patch_projection_as_matmul`). Off by default:
+            it costs compilations at load (a warm-up on one and two blank tiles) and
+            changes the model object in place.
         compile_decode: on CUDA, `torch.compile` the static path's decode layer (fusing its
             many small element-wise kernels; dynamic shapes, so one compilation serves every
             layer, batch size and cache length) before the step is captured as a CUDA graph. Off by

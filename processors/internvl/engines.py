@@ -164,6 +164,9 @@ class NativeInternVLEngine(InternVLEngineBase):
             cache=cache,
             cache_images=self.config.feature_cache_images,
         )
+        if self.config.compile_vision and self.device.startswith("cuda"):
+            # Compile now, not at the first courier's request (seconds per compilation).
+            self._vision.warm_up(self.image_size, self.timings)
         return model
 
     def _split_attention_wanted(self, model: Any) -> bool:

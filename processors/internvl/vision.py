@@ -250,6 +250,18 @@ class VisionEncoder:
             plan.append(images)
         return plan, todo, todo_keys
 
+    def warm_up(self, image_size: int, timings: dict[str, float]) -> None:
+        """Run the vision tower once on one blank tile and once on two, results dropped.
+
+        A compiled tower compiles on its first calls (one tile is a shape of its own, two
+        or more share one dynamic compilation); the feature cache is not touched.
+        """
+        import torch
+
+        with torch.inference_mode():
+            for tiles in (1, 2):
+                self.encode_images([torch.zeros(tiles, 3, image_size, image_size)], timings)
+
     def encode_images(self, images: list[Any], timings: dict[str, float]) -> list[Any]:
         """Vision tower + projector over all tiles of `images`, in fixed-size tile batches.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from processors.inference import PreparedRequest
@@ -11,6 +12,7 @@ from processors.internvl import (
     EngineConfig,
     FeatureCache,
     NativeInternVLEngine,
+    VisionEncoder,
     content_key,
     load_engine,
     patch_projection_as_matmul,
@@ -67,3 +69,30 @@ def test_feature_cache_is_memory_bounded() -> None:
     same = content_key(torch.ones(1, 3, 4, 4))
     assert same == content_key(torch.ones(1, 3, 4, 4))
     assert same != content_key(torch.ones(1, 3, 4, 4) * 2)
+
+
+def test_warm_up_runs_the_tower_on_one_and_two_tiles_and_caches_nothing(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=MAX_NEW))
+    assert isinstance(engine, NativeInternVLEngine)
+    cache = FeatureCache(2**20)
+    encoder = VisionEncoder(
+        engine.model, device="cpu", dtype=torch.float32, batch_tiles=8, cache=cache, cache_images=1
+    )
+    inner = engine.model.model
+    calls: list[int] = []
+    original = inner.get_image_features
+
+    def recording(**kwargs: object) -> object:
+        pixels = kwargs["pixel_values"]
+        assert isinstance(pixels, torch.Tensor)
+        calls.append(int(pixels.shape[0]))
+        return original(**kwargs)
+
+    monkeypatch.setattr(inner, "get_image_features", recording)
+    timings = {"transfer": 0.0}
+    encoder.warm_up(engine.image_size, timings)
+    assert calls == [1, 2]
+    assert len(cache) == 0 and cache.misses == 0
+    assert timings["transfer"] > 0
