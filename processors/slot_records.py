@@ -27,7 +27,9 @@ class SlotEngineConfig:
         context_length: columns per slot (prompt + answer + one round of overshoot);
             0: 4096 + the engine's max_new_tokens, rounded up to 128.
         prefill_tokens_per_step: prompt tokens prefilled between two decode steps (whole
-            prompts batched; a longer prompt is prefilled in chunks of this size).
+            prompts batched; a longer prompt is prefilled in chunks of this size). On
+            CUDA, groups of up to twice this many padded tokens replay graphs captured
+            at start (`processors.slot_prefill`).
         steps_per_round: decode steps between two copies of the new ids to the host.
         queue_size: submissions waiting for the scheduler before `submit` blocks.
         stop_at_json_close: a request also ends when its first JSON object closes.
