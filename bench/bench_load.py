@@ -455,6 +455,7 @@ class LoadBench:
             "ladder": scheduler.decoder.ladder,
             "split_attention": scheduler.decoder.split_attention,
             "compile_error": scheduler.decoder.compile_error,
+            "prefill_capture_error": scheduler.decoder.prefill.capture_error,
             "prefill_tokens_per_step": args.prefill_tokens,
             "steps_per_round": args.steps_per_round,
         }

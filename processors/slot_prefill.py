@@ -100,6 +100,7 @@ class StagedPrefill:
         self.logits = torch.zeros((rows, vocab), dtype=torch.float32, **options)
         self._graphs: dict[tuple[int, int], Any] = {}
         self._pool: Any = None
+        self.capture_error: str | None = None  # why prefill runs eagerly on CUDA, if it does
 
     def shape_for(self, rows: int, width: int) -> tuple[int, int]:
         """The captured (rows, width) that holds `rows` prompts of at most `width` tokens."""
@@ -170,13 +171,20 @@ class StagedPrefill:
     def capture(self) -> None:
         """Capture the graph of every shape of `graph_shapes` (CUDA with graphs on).
 
-        The warm-up runs write only staging rows, which hold nothing between groups.
+        The warm-up runs write only staging rows, which hold nothing between groups. A
+        layer that cannot be captured leaves prefill eager (slower, same results); the
+        reason is kept in `capture_error`.
         """
         if not self.cuda_graphs:
             return
-        for shape in self.graph_shapes:
-            if shape not in self._graphs:
-                self._capture(*shape)
+        try:
+            for shape in self.graph_shapes:
+                if shape not in self._graphs:
+                    self._capture(*shape)
+        except RuntimeError as exc:  # torch's capture errors are RuntimeErrors
+            self.capture_error = f"{type(exc).__name__}: {exc}"[:500]
+            self._graphs.clear()
+            self.cuda_graphs = False
 
     def _capture(self, rows: int, width: int) -> Any:
         import torch

@@ -10,6 +10,7 @@ row's chosen token are fed in the same step (`SlotDecoder.wide_step`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ from processors.slot_records import (
     SlotEngineConfig,
     SlotWork,
 )
+
+log = logging.getLogger(__name__)
 
 
 class SlotScheduler:
@@ -119,6 +122,12 @@ class SlotScheduler:
             self.decoder.prefill.capture()
             if self.constrained:
                 self.decoder.capture_wide()
+        for what, error in (
+            ("the compiled decode layer", self.decoder.compile_error),
+            ("the prefill graphs", self.decoder.prefill.capture_error),
+        ):
+            if error is not None:
+                log.warning("slot engine: %s could not be captured, runs eagerly: %s", what, error)
 
     def _auto_slots(self, engine: NativeInternVLEngine, base: Any, context: int) -> int:
         if not engine.device.startswith("cuda"):
