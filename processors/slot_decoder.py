@@ -42,6 +42,7 @@ from typing import Any
 from processors.internvl import (
     SplitKeyAttention,
     StaticGreedyDecoder,
+    capture_graph,
     chunk_attention,
     dense_chunk_attention,
 )
@@ -300,20 +301,9 @@ class SlotDecoder:
         return None
 
     def _capture(self, batch: int, pool: Any) -> Any:
-        import torch
-
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: kernel selection and workspaces outside the graph
-                self.round_step.zero_()
-                self._step(batch)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        self.round_step.zero_()
-        with torch.cuda.graph(graph, pool=pool):
-            self._step(batch)
-        return graph
+        return capture_graph(
+            self.device, lambda: self._step(batch), pool=pool, reset=self.round_step.zero_
+        )
 
     def _step(self, batch: int) -> None:
         """The step over rows [0, batch), on static buffers only (graph-capturable)."""
@@ -533,17 +523,9 @@ class SlotDecoder:
         if graph is None:
             import torch
 
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    forward()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                forward()
+            graph = capture_graph(self.device, forward, pool=self._graph_pool)
             self._wide_graphs[key] = graph
         graph.replay()
 

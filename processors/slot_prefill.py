@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from processors.internvl import StaticGreedyDecoder
+from processors.internvl import StaticGreedyDecoder, capture_graph
 
 WIDTH_BUCKET = 256
 """Prompt widths are padded to a multiple of this many tokens (at most 8 % on ~3,000)."""
@@ -189,17 +189,9 @@ class StagedPrefill:
     def _capture(self, rows: int, width: int) -> Any:
         import torch
 
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # kernel selection and workspaces outside the graph
-                self._forward(rows, width)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._forward(rows, width)
+        graph = capture_graph(self.device, lambda: self._forward(rows, width), pool=self._pool)
         self._graphs[(rows, width)] = graph
         return graph
 

@@ -3,7 +3,7 @@
 The public surface of the package; code outside it imports from here. Modules:
 `config` (`EngineConfig`, error stage), `chat` (prompts and image placeholders),
 `checkpoint` (layout detection, version ids), `convert` (original -> native weights),
-`vision` (image features, feature cache), `cuda` (streams and events), `decoder` (static
+`vision` (image features, feature cache), `cuda` (streams, events, graph capture), `decoder` (static
 KV cache, CUDA graphs) with `decode_attention` (the split-key attention op), `base` and
 `engines` (the engines and their factory).
 """
@@ -49,6 +49,7 @@ from processors.internvl.convert import (
     convert_original_state_dict,
     load_state_dict_files,
 )
+from processors.internvl.cuda import capture_graph
 from processors.internvl.decode_attention import (
     SplitKeyAttention,
     chunk_attention,
@@ -101,6 +102,7 @@ __all__ = [
     "VisionEncoder",
     "attention_geometry",
     "build_chat_prompt",
+    "capture_graph",
     "checkpoint_kind",
     "chunk_attention",
     "coded_failure",

@@ -17,7 +17,7 @@ from typing import Any
 from processors.constrained import ConstrainedRows
 from processors.errors import ErrorCode, ProcessingError
 from processors.internvl.config import STAGE
-from processors.internvl.cuda import new_stream
+from processors.internvl.cuda import capture_graph
 from processors.internvl.decode_attention import SplitKeyAttention
 
 
@@ -206,22 +206,11 @@ class StaticGreedyDecoder:
         return session
 
     def _capture(self, session: DecodeSession) -> Any:
-        import torch
+        def reset() -> None:
+            session.column.zero_()
+            session.step.zero_()
 
-        stream = new_stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: kernel selection and workspaces outside the graph
-                session.column.zero_()
-                session.step.zero_()
-                self._step(session)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        session.column.zero_()
-        session.step.zero_()
-        with torch.cuda.graph(graph):
-            self._step(session)
-        return graph
+        return capture_graph(self.device, lambda: self._step(session), reset=reset)
 
     # ------------------------------------------------------------------ prefill
 
@@ -427,18 +416,11 @@ class StaticGreedyDecoder:
 
         The warm-up runs advance no counter, so the session's state is left as it was.
         """
-        import torch
 
-        stream = new_stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(session)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        def forward() -> None:
             session.logits = self._forward(session)
-        session.forward_graph = graph
+
+        session.forward_graph = capture_graph(self.device, forward)
 
     def _all_ended(self, session: DecodeSession, produced: int) -> bool:
         if produced < self.min_new_tokens:
