@@ -102,6 +102,10 @@ class StagedPrefill:
         self._pool: Any = None
         self.capture_error: str | None = None  # why prefill runs eagerly on CUDA, if it does
 
+    def unpadded_rows(self, count: int) -> int:
+        """The largest row size of the ladder that is at most `count` (no padded rows)."""
+        return max(size for size in self.row_sizes if size <= max(1, count))
+
     def shape_for(self, rows: int, width: int) -> tuple[int, int]:
         """The captured (rows, width) that holds `rows` prompts of at most `width` tokens."""
         padded_rows = next(size for size in self.row_sizes if size >= rows)

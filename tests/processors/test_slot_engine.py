@@ -124,6 +124,30 @@ def test_admission_at_arbitrary_steps_matches_generate(
     assert scheduler.decoder.active.sum() == 0 and not scheduler.rows
 
 
+def test_prefill_groups_hold_no_padded_rows(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    """Five prompts that fit one budget go as 4 + 1 (the 8-row shape would pad 3 rows)."""
+    expected = _expected(reference, requests)
+    config = _config(slots=6, prefill_tokens_per_step=100_000, prefill_rows=8)
+    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), config)
+    prefill = scheduler.decoder.prefill
+    sizes: list[int] = []
+    prefill_rows = prefill.prefill_rows
+
+    def recorded(prompts: list[list[int]], *args: object, **kwargs: object) -> object:
+        sizes.append(len(prompts))
+        return prefill_rows(prompts, *args, **kwargs)  # type: ignore[arg-type]
+
+    prefill.prefill_rows = recorded  # type: ignore[method-assign,assignment]
+    for request in requests:
+        scheduler.add(request)
+    out: dict[str, list[int]] = {}
+    _drain(scheduler, out)
+    assert sizes == [4, 1]
+    assert [out[request.request_id] for request in requests] == expected
+
+
 def test_end_token_inside_a_round_frees_the_slot(
     checkpoint: Path, requests: list[PreparedRequest]
 ) -> None:

@@ -35,6 +35,14 @@ def test_ladders() -> None:
     assert width_ladder(WIDTH_BUCKET) == [WIDTH_BUCKET]
 
 
+def test_unpadded_rows_is_the_largest_row_size_not_above_the_count(
+    engine: NativeInternVLEngine,
+) -> None:
+    assert engine.decoder is not None
+    prefill = StagedPrefill(engine.decoder, rows=6, context=512, cuda_graphs=False)
+    assert [prefill.unpadded_rows(n) for n in range(1, 8)] == [1, 2, 2, 4, 4, 6, 6]
+
+
 def test_captured_shapes_are_bounded_but_every_width_has_one_row(
     engine: NativeInternVLEngine,
 ) -> None:
