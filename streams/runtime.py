@@ -69,6 +69,7 @@ def engine_config(settings: Settings, model_path: Path) -> EngineConfig:
         compile_vision=settings.model_compile,
         compile_prefill=settings.model_compile,
         compile_decode=settings.model_compile,
+        fuse_projections=settings.model_fuse_projections,
         constrained_decoding=settings.constrained_decoding,
     )
 

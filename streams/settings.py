@@ -58,6 +58,7 @@ class Settings:
     max_new_tokens: int = 2000
     model_max_batch: int = 32
     model_compile: bool = False
+    model_fuse_projections: bool = True  # one product for q/k/v and for gate/up per layer
     constrained_decoding: bool = True  # VS_CONSTRAINED_DECODING=0: free decoding + retry
     # "slot" (continuous batching), "static" micro-batches, or "auto": slot for the native
     # InternVL engine, static for the others (replay, remote code).
@@ -204,6 +205,9 @@ class Settings:
             max_new_tokens=reader.integer("VS_MAX_NEW_TOKENS", default.max_new_tokens),
             model_max_batch=reader.integer("VS_MODEL_MAX_BATCH", default.model_max_batch),
             model_compile=reader.flag("VS_MODEL_COMPILE", default.model_compile),
+            model_fuse_projections=reader.flag(
+                "VS_MODEL_FUSE_PROJECTIONS", default.model_fuse_projections
+            ),
             constrained_decoding=reader.flag(
                 "VS_CONSTRAINED_DECODING", default.constrained_decoding
             ),

@@ -67,6 +67,14 @@ from processors.internvl.engines import (
     create_engine,
     load_engine,
 )
+from processors.internvl.fused import (
+    FUSED,
+    FusedProjections,
+    fuse_layer,
+    fused_of,
+    mlp_output,
+    project_fused,
+)
 from processors.internvl.vision import (
     FeatureCache,
     VisionEncoder,
@@ -76,6 +84,7 @@ from processors.internvl.vision import (
 
 __all__ = [
     "CONVERTIBLE_LLMS",
+    "FUSED",
     "IMG_CONTEXT_TOKEN",
     "IMG_END_TOKEN",
     "IMG_START_TOKEN",
@@ -94,6 +103,7 @@ __all__ = [
     "EngineConfig",
     "FeatureCache",
     "FormatName",
+    "FusedProjections",
     "InternVLEngineBase",
     "NativeInternVLEngine",
     "RemoteCodeInternVLEngine",
@@ -112,12 +122,16 @@ __all__ = [
     "create_engine",
     "dense_chunk_attention",
     "expand_image_placeholders",
+    "fuse_layer",
+    "fused_of",
     "has_remote_code",
     "is_convertible",
     "load_engine",
     "load_state_dict_files",
+    "mlp_output",
     "model_version_id",
     "patch_projection_as_matmul",
+    "project_fused",
     "read_checkpoint_config",
     "resolve_attn_implementation",
     "resolve_device",

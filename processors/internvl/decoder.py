@@ -19,6 +19,7 @@ from processors.errors import ErrorCode, ProcessingError
 from processors.internvl.config import STAGE
 from processors.internvl.cuda import capture_graph
 from processors.internvl.decode_attention import SplitKeyAttention
+from processors.internvl.fused import fuse_layer, fused_of, mlp_output, project_fused
 
 
 def attention_geometry(text_config: Any) -> tuple[int, int, int]:
@@ -64,6 +65,8 @@ class StaticGreedyDecoder:
     call. The step only touches static buffers, so on CUDA it is captured once per shape
     as a CUDA graph and replayed (no host work per token). `compile_step` and
     `compile_prefill` compile the per-layer functions (one compilation for all layers).
+    `fuse_projections` runs each layer's query/key/value and gate/up projections as one
+    matrix product each (`processors.internvl.fused`; the modules' weights become views).
     `min_new_tokens` suppresses `<|im_end|>` exactly as
     `MinNewTokensLengthLogitsProcessor` does.
     """
@@ -85,6 +88,7 @@ class StaticGreedyDecoder:
         compile_prefill: bool = False,
         split_attention: bool = False,
         attention_splits: int = 1,
+        fuse_projections: bool = False,
     ) -> None:
         import torch
 
@@ -93,6 +97,9 @@ class StaticGreedyDecoder:
         self.lm_head = model.lm_head
         text = self.language_model.config
         self.layers = list(self.language_model.layers[: text.num_hidden_layers])
+        if fuse_projections:
+            for layer in self.layers:
+                fuse_layer(layer)
         self.heads, self.kv_heads, self.head_dim = attention_geometry(text)
         self.image_token_id = int(model.config.image_token_id)
         self.eos_id = eos_id
@@ -304,9 +311,18 @@ class StaticGreedyDecoder:
         batch, length = hidden.shape[0], hidden.shape[1]
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
-        query = attention.q_proj(normed).view(batch, length, self.heads, self.head_dim)
-        key = attention.k_proj(normed).view(batch, length, self.kv_heads, self.head_dim)
-        value = attention.v_proj(normed).view(batch, length, self.kv_heads, self.head_dim)
+        fused = fused_of(attention)
+        if fused is not None:
+            query, key, value = project_fused(fused, normed)
+        else:
+            query, key, value = (
+                attention.q_proj(normed),
+                attention.k_proj(normed),
+                attention.v_proj(normed),
+            )
+        query = query.view(batch, length, self.heads, self.head_dim)
+        key = key.view(batch, length, self.kv_heads, self.head_dim)
+        value = value.view(batch, length, self.kv_heads, self.head_dim)
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
         return query, key, value
@@ -315,7 +331,7 @@ class StaticGreedyDecoder:
     def _layer_output(layer: Any, hidden: Any, attended: Any) -> Any:
         """The rest of the layer after attention: output projection, residuals, MLP."""
         hidden = hidden + layer.self_attn.o_proj(attended)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + mlp_output(layer.mlp, layer.post_attention_layernorm(hidden))
 
     # ------------------------------------------------------------------- decode
 

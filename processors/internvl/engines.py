@@ -145,6 +145,7 @@ class NativeInternVLEngine(InternVLEngineBase):
                 compile_prefill=self.config.compile_prefill and self.device.startswith("cuda"),
                 split_attention=self._split_attention_wanted(model),
                 attention_splits=self.config.attention_splits,
+                fuse_projections=self.config.fuse_projections,
             )
             if self.config.feature_cache_mb and self.config.feature_cache_images:
                 cache = FeatureCache(self.config.feature_cache_mb * 2**20)

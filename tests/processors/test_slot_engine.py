@@ -94,8 +94,12 @@ def _config(**overrides: object) -> SlotEngineConfig:
 
 
 @pytest.mark.parametrize(
-    ("budget", "rows"),
-    [(300, 8), (2000, 2)],  # every prompt in chunks; whole prompts batched two at a time
+    ("budget", "rows", "fuse"),
+    [
+        (300, 8, False),  # every prompt in chunks
+        (2000, 2, False),  # whole prompts batched two at a time
+        (2000, 2, True),  # the same with fused query/key/value and gate/up projections
+    ],
 )
 def test_admission_at_arbitrary_steps_matches_generate(
     checkpoint: Path,
@@ -103,11 +107,13 @@ def test_admission_at_arbitrary_steps_matches_generate(
     requests: list[PreparedRequest],
     budget: int,
     rows: int,
+    fuse: bool,
 ) -> None:
     expected = _expected(reference, requests)
     limits = {"a": 5, "c": 9}  # early exits by token limit: greedy prefixes
     config = _config(slots=3, prefill_tokens_per_step=budget, prefill_rows=rows)
-    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), config)
+    engine = _engine(checkpoint, max_new_tokens=MAX_NEW, fuse_projections=fuse)
+    scheduler = SlotScheduler(engine, config)
     out: dict[str, list[int]] = {}
     scheduler.add(requests[0], max_new_tokens=limits["a"])
     _rounds(scheduler, out, 1)  # "a" decodes alone for a round

@@ -22,6 +22,12 @@ def test_model_compile_turns_on_every_compile_option() -> None:
     assert config.decode_attention == "auto"
 
 
+def test_fused_projections_are_on_unless_turned_off() -> None:
+    assert engine_config(Settings.from_env({}), Path("/m")).fuse_projections
+    settings = Settings.from_env({"VS_MODEL_FUSE_PROJECTIONS": "0"})
+    assert not engine_config(settings, Path("/m")).fuse_projections
+
+
 def test_unreadable_flag_names_the_variable() -> None:
     with pytest.raises(SettingsError, match="VS_MODEL_COMPILE"):
         Settings.from_env({"VS_MODEL_COMPILE": "sometimes"})

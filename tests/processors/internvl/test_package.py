@@ -24,6 +24,7 @@ LAYERS = (
     "checkpoint",
     "convert",
     "vision",
+    "fused",
     "decoder",
     "base",
     "engines",
