@@ -89,6 +89,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--saturation-calls", type=int, help="static call size (1024)")
     parser.add_argument("--pool", type=int, help="distinct prepared requests (256)")
     parser.add_argument("--compile", action="store_true", help="engine compile options on")
+    parser.add_argument(
+        "--fuse",
+        default="on",
+        choices=("off", "on", "both"),
+        help="fused query/key/value and gate/up projections (EngineConfig.fuse_projections); "
+        "both: the slot engine runs unfused, then fused (rows and saturation keyed 'slot-fused'; "
+        "the engines after it run fused too)",
+    )
     parser.add_argument("--engines", default="static,slot", help="static, slot, both or none")
     parser.add_argument(
         "--parity",
@@ -340,6 +348,8 @@ class LoadBench:
         self.rows: list[dict[str, Any]] = []
         self.details: dict[str, Any] = {"runs": [], "slot_engine": None, "warm_up_s": {}}
         self.saturation: dict[str, float] = {}
+        # Fusing changes the shared model in place (views), so unfused runs come first.
+        self.fused = args.fuse == "on"
 
     def engine(self, **overrides: Any) -> Any:
         """A native engine on the shared model (feature cache off, `--compile` applied)."""
@@ -348,6 +358,7 @@ class LoadBench:
         compile_all = self.args.compile
         settings: dict[str, Any] = {
             "feature_cache_mb": 0,
+            "fuse_projections": self.fused,
             "compile_vision": compile_all,
             "compile_prefill": compile_all,
             "compile_decode": compile_all,
@@ -429,6 +440,8 @@ class LoadBench:
             for rate, times, lengths, picks in workloads:
                 done, stats = run_slot(slot, pool, picks, lengths, times)
                 row = {"engine": "slot", "arrival_per_s": rate, **summary(times, done)}
+                if self.args.fuse == "both":
+                    row["fused"] = self.fused
                 self.rows.append(row)
                 self.details["runs"].append({**row, **stats})
                 print(f"[load] slot at {rate}/s: {row} {stats}", flush=True)
@@ -444,9 +457,10 @@ class LoadBench:
         n = plan.sat_requests
         picks = [i % plan.pool_size for i in range(n)]
         done, stats = run_slot(slot, self.pool, picks, [plan.sat_tokens] * n, [0.0] * n)
-        self.saturation["slot"] = round(n / max(done), 3)
-        self.details["saturation_slot"] = stats
-        print(f"[load] slot saturation {self.saturation['slot']}/s {stats}", flush=True)
+        key = "slot-fused" if self.args.fuse == "both" and self.fused else "slot"
+        self.saturation[key] = round(n / max(done), 3)
+        self.details[f"saturation_{key}"] = stats
+        print(f"[load] {key} saturation {self.saturation[key]}/s {stats}", flush=True)
         scheduler = slot.scheduler
         assert scheduler is not None
         self.details["slot_engine"] = {
@@ -585,6 +599,14 @@ def main(argv: list[str] | None = None) -> int:
     workloads = bench.workloads()
     if "slot" in plan.engines:
         bench.run_slot_engine(workloads)
+        if args.fuse == "both":
+            import torch
+
+            # The fused run's compiled layers guard on other attributes: room for their
+            # compilations beside the unfused ones (dynamo's default limit is 8).
+            torch._dynamo.config.recompile_limit = 64  # noqa: SLF001
+            bench.fused = True
+            bench.run_slot_engine(workloads)
     if "static" in plan.engines:
         bench.run_static_engine(workloads)
     if args.pipeline_rate > 0:

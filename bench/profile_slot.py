@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -71,8 +72,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="engine compile options on")
     parser.add_argument("--saturation-only", action="store_true", help="skip the part timings")
+    parser.add_argument("--out", help="also write the JSON here after every section")
+    parser.add_argument(
+        "--no-vision-variants", action="store_true", help="skip the vision compile variants"
+    )
     parser.add_argument("--modes", default="spans", help="saturation runs: spans,kernels,cprofile")
     parser.add_argument("--slots", type=int, default=0, help="saturation slots (largest batch)")
+    parser.add_argument(
+        "--variants",
+        default="base",
+        help="saturation variants, ';'-separated, each ','-joined of: base, fused (query/key/"
+        "value and gate/up fused), budget=N (prefill tokens per step), vision=N (requests "
+        "per vision call)",
+    )
+    parser.add_argument(
+        "--green",
+        default="",
+        help="with --overlap: also run vision + prefill on a green context of each of these "
+        "SM counts (torch.cuda.green_contexts) beside decode steps on the whole GPU",
+    )
     parser.add_argument(
         "--overlap",
         type=int,
@@ -116,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             compile_vision=compiled,
             compile_prefill=compiled,
             compile_decode=compiled,
+            fuse_projections=False,  # the fused variants fuse in place (`set_fused`)
         ),
         model,
         tokenizer,
@@ -127,19 +146,60 @@ def main(argv: list[str] | None = None) -> int:
     out["compiled"] = compiled
     if not args.saturation_only:
         out.update(time_parts(engine, pool, batches, context, device, args.compile))
-    if compiled and not args.saturation_only:
+    if compiled and not args.saturation_only and not args.no_vision_variants:
         out["vision_variants"] = vision_variants(engine, model, pool, device)
-    if args.overlap:
-        out["overlap"] = overlap_parts(engine, pool, args.overlap, context, device)
+    emit(out, args.out)
     count = args.saturation or (8 if args.smoke else 1024)
     tokens = args.tokens or (6 if args.smoke else 300)
     slots = args.slots or max(batches)
-    out["saturation"] = [
-        saturation_run(engine, pool, slots, context, count, tokens, device, mode)
-        for mode in args.modes.split(",")
-    ]
+    out["saturation"] = []
+    for variant in args.variants.split(";"):
+        options = parse_variant(variant)
+        set_fused(engine, options.pop("fused", False))
+        for mode in args.modes.split(","):
+            row = saturation_run(
+                engine, pool, slots, context, count, tokens, device, mode, **options
+            )
+            out["saturation"].append({"variant": variant, **row})
+            emit(out, args.out)
+    if args.overlap:  # last: a fault on two streams loses nothing measured before it
+        green = tuple(int(n) for n in args.green.split(",") if n)
+        out["overlap"] = overlap_parts(engine, pool, args.overlap, context, device, green=green)
+        emit(out, args.out)
     print(json.dumps(out, indent=1))
     return 0
+
+
+def emit(out: dict[str, Any], path: str | None) -> None:
+    """Write what is measured so far to `path` (when given), replacing the last write."""
+    if path:
+        Path(path).write_text(json.dumps(out, indent=1))
+
+
+def parse_variant(variant: str) -> dict[str, Any]:
+    """`fused,budget=16384` -> {"fused": True, "budget": 16384} ("base": no options)."""
+    options: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in variant.split(","))):
+        name, _, value = part.partition("=")
+        if name == "fused":
+            options["fused"] = True
+        elif name in ("budget", "vision"):
+            options[name] = int(value)
+        elif name != "base":
+            raise SystemExit(f"unknown variant option {part!r}")
+    return options
+
+
+def set_fused(engine: Any, fused: bool) -> None:
+    """Fuse the language model's projections in place, or stop using the fused weights."""
+    from processors.internvl import FUSED, fuse_layer
+
+    for layer in engine.decoder.layers:
+        if fused:
+            fuse_layer(layer)
+        else:  # the modules' weights stay views of the fused ones: same values
+            vars(layer.self_attn).pop(FUSED, None)
+            vars(layer.mlp).pop(FUSED, None)
 
 
 def time_parts(
@@ -148,6 +208,7 @@ def time_parts(
     """Vision on 1, 4 and 8 requests, a prefill of 8 prompts, one decode step per batch."""
     import torch
 
+    from processors.internvl import fuse_layer
     from processors.slot_decoder import SlotDecoder
 
     base = engine.decoder
@@ -160,8 +221,14 @@ def time_parts(
             str(n): timed(functools.partial(engine.image_features, pool[:n]), device, repeats=3)
             for n in (1, 4, 8)
         }
-        for compiled in (False, True) if compile_too else (False,):
-            suffix = "_compiled" if compiled else ""
+        variants = [(False, False)]
+        if compile_too:
+            variants += [(True, False), (True, True)]
+        for compiled, fused in variants:
+            suffix = ("_compiled" if compiled else "") + ("_fused" if fused else "")
+            if fused:
+                for layer in base.layers:  # in place, for the variants after this one too
+                    fuse_layer(layer)
             decoder = SlotDecoder(
                 base,
                 slots=max(batches),
@@ -178,6 +245,18 @@ def time_parts(
                 device,
                 repeats=3,
             )
+            per_prompt = {}
+            for rows in (1, 2, 4):  # milliseconds per prompt in groups of this many
+                tokens = sum(ids[i].count(base.image_token_id) for i in range(rows))
+                milliseconds = timed(
+                    functools.partial(
+                        decoder.prefill.prefill_rows, ids[:rows], flat[:tokens], [0] * rows
+                    ),
+                    device,
+                    repeats=3,
+                )
+                per_prompt[str(rows)] = round(milliseconds / rows, 3)
+            out[f"prefill_ms_per_prompt{suffix}"] = per_prompt
             out[f"decode_step_ms{suffix}"] = _decode_steps(decoder, batches, prompt, device)
             out["compile_error"] = decoder.compile_error
             del decoder
@@ -228,13 +307,21 @@ def vision_variants(engine: Any, model: Any, pool: list[Any], device: str) -> di
 
 
 def overlap_parts(
-    engine: Any, pool: list[Any], batch: int, context: int, device: str, steps: int = 48
+    engine: Any,
+    pool: list[Any],
+    batch: int,
+    context: int,
+    device: str,
+    steps: int = 48,
+    green: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Decode steps on one stream beside vision + prefill on another, against each alone.
 
     `steps` graph-replayed steps at `batch` rows, and vision of 8 requests followed by a
     prefill of 2 of them; alone, then both queued together on two streams (with equal
-    priorities, then with the decode stream at the higher priority). Milliseconds of each
+    priorities, then with the decode stream at the higher priority; then, for each of
+    `green`'s SM counts, with vision + prefill on a green context of that many SMs).
+    Milliseconds of each
     stream's work from the common start (CUDA events) and of the whole.
     """
     import torch
@@ -295,8 +382,48 @@ def overlap_parts(
         out["decode_alone_ms"] = run(plain, other, ("decode",))["decode"]
         out["side_alone_ms"] = run(plain, other, ("side",))["side"]
         out["together_ms"] = run(plain, other, ("decode", "side"))
+        out.update(green_overlap(run, plain, urgent, green, device))
         out["together_priority_ms"] = run(urgent, relaxed, ("decode", "side"))
     return out
+
+
+def green_overlap(
+    run: Callable[[Any, Any, tuple[str, ...]], dict[str, float]],
+    plain: Any,
+    urgent: Any,
+    green: tuple[int, ...],
+    device: str,
+) -> dict[str, Any]:
+    """`overlap_parts`'s runs with vision + prefill on a green context of each SM count."""
+    out: dict[str, Any] = {}
+    for sms in green:
+        try:
+            held, stream = green_stream(sms, device)  # the context outlives its stream
+        except (RuntimeError, TypeError, AttributeError, ImportError) as exc:
+            out[f"green_{sms}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        run(plain, stream, ("decode", "side"))  # warm-up on this stream
+        out[f"green_{sms}"] = {
+            "side_alone_ms": run(plain, stream, ("side",))["side"],
+            "decode_alone_ms": run(stream, plain, ("decode",))["decode"],
+            "together_ms": run(urgent, stream, ("decode", "side")),
+        }
+        del held
+    return out
+
+
+def green_stream(sms: int, device: str) -> tuple[Any, Any]:
+    """A CUDA green context of `sms` multiprocessors and a stream of it (torch's API)."""
+    import torch
+    from torch.cuda import green_contexts
+
+    index = torch.device(device).index or 0
+    kind: Any = green_contexts.GreenContext
+    try:
+        context = kind(num_sms=sms, device_id=index)
+    except TypeError:  # older torch: GreenContext.create(num_sms, device_id)
+        context = kind.create(sms, index)
+    return context, context.Stream()
 
 
 def _decode_steps(decoder: Any, batches: list[int], prompt: int, device: str) -> dict[str, Any]:
@@ -316,6 +443,20 @@ def _decode_steps(decoder: Any, batches: list[int], prompt: int, device: str) ->
     return steps
 
 
+def saturation_config(slots: int, context: int, count: int, budget: int, vision: int) -> Any:
+    """The slot engine's settings of a saturation run (0: the default budget / vision)."""
+    from processors.slot_engine import SlotEngineConfig
+
+    config = SlotEngineConfig(
+        slots=slots, context_length=context, queue_size=count, stop_at_json_close=False
+    )
+    return dataclasses.replace(
+        config,
+        prefill_tokens_per_step=budget or config.prefill_tokens_per_step,
+        vision_requests=vision or config.vision_requests,
+    )
+
+
 def saturation_run(
     engine: Any,
     pool: list[Any],
@@ -325,6 +466,8 @@ def saturation_run(
     tokens: int,
     device: str,
     mode: str = "spans",
+    budget: int = 0,
+    vision: int = 0,
 ) -> dict[str, Any]:
     """`count` requests of `tokens` tokens at once, phases timed on the host.
 
@@ -338,11 +481,9 @@ def saturation_run(
 
     from torch.profiler import ProfilerActivity, profile
 
-    from processors.slot_engine import SlotEngine, SlotEngineConfig
+    from processors.slot_engine import SlotEngine
 
-    config = SlotEngineConfig(
-        slots=slots, context_length=context, queue_size=count, stop_at_json_close=False
-    )
+    config = saturation_config(slots, context, count, budget, vision)
     slot = SlotEngine(engine, config)
     slot.load()
     scheduler = slot.scheduler
