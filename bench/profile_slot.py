@@ -192,14 +192,10 @@ def parse_variant(variant: str) -> dict[str, Any]:
 
 def set_fused(engine: Any, fused: bool) -> None:
     """Fuse the language model's projections in place, or stop using the fused weights."""
-    from processors.internvl import FUSED, fuse_layer
+    from processors.internvl import fuse_layer, unfuse_layer
 
     for layer in engine.decoder.layers:
-        if fused:
-            fuse_layer(layer)
-        else:  # the modules' weights stay views of the fused ones: same values
-            vars(layer.self_attn).pop(FUSED, None)
-            vars(layer.mlp).pop(FUSED, None)
+        (fuse_layer if fused else unfuse_layer)(layer)
 
 
 def time_parts(
@@ -208,7 +204,6 @@ def time_parts(
     """Vision on 1, 4 and 8 requests, a prefill of 8 prompts, one decode step per batch."""
     import torch
 
-    from processors.internvl import fuse_layer
     from processors.slot_decoder import SlotDecoder
 
     base = engine.decoder
@@ -227,8 +222,7 @@ def time_parts(
         for compiled, fused in variants:
             suffix = ("_compiled" if compiled else "") + ("_fused" if fused else "")
             if fused:
-                for layer in base.layers:  # in place, for the variants after this one too
-                    fuse_layer(layer)
+                set_fused(engine, True)  # in place, for the variants after this one too
             decoder = SlotDecoder(
                 base,
                 slots=max(batches),
@@ -321,8 +315,8 @@ def overlap_parts(
     prefill of 2 of them; alone, then both queued together on two streams (with equal
     priorities, then with the decode stream at the higher priority; then, for each of
     `green`'s SM counts, with vision + prefill on a green context of that many SMs).
-    Milliseconds of each
-    stream's work from the common start (CUDA events) and of the whole.
+    Milliseconds of each stream's work from the common start (CUDA events) and of the
+    whole.
     """
     import torch
 

@@ -68,12 +68,12 @@ from processors.internvl.engines import (
     load_engine,
 )
 from processors.internvl.fused import (
-    FUSED,
     FusedProjections,
     fuse_layer,
     fused_of,
     mlp_output,
     project_fused,
+    unfuse_layer,
 )
 from processors.internvl.vision import (
     FeatureCache,
@@ -84,7 +84,6 @@ from processors.internvl.vision import (
 
 __all__ = [
     "CONVERTIBLE_LLMS",
-    "FUSED",
     "IMG_CONTEXT_TOKEN",
     "IMG_END_TOKEN",
     "IMG_START_TOKEN",
@@ -137,5 +136,6 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "rotate_half",
+    "unfuse_layer",
     "weight_files",
 ]

@@ -113,7 +113,7 @@ class EngineConfig:
             as one matrix product and its gate/up projections as another
             (`processors.internvl.fused`; the modules' weights become views of the fused
             ones, so memory is unchanged). Fewer kernels per decode step: 12 % off a step
-            at 16-64 rows on an H200 (`bench/results/load-h200-fused.json`).
+            at 16-64 rows on an H200 (`bench/results/profile-fused-h200.json`).
         decode_attention: attention of the static path's decode steps. "split" reads only
             each row's prompt and generated columns of the KV cache, split across
             `attention_splits` programs per row and key/value head (Triton; CUDA only);

@@ -63,6 +63,12 @@ def fuse_layer(layer: Any) -> None:
         object.__setattr__(mlp, FUSED, _fuse([mlp.gate_proj, mlp.up_proj]))
 
 
+def unfuse_layer(layer: Any) -> None:
+    """Stop using the fused products of `layer` (its modules keep views: same values)."""
+    for module in (layer.self_attn, layer.mlp):
+        vars(module).pop(FUSED, None)
+
+
 def fused_of(module: Any) -> FusedProjections | None:
     """The module's fused projections, or None when `fuse_layer` was not applied."""
     found: FusedProjections | None = getattr(module, FUSED, None)

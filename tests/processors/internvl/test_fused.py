@@ -17,6 +17,7 @@ from processors.internvl import (
     load_engine,
     mlp_output,
     project_fused,
+    unfuse_layer,
 )
 from tests.processors.internvl.helpers import generate_engine
 from tests.support.tiny_internvl import build_tokenizer, tiny_native_model
@@ -53,6 +54,10 @@ def test_fused_products_equal_the_modules_and_share_their_memory(layer: Any) -> 
         torch.testing.assert_close(mlp(hidden), mlp_before, rtol=1e-6, atol=1e-6)
     fuse_layer(layer)  # once only: a second call keeps the same tensors
     assert fused_of(attention) is fused
+    unfuse_layer(layer)
+    assert fused_of(attention) is None and fused_of(mlp) is None
+    with torch.no_grad():  # the views left behind still compute the same
+        torch.testing.assert_close(mlp_output(mlp, hidden), mlp_before, rtol=1e-6, atol=1e-6)
 
 
 def test_mlp_output_without_fusion_is_the_module(layer: Any) -> None:
