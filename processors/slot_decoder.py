@@ -131,6 +131,11 @@ class SlotDecoder:
             self._run_layer = torch.compile(self._decode_layer, dynamic=True)
         self.on_cuda = str(self.device).startswith("cuda")
         self.cuda_graphs = cuda_graphs and self.on_cuda
+        # The round's ids and newcomers' first tokens, copied out without a stream sync.
+        self.round_host = torch.zeros(
+            slots * (steps_per_round + 1), dtype=torch.long, pin_memory=self.on_cuda
+        )
+        self._round_copied: Any = None
         self.prefill = StagedPrefill(
             base,
             rows=stage_rows,
@@ -257,6 +262,33 @@ class SlotDecoder:
             state[row] = 0
 
     # ------------------------------------------------------------------- decode
+
+    def copy_round(self, count: int, steps: int, firsts: Sequence[Any]) -> int:
+        """Queue the copy of rows [0, count)'s `steps` ids, then `firsts`, to the host.
+
+        Returns how many values `round_ids` will give: row-major ids, then one per first
+        token (each a (1,) device tensor). Nothing waits here, so the caller can queue more
+        GPU work (the next newcomers' vision) before it takes them.
+        """
+        import torch
+
+        flat = self.round_out[:count, :steps].reshape(-1)
+        if firsts:
+            flat = torch.cat([flat, *firsts])
+        size = int(flat.numel())
+        self.round_host[:size].copy_(flat, non_blocking=self.on_cuda)
+        if self.on_cuda:
+            self._round_copied = torch.cuda.Event()
+            self._round_copied.record()
+        return size
+
+    def round_ids(self, size: int) -> list[int]:
+        """The values of the last `copy_round` (`size` of them); waits for that copy only."""
+        if self._round_copied is not None:
+            self._round_copied.synchronize()
+            self._round_copied = None
+        values: list[int] = self.round_host[:size].tolist()
+        return values
 
     def begin_round(self) -> None:
         """Start a round of steps: the next step writes the round's first column."""

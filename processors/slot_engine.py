@@ -1,9 +1,10 @@
 """Continuous batching: requests join and leave a running decode batch (the slot engine).
 
 `SlotScheduler` (`processors.slot_scheduler`; settings and records in
-`processors.slot_records`) is the synchronous core, driven by one thread. A request is tokenized
-when added and waits; once a slot is free its images go through the vision tower (the
-engine's own path, so the vendor-image feature cache serves it) and its prompt is
+`processors.slot_records`) is the synchronous core, driven by one thread. A request is
+tokenized and its tiles staged when prepared, then admitted and waits; once a slot is
+free its images go through the vision tower (the engine's own path, so the vendor-image
+feature cache serves it) and its prompt is
 prefilled in chunks into a staging row, at most `prefill_tokens_per_step` prompt tokens
 between two decode steps, so a burst of arrivals delays everyone's next token by one
 chunk at a time rather than by whole prompts. When its prefill ends it takes a free slot
@@ -20,7 +21,10 @@ CPU): each row attends to its own prompt and tokens only, at its own positions.
 `SlotEngine` is the streaming interface: `submit` one prepared request, get a
 `concurrent.futures.Future` of its `Completion`. It is thread-safe; its queue is bounded
 and `submit` blocks (or raises `queue.Full` after its timeout) while the queue is full, so
-a producer feeding it slows down to the engine's pace. `generate(batch)` submits a batch
+a producer feeding it slows down to the engine's pace. A preparation thread takes each
+submission first (`SlotScheduler.prepare`: tokens, tiles staged in pinned memory, cache
+keys) and hands it to the scheduler's thread through a second bounded queue, so the
+thread that keeps the GPU fed does no per-request host work beyond queueing it. `generate(batch)` submits a batch
 and waits for all of it (the `InferenceEngine` interface).
 
 Failures flow to the futures: a malformed request (placeholders, pixel shapes, a prompt
@@ -34,7 +38,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -75,7 +79,10 @@ class SlotEngine:
         self.engine = engine
         self.config = config or SlotEngineConfig()
         self._queue: queue.Queue[Any] = queue.Queue(self.config.queue_size)
+        # Prepared requests for the scheduler thread: half the staged-tiles bound.
+        self._ready: queue.Queue[Any] = queue.Queue(self.config.staged_requests // 2)
         self._thread: threading.Thread | None = None
+        self._preparer: threading.Thread | None = None
         self.scheduler: SlotScheduler | None = None
         self._start_lock = threading.Lock()
 
@@ -91,6 +98,10 @@ class SlotEngine:
                 return
             self.engine.load()
             self.scheduler = SlotScheduler(self.engine, self.config)
+            self._preparer = threading.Thread(
+                target=self._prepare_loop, name="slot-prepare", daemon=True
+            )
+            self._preparer.start()
             self._thread = threading.Thread(target=self._loop, name="slot-engine", daemon=True)
             self._thread.start()
 
@@ -128,52 +139,83 @@ class SlotEngine:
             return
         self._queue.put(_STOP)
         thread.join(timeout)
-        self._thread = None
+        if self._preparer is not None:
+            self._preparer.join(timeout)
+        self._thread = self._preparer = None
 
     # ------------------------------------------------------------------ thread
 
     def _loop(self) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
-        while not self._admit(scheduler):
-            if not scheduler.idle:
-                self._round(scheduler)
+        stopped = False
+
+        def admit() -> None:
+            nonlocal stopped
+            stopped = stopped or self._admit(scheduler)
+
+        while not stopped:
+            admit()
+            if not stopped and not scheduler.idle:
+                self._round(scheduler, admit)
         self._close(scheduler)
 
-    def _admit(self, scheduler: SlotScheduler) -> bool:
-        """Move queued requests into free slots; True once the stop marker was taken.
+    def _prepare_loop(self) -> None:
+        """Prepare each submission in order and hand it over; ends at the stop marker.
 
-        Waits briefly for a request only while nothing decodes. A request the scheduler
-        refuses (`ProcessingError`, `ValueError`) fails its own future.
+        A request the scheduler refuses here (`ProcessingError`, `ValueError`) fails its
+        own future; `put` blocks while the hand-over queue is full (the staged-tiles bound).
         """
-        while scheduler.capacity() > 0:
-            try:
-                item = self._queue.get(timeout=0.05) if scheduler.idle else self._queue.get_nowait()
-            except queue.Empty:
-                return False
+        scheduler = self.scheduler
+        assert scheduler is not None
+        while True:
+            item = self._queue.get()
             if item is _STOP:
-                return True
+                self._ready.put(_STOP)
+                return
             request, max_new, min_new, submitted, future = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                work = scheduler.add(
+                work = scheduler.prepare(
                     request, max_new_tokens=max_new, min_new_tokens=min_new, submitted=submitted
                 )
             except (ProcessingError, ValueError) as exc:
                 future.set_exception(exc)
                 continue
             work.future = future
+            self._ready.put(work)
+
+    def _admit(self, scheduler: SlotScheduler) -> bool:
+        """Move prepared requests into the scheduler; True once the stop marker was taken.
+
+        Waits briefly for a request only while nothing decodes. A request the scheduler
+        refuses (`ProcessingError`) fails its own future.
+        """
+        while scheduler.capacity() > 0:
+            try:
+                item = self._ready.get(timeout=0.05) if scheduler.idle else self._ready.get_nowait()
+            except queue.Empty:
+                return False
+            if item is _STOP:
+                return True
+            try:
+                scheduler.admit(item)
+            except ProcessingError as exc:
+                if item.future is not None:
+                    item.future.set_exception(exc)
         return False
 
-    def _round(self, scheduler: SlotScheduler) -> None:
+    def _round(self, scheduler: SlotScheduler, admit: Callable[[], None]) -> None:
         """One round of decode steps; completions and row failures go to their futures.
 
-        A failure of the whole round (`MODEL_FAILED`) fails every request in flight.
+        `admit` takes the requests prepared during the round, at its end (`run_round`'s
+        intake). A failure of the whole round (`MODEL_FAILED`) fails every request in
+        flight.
         """
         try:
             with self.engine.lock, coded_failure(ErrorCode.MODEL_FAILED, "generation failed"):
-                ended, failed = scheduler.run_round()
+                ended, failed = scheduler.run_round(admit)
         except ProcessingError as exc:
             for work in scheduler.abort():
                 if work.future is not None:
@@ -192,10 +234,14 @@ class SlotEngine:
         for work in scheduler.abort():
             if work.future is not None:
                 work.future.set_exception(closed)
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                item[-1].set_exception(closed)
+        for waiting in (self._ready, self._queue):
+            while True:
+                try:
+                    item = waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, SlotWork):
+                    if item.future is not None:
+                        item.future.set_exception(closed)
+                elif item is not _STOP and item[-1].set_running_or_notify_cancel():
+                    item[-1].set_exception(closed)

@@ -38,6 +38,10 @@ class SlotEngineConfig:
         prefill_rows: whole prompts prefilled together in one call (staging rows).
         vision_requests: waiting requests whose images go through the vision tower in one
             call (each of them has a free slot ahead of it).
+        staged_requests: requests whose tiles may wait in pinned host memory, prepared
+            ahead of the vision tower (half in the engine's hand-over queue, half admitted
+            and waiting); bounds that memory (7 tiles in bfloat16 are 8.4 MB, which the
+            pinned allocator rounds up to 16 MB). At least 2.
         forced_tokens: with constrained decoding, at most this many tokens the grammar
             forces after a row's chosen token are written in the same forward pass (a
             forced run); 0 steps through them one by one like free tokens.
@@ -57,6 +61,7 @@ class SlotEngineConfig:
     memory_fraction: float = 0.5
     max_slots: int = 512
     vision_requests: int = 8
+    staged_requests: int = 64
     prefill_rows: int = 8
     forced_tokens: int = 16
     follow_model: bool = False
@@ -75,6 +80,8 @@ class SlotEngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.staged_requests < 2:
+            raise ValueError(f"staged_requests must be >= 2, got {self.staged_requests}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
@@ -159,6 +166,7 @@ class SlotWork:
     started: float = 0.0
     vision_ready: bool = False
     matcher: Any = None  # the answer grammar's matcher (constrained decoding), else None
+    staged: Any = None  # `StagedImages` until the vision tower took them
     forced: list[int] = field(default_factory=list)  # forced tokens not yet fed
     chunk: list[int] = field(default_factory=list)  # what the row fed in the last wide step
     json_before_forced: tuple[int, bool, bool] | None = None  # the watch before `forced`

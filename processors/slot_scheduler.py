@@ -1,11 +1,14 @@
 """The slot engine's synchronous core: admission, chunked prefill and decode rounds.
 
 One thread drives a `SlotScheduler` (see `processors.slot_engine` for the design and the
-streaming front). Free rows decode in rounds of `steps_per_round` steps with one copy of
-the new ids to the host per round; when any request in flight carries an answer schema
-(constrained decoding), rounds step with the host in the loop: each step the bitmasks are
-filled while the GPU runs the forward pass, and the tokens the grammar forces after a
-row's chosen token are fed in the same step (`SlotDecoder.wide_step`).
+streaming front); only `prepare`, a request's host work before it is admitted, may run
+on another. Rounds end without a stream sync: the ids go out through a pinned copy, and
+the vision of the requests admitted meanwhile is queued before the host waits for them.
+Free rows decode in rounds of `steps_per_round` steps with one copy of the new ids to
+the host per round; when any request in flight carries an answer schema (constrained
+decoding), rounds step with the host in the loop: each step the bitmasks are filled
+while the GPU runs the forward pass, and the tokens the grammar forces after a row's
+chosen token are fed in the same step (`SlotDecoder.wide_step`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from processors.constrained import (
@@ -24,14 +27,14 @@ from processors.constrained import (
 )
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import PreparedRequest
-from processors.internvl import IM_END_TOKEN, NativeInternVLEngine, coded_failure
+from processors.internvl import IM_END_TOKEN, NativeInternVLEngine
 from processors.slot_decoder import SlotDecoder
+from processors.slot_intake import encode_works, prepare_work
 from processors.slot_phases import timed_phase
 from processors.slot_records import (
     STAGE,
     Completion,
     FinishReason,
-    JsonObjectEnd,
     SlotEngineConfig,
     SlotWork,
 )
@@ -87,7 +90,6 @@ class SlotScheduler:
         self.prefilling: SlotWork | None = None
         self.rows: list[SlotWork] = []  # row index -> request
         self.steps = 0  # decode steps so far
-        self._vision_done: Any = None  # CUDA event after the last vision call
         self._wide_size = 0  # packed size of the last wide step
         # Counters for benchmarks: decode steps, rows decoded (active and padded), prompt
         # tokens prefilled, requests through the vision tower, rounds.
@@ -151,9 +153,15 @@ class SlotScheduler:
         return not (self.rows or self.waiting or self.prefilling)
 
     def capacity(self) -> int:
-        """How many more requests may be added now (one wait per free slot)."""
+        """How many more requests may be admitted now.
+
+        One wait per free slot, and at most half of `staged_requests` waiting with their
+        images still staged in pinned memory (the engine's preparation thread holds the
+        other half ready).
+        """
         busy = len(self.rows) + len(self.waiting) + (self.prefilling is not None)
-        return max(0, self.slots - busy)
+        staged = sum(1 for work in self.waiting if work.staged is not None)
+        return max(0, min(self.slots - busy, self.config.staged_requests // 2 - staged))
 
     def in_flight(self) -> list[SlotWork]:
         """Every request not finished yet: decoding, being prefilled, then waiting."""
@@ -170,35 +178,55 @@ class SlotScheduler:
         min_new_tokens: int | None = None,
         submitted: float | None = None,
     ) -> SlotWork:
-        """Tokenize and queue a request; raises `ProcessingError(INVALID_REQUEST)` if it is bad."""
-        max_new = max_new_tokens or self.engine.config.max_new_tokens
-        min_new = self.engine.config.min_new_tokens if min_new_tokens is None else min_new_tokens
-        if not 0 <= min_new <= max_new:
-            raise ValueError(f"min_new_tokens {min_new} not in [0, max_new_tokens {max_new}]")
-        with coded_failure(ErrorCode.INVALID_REQUEST, f"request {request.request_id}"):
-            ids = self.engine.encode_prompts([request])[0]
-        matcher, prefix = self._answer_matcher(request, max_new)
+        """`prepare` then `admit` a request (one thread); raises as those do."""
+        work = self.prepare(
+            request,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            submitted=submitted,
+        )
+        self.admit(work)
+        return work
+
+    def prepare(
+        self,
+        request: PreparedRequest,
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        submitted: float | None = None,
+    ) -> SlotWork:
+        """Tokenize a request and stage its images (`prepare_work`); thread-safe."""
+        return prepare_work(
+            self.engine,
+            self.config,
+            request,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            submitted=submitted,
+        )
+
+    def admit(self, work: SlotWork) -> None:
+        """Queue a prepared request (scheduler thread): its answer grammar, its fit in a slot.
+
+        Raises `ProcessingError(INVALID_REQUEST)` for a schema that does not compile or a
+        prompt and answer that do not fit a slot; the request is then not queued.
+        """
+        request = work.request
+        matcher, prefix = self._answer_matcher(request, work.max_new)
         if matcher is not None:
-            min_new = 0  # a complete answer may only end
-            ids = ids + prefix  # the answer's forced opening is prefilled with the prompt
+            work.min_new = 0  # a complete answer may only end
+            work.ids = work.ids + prefix  # the answer's forced opening is prefilled with it
         margin = max(self.config.steps_per_round, self.decoder.max_width if matcher else 1)
-        needed = len(ids) + max_new + margin
+        needed = len(work.ids) + work.max_new + margin
         if needed > self.decoder.context:
             raise ProcessingError(
                 ErrorCode.INVALID_REQUEST,
-                f"request {request.request_id}: {len(ids)} prompt tokens + {max_new} new "
-                f"tokens do not fit a slot of {self.decoder.context} columns",
+                f"request {request.request_id}: {len(work.ids)} prompt tokens + "
+                f"{work.max_new} new tokens do not fit a slot of {self.decoder.context} columns",
                 STAGE,
             )
-        work = SlotWork(
-            request,
-            ids,
-            max_new,
-            min_new,
-            time.perf_counter() if submitted is None else submitted,
-            JsonObjectEnd() if self.config.stop_at_json_close else None,
-            matcher=matcher,
-        )
+        work.matcher = matcher
         if prefix:
             reason = work.extend(prefix, self.eos_id, self._texts(prefix))
             work.fed = len(prefix)
@@ -209,7 +237,6 @@ class SlotScheduler:
                     STAGE,
                 )
         self.waiting.append(work)
-        return work
 
     def _answer_matcher(self, request: PreparedRequest, max_new: int) -> tuple[Any, list[int]]:
         """(matcher, forced opening tokens) of a request decoded in its grammar, else (None, []).
@@ -247,45 +274,9 @@ class SlotScheduler:
 
     @timed_phase("vision")
     def _vision(self, works: list[SlotWork]) -> list[tuple[SlotWork, ProcessingError]]:
-        """Queue the vision work of `works` in one call (feature cache first).
-
-        Returns the requests whose feature count does not match their image tokens.
-        """
-        import torch
-
-        engine = self.engine
-        if self._vision_done is not None:
-            # The engine reuses one pinned host buffer: the last copy out of it must be done.
-            self._vision_done.synchronize()
-        with coded_failure(ErrorCode.MODEL_FAILED, "vision failed"):
-            features_of = engine.image_features([work.request for work in works])
-        if engine.device.startswith("cuda"):
-            self._vision_done = torch.cuda.Event()
-            self._vision_done.record()
-        failed = []
-        now = time.perf_counter()
-        for work, features in zip(works, features_of, strict=True):
-            work.vision_ready = True
-            work.started = now
-            image_tokens = work.ids.count(self.context_id)
-            count = sum(int(part.shape[0]) * int(part.shape[1]) for part in features)
-            if count != image_tokens:
-                failed.append(
-                    (
-                        work,
-                        ProcessingError(
-                            ErrorCode.INVALID_REQUEST,
-                            f"request {work.request.request_id}: {count} image features for "
-                            f"{image_tokens} image tokens",
-                            STAGE,
-                        ),
-                    )
-                )
-            elif features:
-                hidden = int(features[0].shape[-1])
-                work.features = torch.cat([part.reshape(-1, hidden) for part in features])
+        """Queue the vision work of `works` in one call (`encode_works`); the bad ones."""
         self.stats["vision"] += len(works)
-        return failed
+        return encode_works(self.engine, works, self.context_id)
 
     def _take_next(
         self, pop: bool = True
@@ -304,6 +295,22 @@ class SlotScheduler:
                 continue
             return (self.waiting.popleft() if pop else work), failed
         return None, failed
+
+    def _vision_ahead(self) -> list[tuple[SlotWork, ProcessingError]]:
+        """Queue the vision of the waiting requests that have a free slot ahead of them.
+
+        Called at the end of a round, after its ids' copy is queued and before the host
+        waits for it. Only requests with a slot free now (before this round's leavers)
+        go, so at full slots nothing is queued; returns the requests that failed.
+        """
+        free = self.slots - len(self.rows) - (self.prefilling is not None)
+        group = [work for work in list(self.waiting)[: max(0, free)] if not work.vision_ready]
+        if not group:
+            return []
+        bad = self._vision(group[: self.config.vision_requests])
+        for work, _ in bad:
+            self.waiting.remove(work)
+        return bad
 
     @timed_phase("prefill")
     def _prefill_step(self) -> list[tuple[SlotWork, ProcessingError]]:
@@ -417,9 +424,14 @@ class SlotScheduler:
 
     @timed_phase("rounds")
     def run_round(
-        self,
+        self, intake: Callable[[], object] | None = None
     ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
-        """Up to `steps_per_round` steps; returns (ended requests, failed requests)."""
+        """Up to `steps_per_round` steps; returns (ended requests, failed requests).
+
+        `intake` (the engine's admission of requests prepared meanwhile) is called at the
+        end of a free round, after the copy of its ids is queued: the vision of what it
+        admitted is then queued before the host waits for those ids.
+        """
         import torch
 
         with torch.inference_mode():
@@ -427,13 +439,11 @@ class SlotScheduler:
                 work.matcher is not None for work in self.in_flight()
             ):
                 return self._constrained_round()
-            return self._round()
+            return self._round(intake)
 
     def _round(
-        self,
+        self, intake: Callable[[], object] | None
     ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
-        import torch
-
         decoder = self.decoder
         decoder.begin_round()
         first_step = self.steps
@@ -455,11 +465,14 @@ class SlotScheduler:
         self.stats["steps"] += done
         self.stats["rounds"] += 1
         count = len(self.rows)
-        firsts = [work.first for work in self.rows if work.first is not None]
-        flat = decoder.round_out[:count, :done].reshape(-1)
-        if firsts:
-            flat = torch.cat([flat, *firsts])
-        host: list[int] = flat.tolist()
+        size = decoder.copy_round(
+            count, done, [work.first for work in self.rows if work.first is not None]
+        )
+        # The GPU encodes the next newcomers' images while the host takes this round's ids.
+        if intake is not None:
+            intake()
+        failed.extend(self._vision_ahead())
+        host = decoder.round_ids(size)
         first_ids = iter(host[count * done :])
         texts_of = self.tokenizer.convert_ids_to_tokens if self.config.stop_at_json_close else None
         ended: list[tuple[int, SlotWork, FinishReason]] = []

@@ -108,6 +108,7 @@ def slot_engine(settings: Settings, engine: InferenceEngine) -> InferenceEngine:
             context_length=settings.slot_context_length,
             prefill_tokens_per_step=settings.slot_prefill_tokens,
             queue_size=settings.slot_queue_size,
+            staged_requests=settings.slot_staged_requests,
             forced_tokens=settings.slot_forced_tokens,
             follow_model=settings.slot_follow_model,
         ),

@@ -67,6 +67,7 @@ class Settings:
     slot_prefill_tokens: int = 8192
     slot_context_length: int = 0  # 0: 4096 + max_new_tokens, rounded up to 128
     slot_queue_size: int = 256
+    slot_staged_requests: int = 64  # requests whose tiles may wait in pinned host memory
     slot_forced_tokens: int = 16  # 0: constrained answers step through forced tokens too
     slot_follow_model: bool = False  # forced runs give way to the model's own split
     categorizer_artifacts: Path | None = None
@@ -220,6 +221,9 @@ class Settings:
                 "VS_SLOT_CONTEXT_LENGTH", default.slot_context_length
             ),
             slot_queue_size=max(1, reader.integer("VS_SLOT_QUEUE_SIZE", default.slot_queue_size)),
+            slot_staged_requests=max(
+                2, reader.integer("VS_SLOT_STAGED_REQUESTS", default.slot_staged_requests)
+            ),
             slot_forced_tokens=max(
                 0, reader.integer("VS_SLOT_FORCED_TOKENS", default.slot_forced_tokens)
             ),

@@ -77,6 +77,7 @@ from processors.internvl.fused import (
 )
 from processors.internvl.vision import (
     FeatureCache,
+    StagedImages,
     VisionEncoder,
     content_key,
     patch_projection_as_matmul,
@@ -107,6 +108,7 @@ __all__ = [
     "NativeInternVLEngine",
     "RemoteCodeInternVLEngine",
     "SplitKeyAttention",
+    "StagedImages",
     "StaticGreedyDecoder",
     "VisionEncoder",
     "attention_geometry",

@@ -55,7 +55,12 @@ from processors.internvl.convert import (
 )
 from processors.internvl.decode_attention import SplitKeyAttention
 from processors.internvl.decoder import StaticGreedyDecoder, attention_geometry
-from processors.internvl.vision import FeatureCache, VisionEncoder, patch_projection_as_matmul
+from processors.internvl.vision import (
+    FeatureCache,
+    StagedImages,
+    VisionEncoder,
+    patch_projection_as_matmul,
+)
 
 
 def _append_call(out: list[Any], function: Callable[[int], Any], argument: int) -> None:
@@ -225,13 +230,27 @@ class NativeInternVLEngine(InternVLEngineBase):
         """The static-cache decoder (None on the "generate" path or before loading)."""
         return self._decoder
 
-    def image_features(self, requests: Sequence[PreparedRequest]) -> list[list[Any]]:
+    def image_features(
+        self,
+        requests: Sequence[PreparedRequest],
+        staged: Sequence[StagedImages] | None = None,
+    ) -> list[list[Any]]:
         """Projected features per request, one (tiles, tokens, hidden) tensor per image.
 
-        Cached vendor images are reused (see `VisionEncoder.image_features`). Raises
+        Cached vendor images are reused (see `VisionEncoder.image_features`); `staged`
+        holds `stage_images` of each request when it was staged ahead. Raises
         `ProcessingError(MODEL_NOT_LOADED)` before `load()`; model failures propagate.
         """
+        if staged is not None:
+            return self._vision_encoder().image_features(list(requests), self.timings, staged)
         return self._image_features(list(requests))
+
+    def stage_images(self, request: PreparedRequest) -> StagedImages:
+        """The request's tiles in pinned memory and their cache keys (`VisionEncoder.stage`).
+
+        Thread-safe. Raises `ProcessingError(MODEL_NOT_LOADED)` before `load()`.
+        """
+        return self._vision_encoder().stage(request)
 
     def encode_images(self, images: Sequence[Any]) -> list[Any]:
         """Vision tower + projector over the tiles of each image (no cache; benchmarks).

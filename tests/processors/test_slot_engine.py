@@ -223,7 +223,10 @@ def test_streaming_engine_is_thread_safe_and_pushes_back(
     expected = {
         r.request_id: ids for r, ids in zip(requests, _expected(reference, requests), strict=True)
     }
-    engine = SlotEngine(_engine(checkpoint, max_new_tokens=MAX_NEW), _config(queue_size=1, slots=2))
+    engine = SlotEngine(
+        _engine(checkpoint, max_new_tokens=MAX_NEW),
+        _config(queue_size=1, slots=2, staged_requests=2),
+    )
     with pytest.raises(ProcessingError):
         engine.submit(requests[0])  # not loaded
     engine.load()
@@ -251,16 +254,18 @@ def test_streaming_engine_is_thread_safe_and_pushes_back(
         with pytest.raises(ProcessingError) as failure:
             bad.result(timeout=60)
         assert failure.value.code == ErrorCode.INVALID_REQUEST
-        # A full queue pushes back: with the scheduler thread held, the second put waits.
+        # A full queue pushes back: with the scheduler thread held, the bounded hand-over
+        # (one prepared request) and queue (one submission) fill, and then a put waits.
         with engine.engine.lock:
             engine.submit(requests[0])  # taken by the scheduler thread, which then blocks
-            deadline_hit = False
+            taken = 0
             try:
-                for _ in range(4):
+                for _ in range(8):
                     engine.submit(requests[1], timeout=0.5)
+                    taken += 1
             except queue.Full:
-                deadline_hit = True
-            assert deadline_hit and not engine.has_room()
+                pass
+            assert taken < 8 and not engine.has_room()
     finally:
         engine.close()
 
@@ -335,3 +340,51 @@ def test_a_model_failure_fails_the_requests_in_flight_and_the_engine_goes_on(
     with pytest.raises(ProcessingError) as closed:
         engine.submit(requests[0])
     assert closed.value.code == ErrorCode.MODEL_NOT_LOADED
+
+
+def test_staged_tiles_are_bounded_and_released_after_vision(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    expected = _expected(reference, requests[:3])
+    scheduler = SlotScheduler(
+        _engine(checkpoint, max_new_tokens=MAX_NEW), _config(slots=8, staged_requests=4)
+    )
+    works = [scheduler.prepare(request) for request in requests[:3]]
+    assert all(work.staged is not None and work.staged.images for work in works)
+    assert scheduler.capacity() == 2  # half the bound may wait admitted
+    scheduler.admit(works[0])
+    scheduler.admit(works[1])
+    assert scheduler.capacity() == 0  # slots are free, but two wait with staged tiles
+    out: dict[str, list[int]] = {}
+    _rounds(scheduler, out, 1)
+    assert works[0].staged is None and works[1].staged is None  # the tower took them
+    assert scheduler.capacity() == 2
+    scheduler.admit(works[2])
+    _drain(scheduler, out)
+    assert [out[request.request_id] for request in requests[:3]] == expected
+    with pytest.raises(ValueError, match="staged_requests"):
+        SlotEngineConfig(staged_requests=1)
+
+
+def test_a_round_end_takes_newcomers_and_queues_their_vision_first(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    expected = _expected(reference, requests[:2])
+    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), _config(slots=4))
+    out: dict[str, list[int]] = {}
+    scheduler.add(requests[0])
+    _rounds(scheduler, out, 1)
+    newcomer = scheduler.prepare(requests[1])
+    seen: list[bool] = []
+
+    def intake() -> None:  # what the engine's thread admits at the round's end
+        seen.append(newcomer.vision_ready)
+        scheduler.admit(newcomer)
+
+    ended, failed = scheduler.run_round(intake)
+    assert not ended and not failed and seen == [False]
+    # Encoded before the host took the round's ids; prefilled in the next round.
+    assert newcomer.vision_ready and newcomer.staged is None
+    assert list(scheduler.waiting) == [newcomer] and len(scheduler.rows) == 1
+    _drain(scheduler, out)
+    assert [out[request.request_id] for request in requests[:2]] == expected

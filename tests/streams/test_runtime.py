@@ -79,6 +79,16 @@ def test_forced_runs_are_on_by_default_and_can_be_turned_off(tmp_path: Path) -> 
     assert isinstance(engine, SlotEngine) and engine.config.follow_model
 
 
+def test_the_staged_tiles_bound_reaches_the_slot_engine(tmp_path: Path) -> None:
+    from processors.internvl import EngineConfig, NativeInternVLEngine
+    from processors.slot_engine import SlotEngine
+
+    native = NativeInternVLEngine(EngineConfig(str(tmp_path / "checkpoint")))
+    for env, staged in (({}, 64), ({"VS_SLOT_STAGED_REQUESTS": "8"}, 8)):
+        engine = slot_engine(Settings.from_env(env), native)
+        assert isinstance(engine, SlotEngine) and engine.config.staged_requests == staged
+
+
 def test_engines_that_cannot_be_wrapped_stay_static_and_warn_only_when_slot_was_asked(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -96,3 +96,47 @@ def test_warm_up_runs_the_tower_on_one_and_two_tiles_and_caches_nothing(
     assert calls == [1, 2]
     assert len(cache) == 0 and cache.misses == 0
     assert timings["transfer"] > 0
+
+
+def test_staged_images_give_the_same_features_and_share_the_cache(
+    checkpoints: dict[str, Path],
+) -> None:
+    vendor = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(5))
+    requests = [
+        PreparedRequest(
+            f"r{index}",
+            1,
+            "<image> vs <image>?",
+            (1, 2),
+            torch.cat(
+                [
+                    vendor,
+                    torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(index)),
+                ]
+            ),
+        )
+        for index in range(3)
+    ]
+    engine = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=MAX_NEW))
+    assert isinstance(engine, NativeInternVLEngine)
+    cache = engine.feature_cache
+    assert cache is not None
+    staged = [engine.stage_images(request) for request in requests]
+    assert [len(item.images) for item in staged] == [2, 2, 2]
+    assert [tuple(image.shape[0] for image in item.images) for item in staged] == [(1, 2)] * 3
+    # Keys of the float32 tiles, as the unstaged path computes them; vendor images only.
+    assert [item.keys for item in staged] == [(content_key(vendor),)] * 3
+    with torch.inference_mode():
+        expected = engine.image_features(requests)  # computes the vendor image once, keeps it
+        assert (cache.hits, cache.misses, len(cache)) == (0, 3, 1)
+        got = engine.image_features(requests, staged=staged)
+    assert cache.hits == 3  # every staged vendor image came from the cache
+    for features, reference in zip(got, expected, strict=True):
+        for part, want in zip(features, reference, strict=True):
+            torch.testing.assert_close(part, want, atol=0, rtol=0)
+    cache.clear()
+    with torch.inference_mode():
+        fresh = engine.image_features(requests[1:], staged=staged[1:])  # computed, not cached
+    assert (cache.hits, cache.misses, len(cache)) == (0, 2, 1)
+    torch.testing.assert_close(fresh[0][1], expected[1][1], atol=0, rtol=0)
+    assert engine.stage_images(PreparedRequest("t", 1, "text only", (), None)).images == ()
