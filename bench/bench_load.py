@@ -231,12 +231,33 @@ def run_static(
     return done, {"calls": calls, "timings_s": {k: round(v, 3) for k, v in engine.timings.items()}}
 
 
+def staged_difference(engine: Any, requests: list[Any]) -> float:
+    """Largest difference between the features of staged tiles and of the tiles (0: equal).
+
+    The slot engine converts and pins tiles on its preparation thread
+    (`NativeInternVLEngine.stage_images`); this checks that the features are the same.
+    """
+    import torch
+
+    with torch.inference_mode():
+        plain = engine.image_features(requests)
+        staged = engine.image_features(
+            requests, staged=[engine.stage_images(request) for request in requests]
+        )
+    return max(
+        float((mine - theirs).abs().max())
+        for images, references in zip(staged, plain, strict=True)
+        for mine, theirs in zip(images, references, strict=True)
+    )
+
+
 def run_slot(
     slot: Any, pool: list[Any], picks: list[int], lengths: list[int], times: list[float]
 ) -> tuple[list[float], dict[str, Any]]:
     """Submit each arrival at its time; a completion's time is taken when its future is done."""
     scheduler = slot.scheduler
     before = dict(scheduler.stats)
+    host_before = dict(scheduler.phase_s)
     done = [0.0] * len(times)
     futures: list[Future[Any]] = []
     start = time.perf_counter()
@@ -262,6 +283,9 @@ def run_slot(
     steps = max(1, stats["steps"])
     stats["mean_active_rows"] = round(stats["active_rows"] / steps, 1)
     stats["mean_padded_rows"] = round(stats["padded_rows"] / steps, 1)
+    stats["scheduler_host_s"] = {
+        key: round(value - host_before[key], 3) for key, value in scheduler.phase_s.items()
+    }
     return done, stats
 
 
@@ -436,6 +460,9 @@ class LoadBench:
         for index in range(4):
             slot.submit(pool[index % plan.pool_size], max_new_tokens=4).result()
         self.details["warm_up_s"]["slot"] = round(time.perf_counter() - warm, 2)
+        self.details["staged_vision_max_difference"] = staged_difference(
+            slot.engine, pool[: min(4, len(pool))]
+        )
         try:
             for rate, times, lengths, picks in workloads:
                 done, stats = run_slot(slot, pool, picks, lengths, times)

@@ -492,14 +492,14 @@ def saturation_run(
     if mode == "cprofile":
         run_round = scheduler.run_round
 
-        def profiled() -> Any:
+        def profiled(*args: Any) -> Any:
             python.enable()
             try:
-                return run_round()
+                return run_round(*args)
             finally:
                 python.disable()
 
-        scheduler.run_round = profiled  # type: ignore[method-assign]
+        scheduler.run_round = profiled  # type: ignore[method-assign,assignment]
     activities = [ProfilerActivity.CUDA] if device.startswith("cuda") else [ProfilerActivity.CPU]
     began = time.perf_counter()
     with profile(activities=activities) if mode == "kernels" else contextlib.nullcontext() as prof:
