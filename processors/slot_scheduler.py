@@ -170,21 +170,9 @@ class SlotScheduler:
 
     # --------------------------------------------------------------- admission
 
-    def add(
-        self,
-        request: PreparedRequest,
-        *,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int | None = None,
-        submitted: float | None = None,
-    ) -> SlotWork:
-        """`prepare` then `admit` a request (one thread); raises as those do."""
-        work = self.prepare(
-            request,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            submitted=submitted,
-        )
+    def add(self, request: PreparedRequest, **limits: Any) -> SlotWork:
+        """`prepare` (`limits`: its keyword arguments) then `admit`; raises as those do."""
+        work = self.prepare(request, **limits)
         self.admit(work)
         return work
 
