@@ -35,6 +35,7 @@ goes on with the next requests.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -65,6 +66,8 @@ __all__ = [
     "SlotWork",
 ]
 
+log = logging.getLogger(__name__)
+
 _STOP = object()
 
 
@@ -83,6 +86,7 @@ class SlotEngine:
         self._ready: queue.Queue[Any] = queue.Queue(self.config.staged_requests // 2)
         self._thread: threading.Thread | None = None
         self._preparer: threading.Thread | None = None
+        self._failure: ProcessingError | None = None  # why the scheduler thread stopped
         self.scheduler: SlotScheduler | None = None
         self._start_lock = threading.Lock()
 
@@ -118,6 +122,8 @@ class SlotEngine:
             raise ProcessingError(
                 ErrorCode.MODEL_NOT_LOADED, "slot engine not loaded: call load() first", STAGE
             )
+        if self._failure is not None:
+            raise self._failure
         future: Future[Completion] = Future()
         item = (request, max_new_tokens, min_new_tokens, time.perf_counter(), future)
         self._queue.put(item, timeout=timeout)
@@ -146,6 +152,12 @@ class SlotEngine:
     # ------------------------------------------------------------------ thread
 
     def _loop(self) -> None:
+        """Admit and run rounds until the stop marker; then fail what is left.
+
+        An unexpected error of the loop itself stops the engine: every request in flight
+        or queued fails with `MODEL_FAILED` (none is left waiting) and later submissions
+        raise it.
+        """
         scheduler = self.scheduler
         assert scheduler is not None
         stopped = False
@@ -154,17 +166,28 @@ class SlotEngine:
             nonlocal stopped
             stopped = stopped or self._admit(scheduler)
 
-        while not stopped:
-            admit()
-            if not stopped and not scheduler.idle:
-                self._round(scheduler, admit)
+        try:
+            while not stopped:
+                admit()
+                if not stopped and not scheduler.idle:
+                    self._round(scheduler, admit)
+        except Exception as exc:
+            log.exception("slot engine: the scheduler thread failed")
+            self._failure = ProcessingError(
+                ErrorCode.MODEL_FAILED,
+                f"slot engine stopped: {type(exc).__name__}: {exc}"[:2000],
+                STAGE,
+            )
+            self._close(scheduler, self._failure)
+            return
         self._close(scheduler)
 
     def _prepare_loop(self) -> None:
         """Prepare each submission in order and hand it over; ends at the stop marker.
 
-        A request the scheduler refuses here (`ProcessingError`, `ValueError`) fails its
-        own future; `put` blocks while the hand-over queue is full (the staged-tiles bound).
+        A request the scheduler refuses here (`ProcessingError`, `ValueError`; any other
+        error becomes `MODEL_FAILED`) fails its own future; `put` blocks while the
+        hand-over queue is full (the staged-tiles bound).
         """
         scheduler = self.scheduler
         assert scheduler is not None
@@ -177,20 +200,27 @@ class SlotEngine:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                work = scheduler.prepare(
-                    request, max_new_tokens=max_new, min_new_tokens=min_new, submitted=submitted
-                )
+                with coded_failure(ErrorCode.MODEL_FAILED, f"preparing {request.request_id}"):
+                    work = scheduler.prepare(
+                        request, max_new_tokens=max_new, min_new_tokens=min_new, submitted=submitted
+                    )
             except (ProcessingError, ValueError) as exc:
                 future.set_exception(exc)
                 continue
             work.future = future
+            if self._failure is not None:  # the scheduler thread is gone: nobody takes it
+                future.set_exception(self._failure)
+                continue
             self._ready.put(work)
+            if self._failure is not None:  # it failed while this was handed over
+                _fail_all(self._ready, self._failure)
 
     def _admit(self, scheduler: SlotScheduler) -> bool:
         """Move prepared requests into the scheduler; True once the stop marker was taken.
 
         Waits briefly for a request only while nothing decodes. A request the scheduler
-        refuses (`ProcessingError`) fails its own future.
+        refuses (`ProcessingError`; any other error becomes `MODEL_FAILED`) fails its own
+        future.
         """
         while scheduler.capacity() > 0:
             try:
@@ -200,7 +230,8 @@ class SlotEngine:
             if item is _STOP:
                 return True
             try:
-                scheduler.admit(item)
+                with coded_failure(ErrorCode.MODEL_FAILED, f"admitting {item.request.request_id}"):
+                    scheduler.admit(item)
             except ProcessingError as exc:
                 if item.future is not None:
                     item.future.set_exception(exc)
@@ -228,20 +259,25 @@ class SlotEngine:
             if work.future is not None:
                 work.future.set_exception(error)
 
-    def _close(self, scheduler: SlotScheduler) -> None:
-        """Fail every request still in flight or queued: the engine is closed."""
-        closed = ProcessingError(ErrorCode.MODEL_FAILED, "slot engine closed", STAGE)
+    def _close(self, scheduler: SlotScheduler, error: ProcessingError | None = None) -> None:
+        """Fail every request still in flight or queued: the engine is closed (or `error`)."""
+        closed = error or ProcessingError(ErrorCode.MODEL_FAILED, "slot engine closed", STAGE)
         for work in scheduler.abort():
             if work.future is not None:
                 work.future.set_exception(closed)
         for waiting in (self._ready, self._queue):
-            while True:
-                try:
-                    item = waiting.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, SlotWork):
-                    if item.future is not None:
-                        item.future.set_exception(closed)
-                elif item is not _STOP and item[-1].set_running_or_notify_cancel():
-                    item[-1].set_exception(closed)
+            _fail_all(waiting, closed)
+
+
+def _fail_all(waiting: queue.Queue[Any], error: ProcessingError) -> None:
+    """Take everything out of `waiting`; each request in it fails with `error`."""
+    while True:
+        try:
+            item = waiting.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(item, SlotWork):
+            if item.future is not None:
+                item.future.set_exception(error)
+        elif item is not _STOP and item[-1].set_running_or_notify_cancel():
+            item[-1].set_exception(error)

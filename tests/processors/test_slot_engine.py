@@ -22,6 +22,7 @@ from processors.slot_engine import (
     SlotEngine,
     SlotEngineConfig,
     SlotScheduler,
+    SlotWork,
 )
 from tests.support.tiny_internvl import build_tiny_internvl
 
@@ -388,3 +389,55 @@ def test_a_round_end_takes_newcomers_and_queues_their_vision_first(
     assert list(scheduler.waiting) == [newcomer] and len(scheduler.rows) == 1
     _drain(scheduler, out)
     assert [out[request.request_id] for request in requests[:2]] == expected
+
+
+def test_an_unexpected_admission_error_fails_only_its_request(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    expected = _expected(reference, requests[:2])
+    engine = SlotEngine(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    engine.load()
+    try:
+        scheduler = engine.scheduler
+        assert scheduler is not None
+        admit = scheduler.admit
+
+        def refusing(work: SlotWork) -> None:  # e.g. the grammar library fails to import
+            if work.request.request_id == "b":
+                raise ModuleNotFoundError("No module named 'tvm_ffi'")
+            admit(work)
+
+        scheduler.admit = refusing  # type: ignore[method-assign]
+        futures = [engine.submit(request) for request in requests[:2]]
+        with pytest.raises(ProcessingError) as failure:
+            futures[1].result(timeout=60)
+        assert failure.value.code == ErrorCode.MODEL_FAILED and "tvm_ffi" in str(failure.value)
+        assert list(futures[0].result(timeout=60).token_ids) == expected[0]
+        scheduler.admit = admit  # type: ignore[method-assign]
+        assert list(engine.submit(requests[1]).result(timeout=60).token_ids) == expected[1]
+    finally:
+        engine.close()
+
+
+def test_a_failed_scheduler_thread_leaves_no_request_waiting(
+    checkpoint: Path, requests: list[PreparedRequest]
+) -> None:
+    engine = SlotEngine(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    engine.load()
+    try:
+        scheduler = engine.scheduler
+        assert scheduler is not None
+
+        def broken() -> int:
+            raise RuntimeError("scheduler bug")
+
+        scheduler.capacity = broken  # type: ignore[method-assign]
+        future = engine.submit(requests[0])
+        with pytest.raises(ProcessingError) as failure:
+            future.result(timeout=60)
+        assert failure.value.code == ErrorCode.MODEL_FAILED
+        assert "scheduler bug" in str(failure.value)
+        with pytest.raises(ProcessingError, match="slot engine stopped"):
+            engine.submit(requests[1])
+    finally:
+        engine.close(timeout=10)
