@@ -4,28 +4,28 @@
 `processors.slot_records`) is the synchronous core, driven by one thread. A request is
 tokenized and its tiles staged when prepared, then admitted and waits; once a slot is
 free its images go through the vision tower (the engine's own path, so the vendor-image
-feature cache serves it) and its prompt is
-prefilled in chunks into a staging row, at most `prefill_tokens_per_step` prompt tokens
-between two decode steps, so a burst of arrivals delays everyone's next token by one
-chunk at a time rather than by whole prompts. When its prefill ends it takes a free slot
-and decodes with the others (`processors.slot_decoder.SlotDecoder`). Every
-`steps_per_round` steps the generated ids come back to the host in one copy; a request
-leaves at `<|im_end|>`, at the close of the answer's first JSON object
-(`stop_at_json_close`), or at its token limit, and its slot is free for the next round.
-Steps run past a request's end until the round's copy (at most `steps_per_round - 1`)
-are discarded; the slot's context is sized to hold them.
+feature cache serves it) and its prompt is prefilled in chunks into a staging row, at
+most `prefill_tokens_per_step` prompt tokens between two decode steps, so a burst of
+arrivals delays everyone's next token by one chunk at a time rather than by whole
+prompts. When its prefill ends it takes a free slot and decodes with the others
+(`processors.slot_decoder.SlotDecoder`). Every `steps_per_round` steps the generated ids
+come back to the host in one copy; a request leaves at `<|im_end|>`, at the close of the
+answer's first JSON object (`stop_at_json_close`), or at its token limit, and its slot
+is free for the next round. Steps run past a request's end until the round's copy (at
+most `steps_per_round - 1`) are discarded; the slot's context is sized to hold them.
 
 Greedy ids equal those of the engine's one-at-a-time `generate` in float32 (tests on
 CPU): each row attends to its own prompt and tokens only, at its own positions.
 
 `SlotEngine` is the streaming interface: `submit` one prepared request, get a
 `concurrent.futures.Future` of its `Completion`. It is thread-safe; its queue is bounded
-and `submit` blocks (or raises `queue.Full` after its timeout) while the queue is full, so
-a producer feeding it slows down to the engine's pace. A preparation thread takes each
-submission first (`SlotScheduler.prepare`: tokens, tiles staged in pinned memory, cache
-keys) and hands it to the scheduler's thread through a second bounded queue, so the
-thread that keeps the GPU fed does no per-request host work beyond queueing it. `generate(batch)` submits a batch
-and waits for all of it (the `InferenceEngine` interface).
+and `submit` blocks (or raises `queue.Full` after its timeout) while the queue is full,
+so a producer feeding it slows down to the engine's pace. A preparation thread takes
+each submission first (`SlotScheduler.prepare`: tokens, tiles staged in pinned memory,
+cache keys) and hands it to the scheduler's thread through a second bounded queue, so
+the thread that keeps the GPU fed does no per-request host work beyond queueing it.
+`generate(batch)` submits a batch and waits for all of it (the `InferenceEngine`
+interface).
 
 Failures flow to the futures: a malformed request (placeholders, pixel shapes, a prompt
 that does not fit a slot) fails alone with `ProcessingError(INVALID_REQUEST)`; an error of
