@@ -1,11 +1,11 @@
 """A request's way into the slot scheduler: its host work, then its images' features.
 
-`prepare_work` (any thread) tokenizes the prompt and stages the tiles (`NativeInternVLEngine.stage_images`:
-converted to the model's dtype, pinned on CUDA, vendor images hashed), a few milliseconds
-per request that the slot engine keeps off the thread that feeds the GPU
-(`processors.slot_engine`). It reads the engine's settings and tokenizer only.
-`encode_works` (the scheduler's thread) queues the vision tower over the staged tiles of
-a group of admitted requests.
+`prepare_work` (any thread) tokenizes the prompt and stages the tiles
+(`NativeInternVLEngine.stage_images`: converted to the model's dtype, pinned on CUDA,
+vendor images hashed), a few milliseconds per request that the slot engine keeps off the
+thread that feeds the GPU (`processors.slot_engine`). It reads the engine's settings and
+tokenizer only. `encode_works` (the scheduler's thread) queues the vision tower over the
+staged tiles of a group of admitted requests.
 """
 
 from __future__ import annotations

@@ -274,12 +274,7 @@ class SlotScheduler:
         while self.waiting:
             work = self.waiting[0]
             if not work.vision_ready:
-                free = self.slots - len(self.rows)
-                group = [w for w in list(self.waiting)[: max(1, free)] if not w.vision_ready]
-                bad = self._vision(group[: self.config.vision_requests])
-                for item in bad:
-                    self.waiting.remove(item[0])
-                failed.extend(bad)
+                failed.extend(self._encode_waiting(max(1, self.slots - len(self.rows))))
                 continue
             return (self.waiting.popleft() if pop else work), failed
         return None, failed
@@ -292,7 +287,15 @@ class SlotScheduler:
         go, so at full slots nothing is queued; returns the requests that failed.
         """
         free = self.slots - len(self.rows) - (self.prefilling is not None)
-        group = [work for work in list(self.waiting)[: max(0, free)] if not work.vision_ready]
+        return self._encode_waiting(max(0, free))
+
+    def _encode_waiting(self, ahead: int) -> list[tuple[SlotWork, ProcessingError]]:
+        """Queue the vision of the first `ahead` waiting requests not encoded yet.
+
+        At most `vision_requests` of them go in one call; those that fail leave the
+        queue and are returned.
+        """
+        group = [work for work in list(self.waiting)[:ahead] if not work.vision_ready]
         if not group:
             return []
         bad = self._vision(group[: self.config.vision_requests])

@@ -34,8 +34,8 @@ class StagedImages:
     """A request's images made ready for the vision tower (`VisionEncoder.stage`).
 
     `images`: one (tiles, 3, size, size) tensor per image in the model's dtype, in pinned
-    host memory when the model is on CUDA; `keys`: the content keys of the cache candidates (the
-    first `cache_images` images), in order.
+    host memory when the model is on CUDA; `keys`: the content keys of the cache
+    candidates (the first `cache_images` images), in order.
     """
 
     images: tuple[Any, ...]
@@ -136,6 +136,14 @@ def patch_projection_as_matmul(conv: Any) -> bool:
 
     conv.forward = forward
     return True
+
+
+def _per_image(parts: list[Any], counts: list[int]) -> list[Any]:
+    """The tower's outputs of consecutive tile batches, split back into one per image."""
+    import torch
+
+    features = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return list(features.split(counts))
 
 
 def _request_images(requests: list[PreparedRequest]) -> list[list[Any]]:
@@ -339,8 +347,7 @@ class VisionEncoder:
             pixels = batch.to(self.device, non_blocking=True).to(self.dtype)
             timings["transfer"] += time.perf_counter() - started
             parts.append(self._tower(pixels))
-        features = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return list(features.split(counts))
+        return _per_image(parts, counts)
 
     def encode_pinned(self, images: list[Any], timings: dict[str, float]) -> list[Any]:
         """`encode_images` for images already in pinned host memory (`stage`).
@@ -368,8 +375,7 @@ class VisionEncoder:
             self._tower(pixels[begin : begin + self.batch_tiles].to(self.dtype))
             for begin in range(0, len(pixels), self.batch_tiles)
         ]
-        features = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return list(features.split(counts))
+        return _per_image(parts, counts)
 
     def _tower(self, pixels: Any) -> Any:
         """Vision tower + projector of a batch of tiles on the device (the model's dtype)."""
