@@ -51,7 +51,9 @@ from processors.internvl.convert import (
 )
 from processors.internvl.cuda import capture_graph
 from processors.internvl.decode_attention import (
+    MAX_SPLITS,
     SplitKeyAttention,
+    auto_splits,
     chunk_attention,
     dense_chunk_attention,
 )
@@ -91,6 +93,7 @@ __all__ = [
     "IM_END_TOKEN",
     "IM_START_TOKEN",
     "INTERNVL25_SYSTEM_MESSAGE",
+    "MAX_SPLITS",
     "STAGE",
     "TIMING_STAGES",
     "AttnName",
@@ -112,6 +115,7 @@ __all__ = [
     "StaticGreedyDecoder",
     "VisionEncoder",
     "attention_geometry",
+    "auto_splits",
     "build_chat_prompt",
     "capture_graph",
     "checkpoint_kind",

@@ -55,9 +55,10 @@ _POSITIVE = (
     "prefill_batch_size",
     "vision_batch_tiles",
     "cache_length_bucket",
-    "attention_splits",
     "grammar_threads",
+    "max_batch_size",
 )
+_NON_NEGATIVE = ("feature_cache_mb", "feature_cache_images", "attention_splits")
 TIMING_STAGES = ("tokenize", "transfer", "vision", "prefill", "decode", "generate")
 """Keys of `engine.timings` (seconds; "generate" is the whole `generate` path's model time)."""
 
@@ -119,7 +120,11 @@ class EngineConfig:
             `attention_splits` programs per row and key/value head (Triton; CUDA only);
             "sdpa" is one masked `scaled_dot_product_attention` over the whole cache;
             "auto" is "split" on CUDA when Triton is installed, else "sdpa".
-        attention_splits: programs per (row, key/value head) of the "split" attention.
+        attention_splits: programs per (row, key/value head) of the "split" attention;
+            0 (the default) picks them per batch size, so small batches still fill the
+            GPU (`processors.internvl.decode_attention.auto_splits`).
+        vision_cudnn_attention: on CUDA, the vision tower's attention prefers cuDNN's
+            kernel (`VisionEncoder`); PyTorch's default order otherwise.
         constrained_decoding: the static path decodes each request that carries an
             `answer_schema` inside that schema's grammar (`processors.constrained`), so its
             answer always parses and validates; requests without one decode freely. The
@@ -150,7 +155,8 @@ class EngineConfig:
     compile_prefill: bool = False
     fuse_projections: bool = True
     decode_attention: DecodeAttentionName = "auto"
-    attention_splits: int = 1
+    attention_splits: int = 0
+    vision_cudnn_attention: bool = False
     constrained_decoding: bool = True
     grammar_threads: int = 4
 
@@ -164,13 +170,10 @@ class EngineConfig:
             )
         for name in ("decode", "decode_attention"):
             self._check_choice(name)
-        for name in _POSITIVE:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.feature_cache_mb < 0 or self.feature_cache_images < 0:
-            raise ValueError("feature_cache_mb and feature_cache_images must be >= 0")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        for names, least in ((_POSITIVE, 1), (_NON_NEGATIVE, 0)):
+            for name in names:
+                if getattr(self, name) < least:
+                    raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         for name in ("dtype", "attn_implementation", "format"):
             self._check_choice(name)
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):

@@ -6,7 +6,10 @@ shorter prompts) and after `column` (not generated yet) are never attended to. A
 `scaled_dot_product_attention` call with a mask reads every column of the cache; this
 kernel reads only the visible ones, one program per (row, key/value head), or several
 that split the columns and merge their partial softmax sums ("flash decoding"). The
-query heads of one group share each key/value load.
+query heads of one group share each key/value load. With few rows there are too few
+(row, key/value head) programs to keep the GPU's memory busy (16 rows, 2 heads: 32
+programs on 132 multiprocessors read about 0.7 TB/s on an H200), so by default the
+number of splits follows the batch (`auto_splits`).
 
 `SplitKeyAttention` is what the decoder calls. It needs Triton and CUDA tensors
 (or `TRITON_INTERPRET=1`, which runs the same kernel on the CPU for tests); callers keep
@@ -28,6 +31,38 @@ def _kernel() -> Any:
     from processors.internvl.decode_attention_kernels import partial_attention
 
     return partial_attention
+
+
+@functools.cache
+def _merge_kernel() -> Any:
+    """The kernel that merges the splits' partial sums, imported on first use."""
+    from processors.internvl.decode_attention_kernels import merge_splits
+
+    return merge_splits
+
+
+MAX_SPLITS = 16
+PROGRAMS_PER_MULTIPROCESSOR = 4
+
+
+def auto_splits(programs: int, multiprocessors: int) -> int:
+    """Splits per (row, key/value head) so the launch has about 4 programs a multiprocessor.
+
+    One split when the rows alone give that many programs (no merge pass); at most
+    `MAX_SPLITS`. Measured on an H200: `bench/profile_kernels.py` (`bench/README.md`).
+    """
+    wanted = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors
+    return max(1, min(MAX_SPLITS, wanted // max(programs, 1)))
+
+
+@functools.cache
+def _multiprocessors(device: Any) -> int:
+    """The device's multiprocessor count (Triton's CPU interpreter: a small GPU's 8)."""
+    import torch
+
+    if device.type != "cuda":
+        return 8
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 @functools.cache
@@ -152,11 +187,13 @@ def split_key_attention(
     num_warps: int,
     num_stages: int,
 ) -> Any:
-    """The kernel launch and the merge of its splits (see `SplitKeyAttention`)."""
+    """The kernel launch and the merge of its splits (see `SplitKeyAttention`; 0: auto)."""
     import torch
 
     batch, kv_heads, group, head_dim = query.shape
     programs = batch * kv_heads
+    if splits == 0:
+        splits = auto_splits(programs, _multiprocessors(query.device))
     out = torch.empty((batch, kv_heads, group, head_dim), device=query.device, dtype=query.dtype)
     partial_rows = programs * splits if splits > 1 else 1
     options = {"device": query.device, "dtype": torch.float32}
@@ -197,14 +234,10 @@ def split_key_attention(
     )
     if splits == 1:
         return out
-    # Merge the splits: each holds an unnormalised sum and its running maximum.
-    acc = acc.view(programs, splits, GROUP_PAD, head_dim)[:, :, :group]
-    best = best.view(programs, splits, GROUP_PAD)[:, :, :group]
-    weight = weight.view(programs, splits, GROUP_PAD)[:, :, :group]
-    overall = best.amax(1, keepdim=True)
-    factor = torch.exp2(best - overall)  # base-2 maxima; empty splits: exp2(-inf) = 0
-    merged = (acc * factor[..., None]).sum(1) / (weight * factor).sum(1)[..., None]
-    out.copy_(merged.view(batch, kv_heads, group, head_dim))
+    _merge_kernel()[(programs,)](
+        acc, best, weight, out,
+        GROUP=group, GROUP_PAD=GROUP_PAD, HEAD_DIM=head_dim, SPLITS=splits, num_warps=4,
+    )  # fmt: skip
     return out
 
 
@@ -245,15 +278,17 @@ class SplitKeyAttention:
     Every row must see at least one column. The integer tensors stay on the device, so a
     call needs no host synchronisation and can be captured in a CUDA graph; it is one
     opaque operator to `torch.compile`. `splits` programs share each (row, key/value
-    head) (1: no merge step); `block_n` columns are read per iteration. The defaults were
-    the fastest measured on an H100 at batch 256 and 512 (`bench/profile_parts.py`).
+    head) (1: no merge pass; 0, the default: `auto_splits` of the call's batch, so each
+    captured graph of a batch ladder gets its own); `block_n` columns are read per
+    iteration. `block_n` and the warps were the fastest measured on an H100 at batch 256
+    and 512 (`bench/profile_parts.py`); the splits on an H200 (`bench/profile_kernels.py`).
     """
 
     def __init__(
-        self, *, splits: int = 1, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
+        self, *, splits: int = 0, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
     ) -> None:
-        if splits < 1 or block_n < 16 or block_n & (block_n - 1):
-            raise ValueError("splits must be >= 1 and block_n a power of two >= 16")
+        if splits < 0 or block_n < 16 or block_n & (block_n - 1):
+            raise ValueError("splits must be >= 0 (0: auto) and block_n a power of two >= 16")
         self.operator = _custom_op()
         self.splits = splits
         self.block_n = block_n

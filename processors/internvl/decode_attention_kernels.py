@@ -250,3 +250,40 @@ def chunk_attention_kernel(
     result = acc / total_weight[:, None]
     pointers = out + (start_token + tokens)[:, None] * stride_ot + heads[:, None] * stride_oh
     tl.store(pointers + dims[None, :], result.to(out.dtype.element_ty), mask=real[:, None])
+
+
+@triton.jit
+def merge_splits(
+    acc,
+    best,
+    weight,
+    out,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """One (row, key/value head) program: the softmax of its splits' partial sums, in one pass.
+
+    `partial_attention` with several splits left, per split, an unnormalised sum `acc`, its
+    base-2 maximum `best` and total weight `weight`. A split that saw no column has
+    `best` = -inf and adds nothing (exp2(-inf) = 0); split 0 always sees a column.
+    """
+    row_head = tl.program_id(0)
+    groups = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    first = row_head * SPLITS
+    overall = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    for split in range(SPLITS):
+        overall = tl.maximum(overall, tl.load(best + (first + split) * GROUP_PAD + groups))
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    merged = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for split in range(SPLITS):
+        slot = first + split
+        factor = tl.exp2(tl.load(best + slot * GROUP_PAD + groups) - overall)
+        total += tl.load(weight + slot * GROUP_PAD + groups) * factor
+        part = tl.load(acc + (slot * GROUP_PAD + groups[:, None]) * HEAD_DIM + dims[None, :])
+        merged += part * factor[:, None]
+    result = merged / total[:, None]
+    offsets = (row_head * GROUP + groups[:, None]) * HEAD_DIM + dims[None, :]
+    tl.store(out + offsets, result.to(out.dtype.element_ty), mask=groups[:, None] < GROUP)

@@ -87,7 +87,7 @@ class StaticGreedyDecoder:
         compile_step: bool = False,
         compile_prefill: bool = False,
         split_attention: bool = False,
-        attention_splits: int = 1,
+        attention_splits: int = 0,
         fuse_projections: bool = False,
     ) -> None:
         import torch

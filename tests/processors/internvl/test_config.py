@@ -31,4 +31,4 @@ def test_not_loaded_and_config_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="decode_attention"):
         EngineConfig(tmp_path, decode_attention="flash")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="attention_splits"):
-        EngineConfig(tmp_path, attention_splits=0)
+        EngineConfig(tmp_path, attention_splits=-1)

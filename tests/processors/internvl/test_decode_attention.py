@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from processors.internvl import SplitKeyAttention
+from processors.internvl import MAX_SPLITS, SplitKeyAttention, auto_splits
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -43,6 +43,16 @@ def test_unsupported_shapes_and_options_are_refused() -> None:
     assert not SplitKeyAttention.supports(80, 7)  # not a power of two
     assert not SplitKeyAttention.supports(64, 17)  # more query heads per group than a tile
     with pytest.raises(ValueError, match="splits"):
-        SplitKeyAttention(splits=0)
+        SplitKeyAttention(splits=-1)
     with pytest.raises(ValueError, match="block_n"):
         SplitKeyAttention(block_n=24)
+
+
+def test_auto_splits_fill_the_gpu_only_where_the_rows_do_not() -> None:
+    # An H200 has 132 multiprocessors; Qwen2-0.5B has 2 key/value heads per row.
+    assert auto_splits(16 * 2, 132) == MAX_SPLITS  # 528 // 32 = 16
+    assert auto_splits(64 * 2, 132) == 4
+    assert auto_splits(128 * 2, 132) == 2
+    assert auto_splits(256 * 2, 132) == 1  # enough programs: no merge pass
+    assert auto_splits(2, 132) == MAX_SPLITS  # capped
+    assert auto_splits(0, 132) == MAX_SPLITS
