@@ -20,6 +20,7 @@ import argparse
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 int(b) for b in (args.batches or ("2" if args.smoke else "64,256")).split(",")
             ]
             splits = [int(n) for n in args.splits.split(",")]
-            out["step_kernels"] = step_kernels(engine, pool, batches, device, splits)
-            emit(out, args.out)
+            out["step_kernels"] = {}
+            step_kernels(
+                engine, pool, batches, device, splits, out["step_kernels"],
+                functools.partial(emit, out, args.out),
+            )  # fmt: skip
     print(json.dumps(out, indent=1))
     return 0
 
@@ -179,12 +183,19 @@ def attention_variants(device: str, dtype: Any, tiles: int) -> dict[str, Any]:
 
 
 def step_kernels(
-    engine: Any, pool: list[Any], batches: list[int], device: str, splits: list[int]
-) -> dict[str, Any]:
+    engine: Any,
+    pool: list[Any],
+    batches: list[int],
+    device: str,
+    splits: list[int],
+    result: dict[str, Any],
+    progress: Callable[[], None],
+) -> None:
     """One graph-replayed decode step at each batch and each count of attention splits.
 
-    Milliseconds per (splits, batch), and for the last count of `splits` the step's
-    kernels from torch's profiler (microseconds and launches per step).
+    Fills `result` with milliseconds per (splits, batch), and for the last count of
+    `splits` the step's kernels from torch's profiler (microseconds and launches per
+    step); calls `progress` after each count, so a run cut short keeps what it measured.
     """
     import torch
 
@@ -194,7 +205,7 @@ def step_kernels(
     attention = base.split_key_attention
     prompt = max(len(i) for i in engine.encode_prompts(pool[:2]))
     context = -(-(prompt + 1024) // 128) * 128
-    result: dict[str, Any] = {"prompt_tokens": prompt, "ms": {}}
+    result.update(prompt_tokens=prompt, ms={})
     for count in splits:
         if attention is not None:
             attention.splits = count
@@ -222,10 +233,10 @@ def step_kernels(
             if count == splits[-1]:
                 result[str(batch)] = profiled_step(step, device)
         result["ms"][str(count)] = timings
+        progress()
         del decoder
         if device == "cuda":
             torch.cuda.empty_cache()
-    return result
 
 
 def profiled_step(step: Any, device: str, repeats: int = 20) -> dict[str, Any]:
