@@ -103,12 +103,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0,
         help="EngineConfig.attention_splits of both engines (0: per batch, the default)",
     )
-    parser.add_argument(
-        "--vision-cudnn",
-        choices=("off", "on"),
-        default="off",
-        help="EngineConfig.vision_cudnn_attention of both engines",
-    )
     parser.add_argument("--engines", default="static,slot", help="static, slot, both or none")
     parser.add_argument(
         "--parity",
@@ -399,7 +393,6 @@ class LoadBench:
             "compile_prefill": compile_all,
             "compile_decode": compile_all,
             "attention_splits": self.args.attention_splits,
-            "vision_cudnn_attention": self.args.vision_cudnn == "on",
             **overrides,
         }
         config = EngineConfig(f"{self.plan.shape.name}-random", **settings)

@@ -1,12 +1,11 @@
-"""Vision attention variants and the kernels of one decode step (GPU; `--smoke` on CPU).
+"""The vision tower, its attention per backend, and the kernels of one decode step (GPU; `--smoke` on CPU).
 
     python bench/profile_kernels.py --tokenizer-dir PATH --compile [--batches 64,256]
 
 On bench_vlm's model (random weights, InternVL2.5-1B shape):
-- `vision`: the vision tower of 1 and 8 requests (7 and 56 tiles) as the engine runs it
-  (`--vision-cudnn`: cuDNN's attention first), milliseconds (CUDA events, median), its
-  top kernels, and the largest difference of its features from the eager tower with
-  PyTorch's default attention order.
+- `vision`: the vision tower of 1 and 8 requests (7 and 56 tiles) as the engine runs it:
+  milliseconds (CUDA events, median), its top kernels, and the largest difference of its
+  features from the eager tower.
 - `attention`: the tower's attention alone at 56 tiles in each SDPA backend.
 - `step_kernels`: one graph-replayed decode step of `SlotDecoder` at each batch for each
   count of attention splits (`--splits`, 0: auto), and the kernels of the last count
@@ -48,9 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", default="", help="decode-step batches to profile")
     parser.add_argument("--parts", default="vision,attention,step_kernels")
     parser.add_argument(
-        "--vision-cudnn", action="store_true", help="the engine's vision_cudnn_attention on"
-    )
-    parser.add_argument(
         "--splits", default="0", help="decode attention splits to time (0: auto), ','-joined"
     )
     parser.add_argument("--out")
@@ -79,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
             compile_vision=compiled,
             compile_prefill=compiled,
             compile_decode=compiled,
-            vision_cudnn_attention=args.vision_cudnn,
         ),
         model,
         tokenizer,
@@ -117,19 +112,14 @@ def emit(out: dict[str, Any], path: str | None) -> None:
 def vision_timings(engine: Any, pool: list[Any], device: str) -> dict[str, Any]:
     """Vision of 1 and 8 requests as the engine runs it, with its top kernels.
 
-    Also the largest difference of its features from the eager tower with PyTorch's
-    default attention order.
+    Also the largest difference of its features from the eager (uncompiled) tower's.
     """
     import torch
 
     from bench.profile_parts import top_kernels
 
-    vision = engine._vision  # noqa: SLF001 (a benchmark of the engine's own part)
-    chosen = vision.cudnn_attention
-    vision.cudnn_attention = False
     with torch.compiler.set_stance("force_eager"):
         reference = [[p.float() for p in r] for r in engine.image_features(pool[:8])]
-    vision.cudnn_attention = chosen
     features = [[p.float() for p in r] for r in engine.image_features(pool[:8])]
     difference = max(
         float((a - b).abs().max())
@@ -137,12 +127,11 @@ def vision_timings(engine: Any, pool: list[Any], device: str) -> dict[str, Any]:
         for a, b in zip(request, expected, strict=True)
     )
     result: dict[str, Any] = {
-        "cudnn_attention": chosen,
         "ms": {
             str(n): timed(functools.partial(engine.image_features, pool[:n]), device)
             for n in (1, 8)
         },
-        "max_difference_from_eager_default": difference,
+        "max_difference_from_eager": difference,
         "reference_max": max(float(p.abs().max()) for r in reference for p in r),
     }
     if device == "cuda":

@@ -123,8 +123,6 @@ class EngineConfig:
         attention_splits: programs per (row, key/value head) of the "split" attention;
             0 (the default) picks them per batch size, so small batches still fill the
             GPU (`processors.internvl.decode_attention.auto_splits`).
-        vision_cudnn_attention: on CUDA, the vision tower's attention prefers cuDNN's
-            kernel (`VisionEncoder`); PyTorch's default order otherwise.
         constrained_decoding: the static path decodes each request that carries an
             `answer_schema` inside that schema's grammar (`processors.constrained`), so its
             answer always parses and validates; requests without one decode freely. The
@@ -156,7 +154,6 @@ class EngineConfig:
     fuse_projections: bool = True
     decode_attention: DecodeAttentionName = "auto"
     attention_splits: int = 0
-    vision_cudnn_attention: bool = False
     constrained_decoding: bool = True
     grammar_threads: int = 4
 

@@ -169,7 +169,6 @@ class NativeInternVLEngine(InternVLEngineBase):
             batch_tiles=self.config.vision_batch_tiles,
             cache=cache,
             cache_images=self.config.feature_cache_images,
-            cudnn_attention=self.config.vision_cudnn_attention,
         )
         if self.config.compile_vision and self.device.startswith("cuda"):
             # Compile now, not at the first courier's request (seconds per compilation).

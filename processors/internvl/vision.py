@@ -14,7 +14,6 @@ queues copies and the vision tower (`image_features(..., staged=...)`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from collections import OrderedDict
@@ -169,9 +168,6 @@ class VisionEncoder:
         batch_tiles: tiles per vision-tower call.
         cache: the feature cache (None: every image goes through the vision tower).
         cache_images: the first N images of each request are cache candidates.
-        cudnn_attention: on CUDA, the tower's attention prefers cuDNN's kernel to
-            PyTorch's default order (faster at 1,025 tokens per tile on an H200:
-            `bench/profile_kernels.py`); other kernels stay as fallbacks.
 
     Failures of the model propagate unchanged (the engine codes them). Not thread-safe:
     the engine serialises its calls.
@@ -186,10 +182,8 @@ class VisionEncoder:
         batch_tiles: int,
         cache: FeatureCache | None,
         cache_images: int,
-        cudnn_attention: bool = False,
     ) -> None:
         self.model = model
-        self.cudnn_attention = cudnn_attention and device.startswith("cuda")
         self.device = device
         self.dtype = dtype
         self.batch_tiles = batch_tiles
@@ -386,27 +380,12 @@ class VisionEncoder:
     def _tower(self, pixels: Any) -> Any:
         """Vision tower + projector of a batch of tiles on the device (the model's dtype)."""
         config = self.model.config
-        with self._attention_backends():
-            return self.model.model.get_image_features(
-                pixel_values=pixels,
-                vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy,
-                return_dict=True,
-            ).pooler_output
-
-    def _attention_backends(self) -> Any:
-        """The attention order: cuDNN's kernel first when `cudnn_attention`, else PyTorch's."""
-        if not self.cudnn_attention:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = [
-            SDPBackend.CUDNN_ATTENTION,
-            SDPBackend.FLASH_ATTENTION,
-            SDPBackend.EFFICIENT_ATTENTION,
-            SDPBackend.MATH,
-        ]
-        return sdpa_kernel(order, set_priority=True)
+        return self.model.model.get_image_features(
+            pixel_values=pixels,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
 
     def _host_buffer(self, tiles: int, tile_shape: tuple[int, ...]) -> Any:
         """A reusable host buffer for the tiles (pinned when the model is on CUDA)."""

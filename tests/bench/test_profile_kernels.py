@@ -14,8 +14,8 @@ def test_smoke_profile_times_each_count_of_splits_at_each_batch(tmp_path: Path) 
     argv = ["--smoke", "--batches", "2,4", "--splits", f"1,{MAX_SPLITS},0", "--out", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text(encoding="utf-8"))
-    # The engine's tower with the default order is the reference itself.
-    assert result["vision"]["max_difference_from_eager_default"] == 0.0
+    # Uncompiled on the CPU: the engine's tower is the eager reference itself.
+    assert result["vision"]["max_difference_from_eager"] == 0.0
     assert result["vision"]["reference_max"] > 0
     assert all(ms > 0 for ms in result["vision"]["ms"].values())
     timings = result["step_kernels"]["ms"]
