@@ -42,14 +42,16 @@ def _merge_kernel() -> Any:
 
 
 MAX_SPLITS = 16
-PROGRAMS_PER_MULTIPROCESSOR = 4
+PROGRAMS_PER_MULTIPROCESSOR = 2
 
 
 def auto_splits(programs: int, multiprocessors: int) -> int:
-    """Splits per (row, key/value head) so the launch has about 4 programs a multiprocessor.
+    """Splits per (row, key/value head) so the launch has about 2 programs a multiprocessor.
 
     One split when the rows alone give that many programs (no merge pass); at most
-    `MAX_SPLITS`. Measured on an H200: `bench/profile_kernels.py` (`bench/README.md`).
+    `MAX_SPLITS`. On an H200 (132 multiprocessors, 2 key/value heads a row) this picked
+    the fastest measured count at 16, 64, 128 and 256 rows and one within 1% at 32
+    (`bench/profile_kernels.py`, `bench/README.md`).
     """
     wanted = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors
     return max(1, min(MAX_SPLITS, wanted // max(programs, 1)))

@@ -56,8 +56,9 @@ def _reference(
 def test_matches_masked_sdpa(splits: int, block_n: int, column: int) -> None:
     """Rows of full, partial and one-token prompts; first and later generated columns.
 
-    Splits 0 (auto: 5 here, 6 programs on the interpreter's 8 multiprocessors) and 8
-    leave the short rows' later splits with no column, which the merge must skip.
+    Splits 0 (auto: 2 here, 6 programs on the interpreter's 8 multiprocessors) go
+    through the merge kernel; 8 leave the short rows' later splits with no column, which
+    the merge must skip.
     """
     query, keys, values = _case(3, 2, 7, 16, 96, seed=splits * 100 + column)
     lengths = torch.tensor([64, 30, 1])

@@ -50,9 +50,10 @@ def test_unsupported_shapes_and_options_are_refused() -> None:
 
 def test_auto_splits_fill_the_gpu_only_where_the_rows_do_not() -> None:
     # An H200 has 132 multiprocessors; Qwen2-0.5B has 2 key/value heads per row.
-    assert auto_splits(16 * 2, 132) == MAX_SPLITS  # 528 // 32 = 16
-    assert auto_splits(64 * 2, 132) == 4
-    assert auto_splits(128 * 2, 132) == 2
-    assert auto_splits(256 * 2, 132) == 1  # enough programs: no merge pass
+    assert auto_splits(16 * 2, 132) == 8  # 264 // 32
+    assert auto_splits(32 * 2, 132) == 4
+    assert auto_splits(64 * 2, 132) == 2
+    assert auto_splits(128 * 2, 132) == 1  # enough programs: no merge pass
+    assert auto_splits(256 * 2, 132) == 1
     assert auto_splits(2, 132) == MAX_SPLITS  # capped
     assert auto_splits(0, 132) == MAX_SPLITS
