@@ -35,7 +35,8 @@ from bench.bench_vlm import (  # noqa: E402
     make_requests,
     tokenizer_dir,
 )
-from bench.profile_slot import timed  # noqa: E402
+from bench.profile_parts import top_kernels  # noqa: E402
+from bench.profile_slot import decode_steps, emit, step_at, timed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,20 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def emit(out: dict[str, Any], path: str | None) -> None:
-    """Write what is measured so far to `path` (when given)."""
-    if path:
-        Path(path).write_text(json.dumps(out, indent=1))
-
-
 def vision_timings(engine: Any, pool: list[Any], device: str) -> dict[str, Any]:
     """Vision of 1 and 8 requests as the engine runs it, with its top kernels.
 
     Also the largest difference of its features from the eager (uncompiled) tower's.
     """
     import torch
-
-    from bench.profile_parts import top_kernels
 
     with torch.compiler.set_stance("force_eager"):
         reference = [[p.float() for p in r] for r in engine.image_features(pool[:8])]
@@ -182,8 +175,8 @@ def step_kernels(
 ) -> None:
     """One graph-replayed decode step at each batch and each count of attention splits.
 
-    Fills `result` with milliseconds per (splits, batch), and for the last count of
-    `splits` the step's kernels from torch's profiler (microseconds and launches per
+    Fills `result` with milliseconds per (splits, batch), and on CUDA for the last count
+    of `splits` the step's kernels from torch's profiler (microseconds and launches per
     step); calls `progress` after each count, so a run cut short keeps what it measured.
     """
     import torch
@@ -207,49 +200,29 @@ def step_kernels(
             compile_step=engine.config.compile_decode and device == "cuda",
             ladder=batches,
         )
-        decoder.capture_graphs()
-        decoder.active.fill_(1)
+        steps = decode_steps(decoder, batches, prompt, device)
+        result["ms"][str(count)] = {batch: row["graph"] for batch, row in steps.items()}
         result["compile_error"] = decoder.compile_error
-        timings: dict[str, float] = {}
-        for batch in batches:
-
-            def step(b: int = batch, d: Any = decoder) -> None:
-                d.round_step.zero_()
-                d.lengths[:b].fill_(prompt)
-                d.step(b)
-
-            timings[str(batch)] = timed(step, device)
-            if count == splits[-1]:
-                result[str(batch)] = profiled_step(step, device)
-        result["ms"][str(count)] = timings
+        if count == splits[-1] and device == "cuda":
+            for batch in batches:
+                result[str(batch)] = profiled_step(step_at(decoder, batch, prompt))
         progress()
         del decoder
         if device == "cuda":
             torch.cuda.empty_cache()
 
 
-def profiled_step(step: Any, device: str, repeats: int = 20) -> dict[str, Any]:
-    """The kernels of `repeats` calls of `step`: microseconds and launches per call."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+def profiled_step(step: Callable[[], None], repeats: int = 20) -> dict[str, Any]:
+    """The CUDA kernels of `repeats` calls of `step`: microseconds and launches per call."""
 
-    step()
-    activities = [ProfilerActivity.CPU]
-    if device == "cuda":
-        torch.cuda.synchronize()
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    def repeated() -> None:
         for _ in range(repeats):
             step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    kernels = []
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", 0) or 0
-        if device_us > 0 and event.device_type.name == "CUDA":
-            per_call = (round(device_us / repeats, 1), round(event.count / repeats, 1))
-            kernels.append((event.key[:100], *per_call))
-    kernels.sort(key=lambda row: -row[1])
+
+    kernels = [
+        (name, round(1000 * ms / repeats, 1), round(calls / repeats, 1))
+        for name, ms, calls in top_kernels(repeated, 10_000)
+    ]
     return {
         "kernel_us_per_step": round(sum(k[1] for k in kernels), 1),
         "launches_per_step": round(sum(k[2] for k in kernels), 1),

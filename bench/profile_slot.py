@@ -251,7 +251,7 @@ def time_parts(
                 )
                 per_prompt[str(rows)] = round(milliseconds / rows, 3)
             out[f"prefill_ms_per_prompt{suffix}"] = per_prompt
-            out[f"decode_step_ms{suffix}"] = _decode_steps(decoder, batches, prompt, device)
+            out[f"decode_step_ms{suffix}"] = decode_steps(decoder, batches, prompt, device)
             out["compile_error"] = decoder.compile_error
             del decoder
             if device.startswith("cuda"):
@@ -420,21 +420,25 @@ def green_stream(sms: int, device: str) -> tuple[Any, Any]:
     return context, context.Stream()
 
 
-def _decode_steps(decoder: Any, batches: list[int], prompt: int, device: str) -> dict[str, Any]:
+def step_at(decoder: Any, batch: int, prompt: int) -> Callable[[], None]:
+    """One decode step of `batch` rows of a captured `decoder`, every row at `prompt` tokens."""
+
+    def step() -> None:
+        decoder.round_step.zero_()
+        decoder.lengths[:batch].fill_(prompt)
+        decoder.step(batch)
+
+    return step
+
+
+def decode_steps(decoder: Any, batches: list[int], prompt: int, device: str) -> dict[str, Any]:
     """One graph-replayed step per batch size, every row at the prompt's length."""
     decoder.capture_graphs()
     decoder.lengths.fill_(prompt)
     decoder.active.fill_(1)
-    steps: dict[str, Any] = {}
-    for batch in batches:
-
-        def step(b: int = batch) -> None:
-            decoder.round_step.zero_()
-            decoder.lengths[:b].fill_(prompt)
-            decoder.step(b)
-
-        steps[str(batch)] = {"graph": timed(step, device)}
-    return steps
+    return {
+        str(batch): {"graph": timed(step_at(decoder, batch, prompt), device)} for batch in batches
+    }
 
 
 def saturation_config(slots: int, context: int, count: int, budget: int, vision: int) -> Any:
