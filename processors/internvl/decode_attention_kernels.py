@@ -263,7 +263,7 @@ def merge_splits(
     HEAD_DIM: tl.constexpr,
     SPLITS: tl.constexpr,
 ):
-    """One (row, key/value head) program: the softmax of its splits' partial sums, in one pass.
+    """One (row, key/value head) program: the softmax of its splits' partial sums, one launch.
 
     `partial_attention` with several splits left, per split, an unnormalised sum `acc`, its
     base-2 maximum `best` and total weight `weight`. A split that saw no column has
