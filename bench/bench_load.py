@@ -31,10 +31,11 @@ slot engine's step counters). `--smoke` runs a tiny shape on CPU in seconds (CI)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
-import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -57,9 +58,16 @@ from bench.bench_vlm import (  # noqa: E402 (after the path set-up above)
     device_name,
     gpu_memory,
     make_requests,
-    percentile,
     tokenizer_dir,
     versions,
+)
+from bench.load_parity import parity  # noqa: E402
+from bench.load_workload import (  # noqa: E402
+    answer_lengths,
+    arrival_times,
+    slot_variants,
+    static_caps,
+    summary,
 )
 
 
@@ -81,7 +89,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         '"10:64/256,30:256"',
     )
     parser.add_argument("--slots", type=int, help="slot count (default 512; smoke 8)")
-    parser.add_argument("--prefill-tokens", type=int, default=8192, help="prefill per step")
+    parser.add_argument(
+        "--prefill-tokens", type=int, help="prefill per step (SlotEngineConfig's default)"
+    )
     parser.add_argument("--steps-per-round", type=int, default=16)
     parser.add_argument("--saturation-requests", type=int)
     parser.add_argument("--saturation-tokens", type=int)
@@ -102,6 +112,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="EngineConfig.attention_splits of both engines (0: per batch, the default)",
+    )
+    parser.add_argument(
+        "--slot-variants",
+        default="",
+        help="';'-separated SlotEngineConfig overrides, each ','-joined key=N (e.g. "
+        "'prefill_tokens_per_step=8192,staged_requests=64;vision_sms=96'): the slot engine "
+        "runs once per variant on the same arrivals; the first is the reported 'slot' "
+        "engine, the others go to details.slot_variants (rows and saturation)",
     )
     parser.add_argument("--engines", default="static,slot", help="static, slot, both or none")
     parser.add_argument(
@@ -126,45 +144,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-# --------------------------------------------------------------------- workload
-
-
-def answer_lengths(
-    count: int, median: int, sigma: float, low: int, high: int, seed: int
-) -> list[int]:
-    """`count` lengths from a log-normal (median, sigma), clipped to [low, high]."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    draws = rng.lognormal(math.log(median), sigma, count)
-    return [int(min(high, max(low, round(value)))) for value in draws]
-
-
-def arrival_times(rate: float, duration: float, seed: int) -> list[float]:
-    """Poisson arrivals (exponential gaps) in [0, duration)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    times: list[float] = []
-    now = float(rng.exponential(1 / rate))
-    while now < duration:
-        times.append(now)
-        now += float(rng.exponential(1 / rate))
-    return times
-
-
-def summary(arrivals: list[float], done: list[float]) -> dict[str, float]:
-    """Throughput and latency percentiles from arrival and completion times (seconds)."""
-    latencies = [end - start for start, end in zip(arrivals, done, strict=True)]
-    span = max(done) - min(arrivals) if done else 0.0
-    return {
-        "achieved_per_s": round(len(done) / span, 3) if span > 0 else 0.0,
-        "p50_s": round(percentile(latencies, 50), 3),
-        "p95_s": round(percentile(latencies, 95), 3),
-        "p99_s": round(percentile(latencies, 99), 3),
-    }
 
 
 # ------------------------------------------------------------------------ engines
@@ -195,18 +174,6 @@ def forced_length_static(engine: Any, cap: int) -> Any:
     decoder.__class__ = ForcedLength
     decoder.min_new_tokens = cap
     return decoder
-
-
-def static_caps(spec: str) -> dict[float, list[int]]:
-    """Batch caps per rate: "64,256" (every rate) or "10:64/256,30:256" (0.0: every rate)."""
-    out: dict[float, list[int]] = {}
-    for item in spec.split(","):
-        if ":" in item:
-            rate, caps = item.split(":")
-            out[float(rate)] = [int(cap) for cap in caps.split("/")]
-        else:
-            out.setdefault(0.0, []).append(int(item))
-    return out
 
 
 def run_static(
@@ -376,10 +343,17 @@ class LoadBench:
         name = plan.shape.name
         self.out = Path(args.out) if args.out else RESULTS / f"load-{name}.json"
         self.rows: list[dict[str, Any]] = []
-        self.details: dict[str, Any] = {"runs": [], "slot_engine": None, "warm_up_s": {}}
+        self.details: dict[str, Any] = {
+            "runs": [],
+            "slot_engine": None,
+            "warm_up_s": {},
+            "slot_variants": {},
+        }
         self.saturation: dict[str, float] = {}
         # Fusing changes the shared model in place (views), so unfused runs come first.
         self.fused = args.fuse == "on"
+        self.variants = slot_variants(args.slot_variants)
+        self.variant = self.variants[0]  # the slot engine's (label, overrides), this run
 
     def engine(self, **overrides: Any) -> Any:
         """A native engine on the shared model (feature cache off, `--compile` applied)."""
@@ -402,7 +376,7 @@ class LoadBench:
         """Write everything measured so far to the result file."""
         plan, stats = self.plan, self.request_stats
         result = {
-            "command": "python bench/bench_load.py " + " ".join(self.argv or sys.argv[1:]),
+            "command": shlex.join(["python", "bench/bench_load.py", *(self.argv or sys.argv[1:])]),
             "rates": self.rows,
             "saturation_per_s": self.saturation,
             "device": device_name(plan.device),
@@ -450,11 +424,13 @@ class LoadBench:
         slot_config = SlotEngineConfig(
             slots=plan.slots,
             context_length=-(-(longest + plan.high + 64) // 128) * 128,
-            prefill_tokens_per_step=args.prefill_tokens,
             steps_per_round=args.steps_per_round,
             queue_size=max(64, plan.sat_requests),
             stop_at_json_close=False,
         )
+        if args.prefill_tokens:
+            slot_config = _with(slot_config, prefill_tokens_per_step=args.prefill_tokens)
+        slot_config = _with(slot_config, **self.variant[1])
         warm = time.perf_counter()
         slot = SlotEngine(self.engine(max_new_tokens=plan.high), slot_config)
         slot.load()
@@ -466,7 +442,7 @@ class LoadBench:
             future.result()
         for index in range(4):
             slot.submit(pool[index % plan.pool_size], max_new_tokens=4).result()
-        self.details["warm_up_s"]["slot"] = round(time.perf_counter() - warm, 2)
+        self.details["warm_up_s"][f"slot {self.variant[0]}"] = round(time.perf_counter() - warm, 2)
         self.details["staged_vision_max_difference"] = staged_difference(
             slot.engine, pool[: min(4, len(pool))]
         )
@@ -476,8 +452,8 @@ class LoadBench:
                 row = {"engine": "slot", "arrival_per_s": rate, **summary(times, done)}
                 if self.args.fuse == "both":
                     row["fused"] = self.fused
-                self.rows.append(row)
-                self.details["runs"].append({**row, **stats})
+                self._slot_rows().append(row)
+                self.details["runs"].append({**row, "variant": self.variant[0], **stats})
                 print(f"[load] slot at {rate}/s: {row} {stats}", flush=True)
                 self.report()
             self._slot_saturation(slot)
@@ -486,27 +462,50 @@ class LoadBench:
         del slot
         self._release()
 
+    def _slot_rows(self) -> list[dict[str, Any]]:
+        """Where this run's rows go: `rows` for the first variant, else its own entry."""
+        if self.variant is self.variants[0]:
+            return self.rows
+        rows: list[dict[str, Any]] = self._variant_entry()["rows"]
+        return rows
+
+    def _variant_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = self.details["slot_variants"].setdefault(
+            self.variant[0], {"overrides": self.variant[1], "rows": []}
+        )
+        return entry
+
     def _slot_saturation(self, slot: Any) -> None:
         plan, args = self.plan, self.args
         n = plan.sat_requests
         picks = [i % plan.pool_size for i in range(n)]
         done, stats = run_slot(slot, self.pool, picks, [plan.sat_tokens] * n, [0.0] * n)
         key = "slot-fused" if self.args.fuse == "both" and self.fused else "slot"
-        self.saturation[key] = round(n / max(done), 3)
-        self.details[f"saturation_{key}"] = stats
-        print(f"[load] {key} saturation {self.saturation[key]}/s {stats}", flush=True)
+        per_s = round(n / max(done), 3)
+        if self.variant is self.variants[0]:
+            self.saturation[key] = per_s
+            self.details[f"saturation_{key}"] = stats
+        else:
+            self._variant_entry().update(saturation_per_s=per_s, saturation=stats)
+        print(f"[load] {key} {self.variant[0]} saturation {per_s}/s {stats}", flush=True)
         scheduler = slot.scheduler
         assert scheduler is not None
-        self.details["slot_engine"] = {
+        engine_details = {
             "slots": scheduler.slots,
             "context": scheduler.decoder.context,
             "ladder": scheduler.decoder.ladder,
             "split_attention": scheduler.decoder.split_attention,
             "compile_error": scheduler.decoder.compile_error,
             "prefill_capture_error": scheduler.decoder.prefill.capture_error,
-            "prefill_tokens_per_step": args.prefill_tokens,
+            "prefill_tokens_per_step": scheduler.config.prefill_tokens_per_step,
             "steps_per_round": args.steps_per_round,
+            "vision_lane_error": scheduler.lane.error,
+            "config": dataclasses.asdict(scheduler.config),
         }
+        if self.variant is self.variants[0]:
+            self.details["slot_engine"] = engine_details
+        else:
+            self._variant_entry()["slot_engine"] = engine_details
 
     def run_static_engine(self, workloads: list[Workload]) -> None:
         """Every rate at each batch cap (the lowest p95 kept) and the saturation run."""
@@ -626,13 +625,21 @@ def main(argv: list[str] | None = None) -> int:
     bench = LoadBench(args, plan, argv)
     if args.parity:
         bench.details["parity"] = parity(
-            bench.engine, bench.pool, args.parity, args.parity_tokens, args.seed
+            bench.engine,
+            bench.pool,
+            args.parity,
+            args.parity_tokens,
+            args.seed,
+            **bench.variant[1],
         )
         print(f"[load] parity {bench.details['parity']}", flush=True)
         bench.report()
     workloads = bench.workloads()
     if "slot" in plan.engines:
-        bench.run_slot_engine(workloads)
+        for variant in bench.variants:
+            bench.variant = variant
+            bench.run_slot_engine(workloads)
+        bench.variant = bench.variants[0]
         if args.fuse == "both":
             import torch
 
@@ -652,44 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parity(make_engine: Any, pool: list[Any], count: int, tokens: int, seed: int) -> dict[str, Any]:
-    """Greedy ids of the slot engine (admissions spread over its steps) against `generate`."""
-    import random
-
-    from processors.slot_engine import SlotEngine, SlotEngineConfig
-
-    requests = [pool[index % len(pool)] for index in range(count)]
-    reference = make_engine(
-        decode="generate", max_batch_size=1, max_new_tokens=tokens, min_new_tokens=tokens
-    )
-    expected = [reference.generate_token_ids([request])[0] for request in requests]
-    longest = max(len(ids) for ids in reference.encode_prompts(requests))
-    config = SlotEngineConfig(
-        slots=max(1, count - 1),  # one request waits for a slot
-        context_length=-(-(longest + tokens + 64) // 128) * 128,
-        stop_at_json_close=False,
-    )
-    slot = SlotEngine(make_engine(max_new_tokens=tokens, min_new_tokens=tokens), config)
-    slot.load()
-    pause = random.Random(seed)
-    try:
-        futures = []
-        for request in requests:
-            futures.append(slot.submit(request))
-            time.sleep(pause.uniform(0.0, 0.05))
-        got = [list(future.result().token_ids) for future in futures]
-    finally:
-        slot.close()
-    rows = []
-    for a, b in zip(expected, got, strict=True):
-        differs = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-        rows.append({"identical": a == b, "first_difference": differs, "tokens": [len(a), len(b)]})
-    return {"requests": count, "new_tokens": tokens, "rows": rows}
-
-
 def _with(config: Any, **changes: Any) -> Any:
-    import dataclasses
-
     return dataclasses.replace(config, **changes)
 
 

@@ -309,14 +309,14 @@ def overlap_parts(
     steps: int = 48,
     green: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    """Decode steps on one stream beside vision + prefill on another, against each alone.
+    """Decode steps on one stream beside vision on another, against each alone.
 
-    `steps` graph-replayed steps at `batch` rows, and vision of 8 requests followed by a
-    prefill of 2 of them; alone, then both queued together on two streams (with equal
-    priorities, then with the decode stream at the higher priority; then, for each of
-    `green`'s SM counts, with vision + prefill on a green context of that many SMs).
-    Milliseconds of each stream's work from the common start (CUDA events) and of the
-    whole.
+    `steps` graph-replayed steps at `batch` rows, and the vision of 8 requests (what the
+    slot engine's `VisionLane` moves beside decode); alone, then both queued together on
+    two streams of equal priority, then, for each of `green`'s SM counts, with the vision
+    on a green context of that many SMs. Milliseconds of each stream's work from the
+    common start (CUDA events). Not run: the decode stream at a higher priority, which
+    twice ended in "an illegal instruction was encountered" on an H200 (torch 2.11).
     """
     import torch
 
@@ -342,9 +342,7 @@ def overlap_parts(
                 decoder.step(batch)
 
         def side() -> None:
-            features = engine.image_features(pool[:8])
-            flat = torch.cat([p.reshape(-1, p.shape[-1]) for f in features[:2] for p in f])
-            decoder.prefill.prefill_rows(ids, flat, [0, 0])
+            engine.image_features(pool[:8])
 
         def run(decode_stream: Any, side_stream: Any, parts: tuple[str, ...]) -> dict[str, float]:
             torch.cuda.synchronize()
@@ -367,32 +365,32 @@ def overlap_parts(
 
         plain = torch.cuda.Stream(device)
         other = torch.cuda.Stream(device)
-        stream_type: Any = torch.cuda.Stream  # its stubs take priority_range for a method
-        low, high = stream_type.priority_range()
-        urgent = torch.cuda.Stream(device, priority=high)
-        relaxed = torch.cuda.Stream(device, priority=low)
         for _ in range(2):  # warm-up (kernel selection, allocator)
             run(plain, other, ("decode", "side"))
         out["decode_alone_ms"] = run(plain, other, ("decode",))["decode"]
         out["side_alone_ms"] = run(plain, other, ("side",))["side"]
         out["together_ms"] = run(plain, other, ("decode", "side"))
-        out.update(green_overlap(run, plain, urgent, green, device))
-        out["together_priority_ms"] = run(urgent, relaxed, ("decode", "side"))
+        out.update(green_overlap(run, plain, green, device))
     return out
 
 
 def green_overlap(
     run: Callable[[Any, Any, tuple[str, ...]], dict[str, float]],
     plain: Any,
-    urgent: Any,
     green: tuple[int, ...],
     device: str,
 ) -> dict[str, Any]:
-    """`overlap_parts`'s runs with vision + prefill on a green context of each SM count."""
+    """`overlap_parts`'s runs with the side work on a green context of each SM count.
+
+    Decode stays on a stream of the whole device at the same priority (the lane's set-up,
+    `processors.slot_intake.VisionLane`).
+    """
+    from processors.internvl import green_stream
+
     out: dict[str, Any] = {}
     for sms in green:
         try:
-            held, stream = green_stream(sms, device)  # the context outlives its stream
+            _, stream = green_stream(device, sms)  # kept for the process
         except (RuntimeError, TypeError, AttributeError, ImportError) as exc:
             out[f"green_{sms}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             continue
@@ -400,24 +398,9 @@ def green_overlap(
         out[f"green_{sms}"] = {
             "side_alone_ms": run(plain, stream, ("side",))["side"],
             "decode_alone_ms": run(stream, plain, ("decode",))["decode"],
-            "together_ms": run(urgent, stream, ("decode", "side")),
+            "together_ms": run(plain, stream, ("decode", "side")),
         }
-        del held
     return out
-
-
-def green_stream(sms: int, device: str) -> tuple[Any, Any]:
-    """A CUDA green context of `sms` multiprocessors and a stream of it (torch's API)."""
-    import torch
-    from torch.cuda import green_contexts
-
-    index = torch.device(device).index or 0
-    kind: Any = green_contexts.GreenContext
-    try:
-        context = kind(num_sms=sms, device_id=index)
-    except TypeError:  # older torch: GreenContext.create(num_sms, device_id)
-        context = kind.create(sms, index)
-    return context, context.Stream()
 
 
 def step_at(decoder: Any, batch: int, prompt: int) -> Callable[[], None]:

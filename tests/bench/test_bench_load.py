@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.bench_load import answer_lengths, arrival_times, main
+from bench.bench_load import main
+from bench.load_workload import answer_lengths, arrival_times, slot_variants
 
 ROW_KEYS = {"engine", "arrival_per_s", "achieved_per_s", "p50_s", "p95_s", "p99_s"}
 
@@ -35,6 +36,32 @@ def test_smoke_load_benchmark_writes_the_result(tmp_path: Path) -> None:
     assert all(row["identical"] for row in result["details"]["parity"]["rows"])
     slot_runs = [run for run in result["details"]["runs"] if run["engine"] == "slot"]
     assert slot_runs and all(run["steps"] > 0 for run in slot_runs)
+
+
+def test_slot_variants_run_on_the_same_arrivals_beside_the_reported_engine(
+    tmp_path: Path,
+) -> None:
+    assert slot_variants("") == [("default", {})]
+    assert slot_variants("prefill_tokens_per_step=300,staged_requests=4;vision_sms=8") == [
+        (
+            "prefill_tokens_per_step=300,staged_requests=4",
+            {"prefill_tokens_per_step": 300, "staged_requests": 4},
+        ),
+        ("vision_sms=8", {"vision_sms": 8}),
+    ]
+    out = tmp_path / "load-variants.json"
+    variants = ";staged_requests=4,prefill_tokens_per_step=300"
+    assert (
+        main(["--smoke", "--engines", "slot", "--slot-variants", variants, "--out", str(out)]) == 0
+    )
+    result = json.loads(out.read_text(encoding="utf-8"))
+    reported = [row for row in result["rates"] if row["engine"] == "slot"]
+    assert reported and set(result["saturation_per_s"]) == {"slot"}
+    other = result["details"]["slot_variants"]["staged_requests=4,prefill_tokens_per_step=300"]
+    assert [row["arrival_per_s"] for row in other["rows"]] == [r["arrival_per_s"] for r in reported]
+    assert other["saturation_per_s"] > 0
+    assert other["slot_engine"]["config"]["staged_requests"] == 4
+    assert result["details"]["slot_engine"]["config"]["staged_requests"] != 4
 
 
 def test_smoke_pipeline_run_downloads_tiles_and_answers_every_event(tmp_path: Path) -> None:

@@ -1,0 +1,59 @@
+"""The load benchmark's greedy-ids check: the slot engine against one-at-a-time `generate`.
+
+`parity` runs on the benchmark's engines (`bench/bench_load.py --parity N`, best with
+`--dtype float32`): requests are admitted at staggered times, so they join the running
+decode at arbitrary steps, and each one's ids are compared with its own `generate`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def parity(
+    make_engine: Any, pool: list[Any], count: int, tokens: int, seed: int, vision_sms: int = 0
+) -> dict[str, Any]:
+    """Greedy ids of the slot engine (admissions spread over its steps) against `generate`.
+
+    `vision_sms`: the slot engine's `SlotEngineConfig.vision_sms` (vision beside decode).
+    """
+    import random
+
+    from processors.slot_engine import SlotEngine, SlotEngineConfig
+
+    requests = [pool[index % len(pool)] for index in range(count)]
+    reference = make_engine(
+        decode="generate", max_batch_size=1, max_new_tokens=tokens, min_new_tokens=tokens
+    )
+    expected = [reference.generate_token_ids([request])[0] for request in requests]
+    longest = max(len(ids) for ids in reference.encode_prompts(requests))
+    config = SlotEngineConfig(
+        slots=max(1, count - 1),  # one request waits for a slot
+        context_length=-(-(longest + tokens + 64) // 128) * 128,
+        stop_at_json_close=False,
+        vision_sms=vision_sms,
+    )
+    slot = SlotEngine(make_engine(max_new_tokens=tokens, min_new_tokens=tokens), config)
+    slot.load()
+    lane = slot.scheduler.lane.error if slot.scheduler is not None else None
+    pause = random.Random(seed)
+    try:
+        futures = []
+        for request in requests:
+            futures.append(slot.submit(request))
+            time.sleep(pause.uniform(0.0, 0.05))
+        got = [list(future.result().token_ids) for future in futures]
+    finally:
+        slot.close()
+    rows = []
+    for a, b in zip(expected, got, strict=True):
+        differs = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        rows.append({"identical": a == b, "first_difference": differs, "tokens": [len(a), len(b)]})
+    return {
+        "requests": count,
+        "new_tokens": tokens,
+        "vision_sms": vision_sms,
+        "vision_lane_error": lane,
+        "rows": rows,
+    }
