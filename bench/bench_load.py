@@ -499,7 +499,6 @@ class LoadBench:
             "prefill_capture_error": scheduler.decoder.prefill.capture_error,
             "prefill_tokens_per_step": scheduler.config.prefill_tokens_per_step,
             "steps_per_round": args.steps_per_round,
-            "vision_lane_error": scheduler.lane.error,
             "config": dataclasses.asdict(scheduler.config),
         }
         if self.variant is self.variants[0]:
@@ -630,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             args.parity,
             args.parity_tokens,
             args.seed,
-            **bench.variant[1],
+            bench.variant[1],
         )
         print(f"[load] parity {bench.details['parity']}", flush=True)
         bench.report()

@@ -7,16 +7,22 @@ decode at arbitrary steps, and each one's ids are compared with its own `generat
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 
 def parity(
-    make_engine: Any, pool: list[Any], count: int, tokens: int, seed: int, vision_sms: int = 0
+    make_engine: Any,
+    pool: list[Any],
+    count: int,
+    tokens: int,
+    seed: int,
+    overrides: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Greedy ids of the slot engine (admissions spread over its steps) against `generate`.
 
-    `vision_sms`: the slot engine's `SlotEngineConfig.vision_sms` (vision beside decode).
+    `overrides`: `SlotEngineConfig` settings of the slot engine (`--slot-variants`' first).
     """
     import random
 
@@ -32,11 +38,11 @@ def parity(
         slots=max(1, count - 1),  # one request waits for a slot
         context_length=-(-(longest + tokens + 64) // 128) * 128,
         stop_at_json_close=False,
-        vision_sms=vision_sms,
     )
+    changes: dict[str, Any] = dict(overrides or {})
+    config = dataclasses.replace(config, **changes)
     slot = SlotEngine(make_engine(max_new_tokens=tokens, min_new_tokens=tokens), config)
     slot.load()
-    lane = slot.scheduler.lane.error if slot.scheduler is not None else None
     pause = random.Random(seed)
     try:
         futures = []
@@ -53,7 +59,6 @@ def parity(
     return {
         "requests": count,
         "new_tokens": tokens,
-        "vision_sms": vision_sms,
-        "vision_lane_error": lane,
+        "overrides": overrides or {},
         "rows": rows,
     }

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--green",
         default="",
-        help="with --overlap: also run vision + prefill on a green context of each of these "
+        help="with --overlap: also run the vision on a green context of each of these "
         "SM counts (torch.cuda.green_contexts) beside decode steps on the whole GPU",
     )
     parser.add_argument(
@@ -311,8 +311,8 @@ def overlap_parts(
 ) -> dict[str, Any]:
     """Decode steps on one stream beside vision on another, against each alone.
 
-    `steps` graph-replayed steps at `batch` rows, and the vision of 8 requests (what the
-    slot engine's `VisionLane` moves beside decode); alone, then both queued together on
+    `steps` graph-replayed steps at `batch` rows, and the vision of 8 requests (between
+    steps, a request's vision holds every row back); alone, then both queued together on
     two streams of equal priority, then, for each of `green`'s SM counts, with the vision
     on a green context of that many SMs. Milliseconds of each stream's work from the
     common start (CUDA events). Not run: the decode stream at a higher priority, which
@@ -382,11 +382,8 @@ def green_overlap(
 ) -> dict[str, Any]:
     """`overlap_parts`'s runs with the side work on a green context of each SM count.
 
-    Decode stays on a stream of the whole device at the same priority (the lane's set-up,
-    `processors.slot_intake.VisionLane`).
+    Decode stays on a stream of the whole device at the same priority.
     """
-    from processors.internvl import green_stream
-
     out: dict[str, Any] = {}
     for sms in green:
         try:
@@ -401,6 +398,25 @@ def green_overlap(
             "together_ms": run(plain, stream, ("decode", "side")),
         }
     return out
+
+
+@functools.cache
+def green_stream(device: str, sms: int) -> tuple[Any, Any]:
+    """A CUDA green context of `sms` multiprocessors and a stream of it (torch's API).
+
+    One pair per (device, sms), kept for the process: releasing a context mid-run made
+    later CUDA calls fail with "context is destroyed" (H200, torch 2.11).
+    """
+    import torch
+    from torch.cuda import green_contexts
+
+    index = torch.device(device).index or 0
+    kind: Any = green_contexts.GreenContext
+    try:
+        context = kind(num_sms=sms, device_id=index)
+    except TypeError:  # torch before 2.14: GreenContext.create(num_sms=, device_id=)
+        context = kind.create(num_sms=sms, device_id=index)
+    return context, context.Stream()
 
 
 def step_at(decoder: Any, batch: int, prompt: int) -> Callable[[], None]:

@@ -50,10 +50,6 @@ class SlotEngineConfig:
             the forced token and the grammar allows it, the model's token replaces the
             rest of the run, so the answer follows the model's own split of the forced
             text. The answer's forced opening is then not prefilled either.
-        vision_sms: on CUDA, run the vision tower on a green context of this many
-            multiprocessors, beside the decode steps (which keep the others); a request
-            is prefilled once its vision is done. 0: vision on the scheduler's stream,
-            between decode steps (`processors.slot_intake.VisionLane`).
     """
 
     slots: int = 0
@@ -69,10 +65,9 @@ class SlotEngineConfig:
     prefill_rows: int = 8
     forced_tokens: int = 16
     follow_model: bool = False
-    vision_sms: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("slots", "context_length", "forced_tokens", "vision_sms"):
+        for name in ("slots", "context_length", "forced_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (
@@ -170,7 +165,6 @@ class SlotWork:
     tokens: list[int] = field(default_factory=list)
     started: float = 0.0
     vision_ready: bool = False
-    vision_done: Any = None  # CUDA event of its vision on the lane's stream, until prefill
     matcher: Any = None  # the answer grammar's matcher (constrained decoding), else None
     staged: Any = None  # `StagedImages` until the vision tower took them
     forced: list[int] = field(default_factory=list)  # forced tokens not yet fed

@@ -29,7 +29,7 @@ from processors.errors import ErrorCode, ProcessingError
 from processors.inference import PreparedRequest
 from processors.internvl import IM_END_TOKEN, NativeInternVLEngine
 from processors.slot_decoder import SlotDecoder
-from processors.slot_intake import VisionLane, prepare_work
+from processors.slot_intake import encode_works, prepare_work
 from processors.slot_phases import timed_phase
 from processors.slot_records import (
     STAGE,
@@ -86,7 +86,6 @@ class SlotScheduler:
             vocab_size=self.vocab_size if self.constrained else 0,
             position_argmax=self.follows_model,
         )
-        self.lane = VisionLane(engine, config.vision_sms)  # vision beside decode, or between
         self.waiting: deque[SlotWork] = deque()
         self.prefilling: SlotWork | None = None
         self.rows: list[SlotWork] = []  # row index -> request
@@ -263,22 +262,21 @@ class SlotScheduler:
 
     @timed_phase("vision")
     def _vision(self, works: list[SlotWork]) -> list[tuple[SlotWork, ProcessingError]]:
-        """Queue the vision work of `works` in one call (on the lane); the bad ones."""
+        """Queue the vision work of `works` in one call (`encode_works`); the bad ones."""
         self.stats["vision"] += len(works)
-        return self.lane.encode(works, self.context_id)
+        return encode_works(self.engine, works, self.context_id)
 
-    def _take_next(self) -> tuple[SlotWork | None, list[tuple[SlotWork, ProcessingError]]]:
-        """The next waiting request (left queued), its vision queued with a few after it.
-
-        None while its vision still runs beside rows that decode (`VisionLane.ready`).
-        """
+    def _take_next(
+        self, pop: bool = True
+    ) -> tuple[SlotWork | None, list[tuple[SlotWork, ProcessingError]]]:
+        """The next waiting request, its vision done (with that of a few after it)."""
         failed: list[tuple[SlotWork, ProcessingError]] = []
         while self.waiting:
             work = self.waiting[0]
             if not work.vision_ready:
                 failed.extend(self._encode_waiting(max(1, self.slots - len(self.rows))))
                 continue
-            return (None if self.rows and not self.lane.ready(work) else work), failed
+            return (self.waiting.popleft() if pop else work), failed
         return None, failed
 
     def _vision_ahead(self) -> list[tuple[SlotWork, ProcessingError]]:
@@ -322,7 +320,7 @@ class SlotScheduler:
             tokens = 0
             work: SlotWork | None = None
             while len(self.rows) + len(group) < self.slots and len(group) < self.decoder.stage_rows:
-                work, bad = self._take_next()
+                work, bad = self._take_next(pop=False)
                 failed.extend(bad)
                 if work is None or tokens + len(work.ids) > budget:
                     break
@@ -349,7 +347,6 @@ class SlotScheduler:
     def _prefill_group(self, group: list[SlotWork]) -> None:
         import torch
 
-        self.lane.hand_over(group)
         parts = [work.features for work in group if work.features is not None]
         features = torch.cat(parts) if parts else None
         first = self.decoder.prefill.prefill_rows(
@@ -367,7 +364,6 @@ class SlotScheduler:
         chunk = work.ids[work.done : work.done + take]
         images = chunk.count(self.context_id)
         features = None
-        self.lane.hand_over([work])
         if images:
             features = work.features[work.images_done : work.images_done + images]
         last = work.done + take == len(work.ids)

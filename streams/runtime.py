@@ -111,7 +111,6 @@ def slot_engine(settings: Settings, engine: InferenceEngine) -> InferenceEngine:
             staged_requests=settings.slot_staged_requests,
             forced_tokens=settings.slot_forced_tokens,
             follow_model=settings.slot_follow_model,
-            vision_sms=settings.slot_vision_sms,
         ),
     )
 

@@ -68,7 +68,6 @@ class Settings:
     slot_context_length: int = 0  # 0: 4096 + max_new_tokens, rounded up to 128
     slot_queue_size: int = 256
     slot_staged_requests: int = 64  # requests whose tiles may wait in pinned host memory
-    slot_vision_sms: int = 0  # vision on a green context of this many SMs beside decode; 0: off
     slot_forced_tokens: int = 16  # 0: constrained answers step through forced tokens too
     slot_follow_model: bool = False  # forced runs give way to the model's own split
     categorizer_artifacts: Path | None = None
@@ -229,7 +228,6 @@ class Settings:
                 0, reader.integer("VS_SLOT_FORCED_TOKENS", default.slot_forced_tokens)
             ),
             slot_follow_model=reader.flag("VS_SLOT_FOLLOW_MODEL", default.slot_follow_model),
-            slot_vision_sms=max(0, reader.integer("VS_SLOT_VISION_SMS", default.slot_vision_sms)),
             categorizer_artifacts=Path(env["VS_CATEGORIZER_ARTIFACTS"])
             if env.get("VS_CATEGORIZER_ARTIFACTS")
             else state_dir / "categorizer",

@@ -49,7 +49,7 @@ from processors.internvl.convert import (
     convert_original_state_dict,
     load_state_dict_files,
 )
-from processors.internvl.cuda import capture_graph, green_stream, new_event
+from processors.internvl.cuda import capture_graph
 from processors.internvl.decode_attention import (
     MAX_SPLITS,
     SplitKeyAttention,
@@ -129,14 +129,12 @@ __all__ = [
     "expand_image_placeholders",
     "fuse_layer",
     "fused_of",
-    "green_stream",
     "has_remote_code",
     "is_convertible",
     "load_engine",
     "load_state_dict_files",
     "mlp_output",
     "model_version_id",
-    "new_event",
     "patch_projection_as_matmul",
     "project_fused",
     "read_checkpoint_config",

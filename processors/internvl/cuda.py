@@ -6,7 +6,6 @@ called where the device is CUDA; nothing here runs at import time.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,30 +24,6 @@ def new_event() -> Any:
 
     constructor: Any = torch.cuda.Event
     return constructor()
-
-
-@functools.cache
-def green_stream(device: Any, sms: int) -> tuple[Any, Any]:
-    """A CUDA green context of `sms` multiprocessors of `device` and a stream of it.
-
-    Kernels queued on the stream run on those multiprocessors only; the rest of the
-    device stays free for other streams. Returns (context, stream). One pair per
-    (device, sms) for the whole process, never destroyed: torch's caching allocator
-    keeps blocks and events of the stream after its users are gone, and on an H200
-    (torch 2.11) destroying the context made later CUDA calls fail with "context is
-    destroyed". Raises what torch raises where green contexts are not supported (older
-    torch, driver or device); a failure is not cached.
-    """
-    import torch
-    from torch.cuda import green_contexts
-
-    index = torch.device(device).index or 0
-    kind: Any = green_contexts.GreenContext
-    try:
-        context = kind(num_sms=sms, device_id=index)
-    except TypeError:  # torch before 2.14: GreenContext.create(num_sms=, device_id=)
-        context = kind.create(num_sms=sms, device_id=index)
-    return context, context.Stream()
 
 
 def capture_graph(

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from processors import slot_intake
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import PreparedRequest
 from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
@@ -25,7 +24,6 @@ from processors.slot_engine import (
     SlotScheduler,
     SlotWork,
 )
-from processors.slot_intake import VisionLane
 from tests.support.tiny_internvl import build_tiny_internvl
 
 MAX_NEW = 12
@@ -443,80 +441,3 @@ def test_a_failed_scheduler_thread_leaves_no_request_waiting(
             engine.submit(requests[1])
     finally:
         engine.close(timeout=10)
-
-
-class _Pending:
-    """A CUDA event double: its work is not done for the first `polls` queries."""
-
-    def __init__(self, polls: int) -> None:
-        self.polls = polls
-
-    def query(self) -> bool:
-        self.polls -= 1
-        return self.polls < 0
-
-
-class _SlowLane(VisionLane):
-    """The lane with every vision call still running for `polls` queries of its event."""
-
-    def __init__(self, engine: NativeInternVLEngine, polls: int) -> None:
-        super().__init__(engine, 0)
-        self.polls = polls
-        self.handed: list[tuple[str, bool]] = []  # (request, its vision done) per hand-over
-
-    def encode(
-        self, works: list[SlotWork], context_id: int
-    ) -> list[tuple[SlotWork, ProcessingError]]:
-        failed = super().encode(works, context_id)
-        for work in works:
-            work.vision_done = _Pending(self.polls)
-        return failed
-
-    def hand_over(self, works: list[SlotWork]) -> None:
-        for work in works:
-            pending = work.vision_done
-            self.handed.append((work.request.request_id, pending is None or pending.polls < 0))
-            work.vision_done = None
-
-
-def test_a_request_is_prefilled_once_its_vision_is_done_while_rows_decode(
-    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
-) -> None:
-    expected = _expected(reference, requests[:2])
-    engine = _engine(checkpoint, max_new_tokens=MAX_NEW)
-    config = _config(slots=4, steps_per_round=3, prefill_tokens_per_step=2000)
-    scheduler = SlotScheduler(engine, config)
-    lane = scheduler.lane = _SlowLane(engine, polls=3)
-    out: dict[str, list[int]] = {}
-    scheduler.add(requests[0])
-    _rounds(scheduler, out, 1)  # nothing decodes: "a" goes at once, ordered after its vision
-    assert len(scheduler.rows) == 1 and lane.handed == [("a", False)]
-    scheduler.add(requests[1])
-    _rounds(scheduler, out, 1)  # "b"'s vision runs beside "a"'s three steps
-    assert len(scheduler.rows) == 1 and [w.request.request_id for w in scheduler.waiting] == ["b"]
-    _rounds(scheduler, out, 1)  # done at its fourth query: "b" joins at this round's first step
-    assert len(scheduler.rows) == 2 and lane.handed[-1] == ("b", True)
-    _drain(scheduler, out)
-    assert [out[request.request_id] for request in requests[:2]] == expected
-
-
-def test_a_vision_lane_off_cuda_or_without_green_contexts_stays_between_steps(
-    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    engine = _engine(checkpoint, max_new_tokens=MAX_NEW)
-    lane = VisionLane(engine, 64)  # the engine is on the CPU: no stream asked for
-    assert lane.stream is None and lane.error is None
-    assert VisionLane.ready(SlotWork(_request("z", "hi", (), 0), [1], 1, 0, 0.0, None))
-
-    def unsupported(device: object, sms: int) -> object:
-        raise RuntimeError(f"no green context of {sms} SMs on {device}")
-
-    monkeypatch.setattr(slot_intake, "green_stream", unsupported)
-    monkeypatch.setattr(engine, "device", "cuda:0")
-    lane = VisionLane(engine, 64)
-    assert (
-        lane.stream is None and lane.error == "RuntimeError: no green context of 64 SMs on cuda:0"
-    )
-    assert "vision stays between decode steps" in caplog.text
-    with pytest.raises(ValueError, match="vision_sms"):
-        SlotEngineConfig(vision_sms=-1)
