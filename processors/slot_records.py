@@ -29,7 +29,9 @@ class SlotEngineConfig:
         prefill_tokens_per_step: prompt tokens prefilled between two decode steps (whole
             prompts batched; a longer prompt is prefilled in chunks of this size). On
             CUDA, groups of up to twice this many padded tokens replay graphs captured
-            at start (`processors.slot_prefill`).
+            at start (`processors.slot_prefill`). 32,768 is about ten prompts of 7 tiles:
+            a backlog fills free slots in few, fuller steps (on an H200 each such step
+            holds decoding for about 0.2 s); with arrivals spread out it rarely binds.
         steps_per_round: decode steps between two copies of the new ids to the host.
         queue_size: submissions waiting for the scheduler before `submit` blocks.
         stop_at_json_close: a request also ends when its first JSON object closes.
@@ -41,7 +43,8 @@ class SlotEngineConfig:
         staged_requests: requests whose tiles may wait in pinned host memory, prepared
             ahead of the vision tower (half in the engine's hand-over queue, half admitted
             and waiting); bounds that memory (7 tiles in bfloat16 are 8.4 MB, which the
-            pinned allocator rounds up to 16 MB). At least 2.
+            pinned allocator rounds up to 16 MB: 4 GB at 256) and how many requests a
+            round admits (half of it). At least 2.
         forced_tokens: with constrained decoding, at most this many tokens the grammar
             forces after a row's chosen token are written in the same forward pass (a
             forced run); 0 steps through them one by one like free tokens.
@@ -54,14 +57,14 @@ class SlotEngineConfig:
 
     slots: int = 0
     context_length: int = 0
-    prefill_tokens_per_step: int = 8192
+    prefill_tokens_per_step: int = 32768
     steps_per_round: int = 16
     queue_size: int = 256
     stop_at_json_close: bool = True
     memory_fraction: float = 0.5
     max_slots: int = 512
     vision_requests: int = 8
-    staged_requests: int = 64
+    staged_requests: int = 256
     prefill_rows: int = 8
     forced_tokens: int = 16
     follow_model: bool = False

@@ -64,10 +64,10 @@ class Settings:
     # InternVL engine, static for the others (replay, remote code).
     engine_mode: str = "auto"
     slot_count: int = 0  # 0: sized from free GPU memory (16 on CPU)
-    slot_prefill_tokens: int = 8192
+    slot_prefill_tokens: int = 32768
     slot_context_length: int = 0  # 0: 4096 + max_new_tokens, rounded up to 128
     slot_queue_size: int = 256
-    slot_staged_requests: int = 64  # requests whose tiles may wait in pinned host memory
+    slot_staged_requests: int = 256  # requests whose tiles may wait in pinned host memory
     slot_forced_tokens: int = 16  # 0: constrained answers step through forced tokens too
     slot_follow_model: bool = False  # forced runs give way to the model's own split
     categorizer_artifacts: Path | None = None

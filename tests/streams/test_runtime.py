@@ -84,7 +84,7 @@ def test_the_staged_tiles_bound_reaches_the_slot_engine(tmp_path: Path) -> None:
     from processors.slot_engine import SlotEngine
 
     native = NativeInternVLEngine(EngineConfig(str(tmp_path / "checkpoint")))
-    for env, staged in (({}, 64), ({"VS_SLOT_STAGED_REQUESTS": "8"}, 8)):
+    for env, staged in (({}, 256), ({"VS_SLOT_STAGED_REQUESTS": "8"}, 8)):
         engine = slot_engine(Settings.from_env(env), native)
         assert isinstance(engine, SlotEngine) and engine.config.staged_requests == staged
 
