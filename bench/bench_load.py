@@ -117,7 +117,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--slot-variants",
         default="",
         help="';'-separated SlotEngineConfig overrides, each ','-joined key=N (e.g. "
-        "'prefill_tokens_per_step=8192,staged_requests=64;vision_sms=96'): the slot engine "
+        "'prefill_tokens_per_step=8192,staged_requests=64;steps_per_round=8'): the slot engine "
         "runs once per variant on the same arrivals; the first is the reported 'slot' "
         "engine, the others go to details.slot_variants (rows and saturation)",
     )
@@ -332,6 +332,9 @@ class LoadBench:
         self.args = args
         self.plan = plan
         self.argv = argv
+        self.variants = slot_variants(args.slot_variants)
+        check_variants(self.variants)  # a misspelt setting fails before the model is built
+        self.variant = self.variants[0]  # the slot engine's (label, overrides), this run
         started = time.perf_counter()
         self.tokenizer = build_tokenizer(tokenizer_dir(args.tokenizer_dir))
         self.model = build_model(plan.shape, self.tokenizer, plan.device, plan.dtype, args.seed)
@@ -352,8 +355,6 @@ class LoadBench:
         self.saturation: dict[str, float] = {}
         # Fusing changes the shared model in place (views), so unfused runs come first.
         self.fused = args.fuse == "on"
-        self.variants = slot_variants(args.slot_variants)
-        self.variant = self.variants[0]  # the slot engine's (label, overrides), this run
 
     def engine(self, **overrides: Any) -> Any:
         """A native engine on the shared model (feature cache off, `--compile` applied)."""
@@ -656,6 +657,17 @@ def main(argv: list[str] | None = None) -> int:
         f"[load] {json.dumps(bench.rows)} saturation {bench.saturation} -> {bench.out}", flush=True
     )
     return 0
+
+
+def check_variants(variants: list[tuple[str, dict[str, int]]]) -> None:
+    """Raise `SystemExit` naming any `--slot-variants` key that is not a SlotEngineConfig field."""
+    from processors.slot_engine import SlotEngineConfig
+
+    fields = {field.name for field in dataclasses.fields(SlotEngineConfig)}
+    for label, overrides in variants:
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise SystemExit(f"--slot-variants {label!r}: not SlotEngineConfig settings: {unknown}")
 
 
 def _with(config: Any, **changes: Any) -> Any:

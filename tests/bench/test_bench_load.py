@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.bench_load import main
 from bench.load_workload import answer_lengths, arrival_times, slot_variants
 
@@ -49,6 +51,8 @@ def test_slot_variants_run_on_the_same_arrivals_beside_the_reported_engine(
         ),
         ("vision_sms=8", {"vision_sms": 8}),
     ]
+    with pytest.raises(SystemExit, match="prefill_tokens"):  # misspelt, before any model
+        main(["--smoke", "--engines", "slot", "--slot-variants", "prefill_tokens=300"])
     out = tmp_path / "load-variants.json"
     variants = ";staged_requests=4,prefill_tokens_per_step=300"
     assert (
