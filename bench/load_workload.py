@@ -23,9 +23,12 @@ def answer_lengths(
 
 
 def slot_variants(spec: str) -> list[tuple[str, dict[str, int]]]:
-    """`--slot-variants` as (label, SlotEngineConfig overrides); one empty variant at least."""
+    """`--slot-variants` as (label, SlotEngineConfig overrides); one empty variant at least.
+
+    An empty item is the default settings (";x=1": the default first); a trailing ';' adds none.
+    """
     variants = []
-    for text in spec.split(";") if spec else [""]:
+    for text in spec.rstrip(";").split(";") if spec.rstrip(";") else [""]:
         pairs = [item.split("=", 1) for item in text.split(",") if item]
         variants.append((text or "default", {key.strip(): int(value) for key, value in pairs}))
     return variants

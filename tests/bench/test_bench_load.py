@@ -44,6 +44,10 @@ def test_slot_variants_run_on_the_same_arrivals_beside_the_reported_engine(
     tmp_path: Path,
 ) -> None:
     assert slot_variants("") == [("default", {})]
+    assert slot_variants(";steps_per_round=8;") == [
+        ("default", {}),
+        ("steps_per_round=8", {"steps_per_round": 8}),
+    ]
     assert slot_variants("prefill_tokens_per_step=300,staged_requests=4;vision_sms=8") == [
         (
             "prefill_tokens_per_step=300,staged_requests=4",
