@@ -463,9 +463,14 @@ class LoadBench:
         del slot
         self._release()
 
+    @property
+    def reported(self) -> bool:
+        """Whether this slot run is the reported `slot` engine (the first variant)."""
+        return self.variant is self.variants[0]
+
     def _slot_rows(self) -> list[dict[str, Any]]:
         """Where this run's rows go: `rows` for the first variant, else its own entry."""
-        if self.variant is self.variants[0]:
+        if self.reported:
             return self.rows
         rows: list[dict[str, Any]] = self._variant_entry()["rows"]
         return rows
@@ -477,13 +482,13 @@ class LoadBench:
         return entry
 
     def _slot_saturation(self, slot: Any) -> None:
-        plan, args = self.plan, self.args
+        plan = self.plan
         n = plan.sat_requests
         picks = [i % plan.pool_size for i in range(n)]
         done, stats = run_slot(slot, self.pool, picks, [plan.sat_tokens] * n, [0.0] * n)
         key = "slot-fused" if self.args.fuse == "both" and self.fused else "slot"
         per_s = round(n / max(done), 3)
-        if self.variant is self.variants[0]:
+        if self.reported:
             self.saturation[key] = per_s
             self.details[f"saturation_{key}"] = stats
         else:
@@ -498,11 +503,9 @@ class LoadBench:
             "split_attention": scheduler.decoder.split_attention,
             "compile_error": scheduler.decoder.compile_error,
             "prefill_capture_error": scheduler.decoder.prefill.capture_error,
-            "prefill_tokens_per_step": scheduler.config.prefill_tokens_per_step,
-            "steps_per_round": args.steps_per_round,
-            "config": dataclasses.asdict(scheduler.config),
+            "config": dataclasses.asdict(scheduler.config),  # budget, round, ... as run
         }
-        if self.variant is self.variants[0]:
+        if self.reported:
             self.details["slot_engine"] = engine_details
         else:
             self._variant_entry()["slot_engine"] = engine_details

@@ -48,12 +48,12 @@ def test_slot_variants_run_on_the_same_arrivals_beside_the_reported_engine(
         ("default", {}),
         ("steps_per_round=8", {"steps_per_round": 8}),
     ]
-    assert slot_variants("prefill_tokens_per_step=300,staged_requests=4;vision_sms=8") == [
+    assert slot_variants("prefill_tokens_per_step=300,staged_requests=4;vision_requests=8") == [
         (
             "prefill_tokens_per_step=300,staged_requests=4",
             {"prefill_tokens_per_step": 300, "staged_requests": 4},
         ),
-        ("vision_sms=8", {"vision_sms": 8}),
+        ("vision_requests=8", {"vision_requests": 8}),
     ]
     with pytest.raises(SystemExit, match="prefill_tokens"):  # misspelt, before any model
         main(["--smoke", "--engines", "slot", "--slot-variants", "prefill_tokens=300"])
