@@ -88,11 +88,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help='batch caps of the static engine: "64,256" at every rate, or per rate '
         '"10:64/256,30:256"',
     )
-    parser.add_argument("--slots", type=int, help="slot count (default 512; smoke 8)")
+    parser.add_argument(
+        "--slots", type=int, help="slot count (default SlotEngineConfig.max_slots; smoke 8)"
+    )
     parser.add_argument(
         "--prefill-tokens", type=int, help="prefill per step (SlotEngineConfig's default)"
     )
-    parser.add_argument("--steps-per-round", type=int, default=16)
+    parser.add_argument(
+        "--steps-per-round", type=int, help="decode steps per round (SlotEngineConfig's default)"
+    )
     parser.add_argument("--saturation-requests", type=int)
     parser.add_argument("--saturation-tokens", type=int)
     parser.add_argument("--saturation-batch", type=int, help="static batch (512)")
@@ -292,6 +296,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     """The plan of a run: `--smoke` defaults (tiny shape, CPU) or the GPU ones."""
     import torch
 
+    from processors.slot_records import SlotEngineConfig
+
+    default_slots = SlotEngineConfig().max_slots
     smoke = args.smoke
     device = args.device
     if device == "auto":
@@ -312,7 +319,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         high=args.max_tokens or (12 if smoke else 900),
         caps_of=caps_of,
         caps=sorted({cap for chosen in caps_of.values() for cap in chosen}),
-        slots=args.slots or (8 if smoke else 512),
+        slots=args.slots or (8 if smoke else default_slots),
         sat_requests=args.saturation_requests or (8 if smoke else 1024),
         sat_tokens=args.saturation_tokens or (6 if smoke else 300),
         sat_batch=args.saturation_batch or (4 if smoke else 512),
@@ -425,10 +432,11 @@ class LoadBench:
         slot_config = SlotEngineConfig(
             slots=plan.slots,
             context_length=-(-(longest + plan.high + 64) // 128) * 128,
-            steps_per_round=args.steps_per_round,
             queue_size=max(64, plan.sat_requests),
             stop_at_json_close=False,
         )
+        if args.steps_per_round:
+            slot_config = _with(slot_config, steps_per_round=args.steps_per_round)
         if args.prefill_tokens:
             slot_config = _with(slot_config, prefill_tokens_per_step=args.prefill_tokens)
         slot_config = _with(slot_config, **self.variant[1])

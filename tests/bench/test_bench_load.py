@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_load import main
+from bench.bench_load import main, make_plan, parse_args
 from bench.load_workload import answer_lengths, arrival_times, slot_variants
 
 ROW_KEYS = {"engine", "arrival_per_s", "achieved_per_s", "p50_s", "p95_s", "p99_s"}
@@ -21,6 +21,14 @@ def test_workload_is_seeded_and_clipped() -> None:
     times = arrival_times(20.0, 50.0, seed=2)
     assert times == sorted(times) and times[-1] < 50.0
     assert 900 <= len(times) <= 1100  # Poisson: about rate x duration
+
+
+def test_the_gpu_plan_takes_the_engines_slot_count_unless_told() -> None:
+    from processors.slot_records import SlotEngineConfig
+
+    assert make_plan(parse_args(["--device", "cpu"])).slots == SlotEngineConfig().max_slots
+    assert make_plan(parse_args(["--device", "cpu", "--slots", "96"])).slots == 96
+    assert make_plan(parse_args(["--smoke"])).slots == 8
 
 
 def test_smoke_load_benchmark_writes_the_result(tmp_path: Path) -> None:

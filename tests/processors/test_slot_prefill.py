@@ -31,8 +31,9 @@ def _decoder(engine: NativeInternVLEngine, slots: int = 6) -> SlotDecoder:
 def test_ladders() -> None:
     assert row_sizes(8) == [1, 2, 4, 8]
     assert row_sizes(6) == [1, 2, 4, 6]
-    assert width_ladder(640) == [WIDTH_BUCKET, 2 * WIDTH_BUCKET, 640]
-    assert width_ladder(WIDTH_BUCKET) == [WIDTH_BUCKET]
+    assert width_ladder(640, bucket=256) == [256, 512, 640]
+    assert width_ladder(256, bucket=256) == [256]
+    assert width_ladder(640) == [*range(WIDTH_BUCKET, 640, WIDTH_BUCKET), 640]
 
 
 def test_unpadded_rows_is_the_largest_row_size_not_above_the_count(
@@ -64,7 +65,8 @@ def test_a_padded_group_equals_each_prompt_alone_unpadded(engine: NativeInternVL
         torch.randint(10, vocab, (length,), generator=generator).tolist()
         for length in (300, 17, 123)
     ]
-    assert prefill.shape_for(3, 300) == (4, 2 * WIDTH_BUCKET)  # 3 rows x 300 -> 4 x 512
+    # 3 rows of <= 300 tokens take the 4-row shape of the next width of the ladder.
+    assert prefill.shape_for(3, 300) == (4, -(-300 // WIDTH_BUCKET) * WIDTH_BUCKET)
     with torch.inference_mode():
         together = prefill.prefill_rows(prompts, None, [0, 0, 0])
         keys = [prefill.keys[layer][:3].clone() for layer in range(len(prefill.keys))]
