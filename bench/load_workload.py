@@ -28,7 +28,8 @@ def slot_variants(spec: str) -> list[tuple[str, dict[str, int]]]:
     An empty item is the default settings (";x=1": the default first); a trailing ';' adds none.
     """
     variants = []
-    for text in spec.rstrip(";").split(";") if spec.rstrip(";") else [""]:
+    items = spec.rstrip(";")
+    for text in items.split(";") if items else [""]:
         pairs = [item.split("=", 1) for item in text.split(",") if item]
         variants.append((text or "default", {key.strip(): int(value) for key, value in pairs}))
     return variants
