@@ -26,7 +26,7 @@ from typing import Any
 from processors.internvl import StaticGreedyDecoder, capture_graph
 
 WIDTH_BUCKET = 128
-"""Prompt widths are padded to a multiple of this many tokens (at most 4 % on ~3,000).
+"""Prompt widths are padded to a multiple of this many tokens (at most 127, 4.2 % of 3,000).
 
 It was 256: the benchmark's prompts average 3,065 tokens, a group takes its longest
 member's width, and a prompt just over 3,072 then padded to 3,328. Twice as many shapes
