@@ -511,6 +511,7 @@ class LoadBench:
             "split_attention": scheduler.decoder.split_attention,
             "compile_error": scheduler.decoder.compile_error,
             "prefill_capture_error": scheduler.decoder.prefill.capture_error,
+            "mixed_capture_error": scheduler.mixer.capture_error if scheduler.mixer else None,
             "config": dataclasses.asdict(scheduler.config),  # budget, round, ... as run
         }
         if self.reported:

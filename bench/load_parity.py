@@ -50,6 +50,8 @@ def parity(
             futures.append(slot.submit(request))
             time.sleep(pause.uniform(0.0, 0.05))
         got = [list(future.result().token_ids) for future in futures]
+        scheduler = slot.scheduler
+        mixed_steps = int(scheduler.stats["mixed_steps"]) if scheduler is not None else 0
     finally:
         slot.close()
     rows = []
@@ -60,5 +62,6 @@ def parity(
         "requests": count,
         "new_tokens": tokens,
         "overrides": overrides or {},
+        "mixed_steps": mixed_steps,
         "rows": rows,
     }

@@ -367,7 +367,15 @@ class SlotDecoder:
                 mask,
             )
         hidden = language_model.norm(hidden)
-        logits = base.lm_head(hidden)[:, -1, :].float()
+        self.advance(batch, base.lm_head(hidden)[:, -1, :].float())
+
+    def advance(self, batch: int, logits: Any) -> None:
+        """A step's end over rows [0, batch): `logits` (batch, vocab, float) to tokens and state.
+
+        The greedy token of every row (`<|im_end|>` suppressed below `min_new`) goes to the
+        round's column and feeds the next step; active rows grow by one. Static buffers
+        only (captured in `step`'s graphs and in `processors.slot_mixed`'s).
+        """
         suppress = self.produced[:batch] < self.min_new[:batch]
         logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(suppress, -float("inf"))
         chosen = logits.argmax(-1)

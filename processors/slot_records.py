@@ -14,6 +14,21 @@ from typing import Any, Literal
 from processors.inference import PreparedRequest
 
 STAGE = "model"
+
+COUNTERS = (
+    "steps",  # decode steps (mixed ones included)
+    "active_rows",  # rows decoded over all steps, then with the ladder's padding
+    "padded_rows",
+    "prefill_tokens",  # prompt tokens prefilled
+    "vision",  # requests through the vision tower
+    "rounds",
+    "forced_tokens",  # constrained: tokens written by forced runs
+    "constrained_steps",
+    "packed_tokens",  # constrained: tokens of wide passes, padding included
+    "forced_taken_back",  # forced tokens taken back for the model's own choice
+    "mixed_steps",  # decode steps that carried a prompt chunk
+)
+"""The scheduler's counters (`SlotScheduler.stats`), for benchmarks."""
 FinishReason = Literal["eos", "json", "length"]
 
 
@@ -59,6 +74,14 @@ class SlotEngineConfig:
             the forced token and the grammar allows it, the model's token replaces the
             rest of the run, so the answer follows the model's own split of the forced
             text. The answer's forced opening is then not prefilled either.
+        mixed_chunk_tokens: 0, or the prompt tokens a decode step carries
+            (`processors.slot_mixed`): while rows decode and at most `mixed_max_waiting`
+            requests wait, the next prompt goes in chunks of this size, one per step,
+            instead of a prefill pass that holds every row's decoding. Free rounds and
+            requests without an answer schema only; a prompt must leave this many
+            columns of its slot free.
+        mixed_max_waiting: with more requests waiting, whole prompts are prefilled in
+            groups as without mixed steps (fewer, fuller passes under a backlog).
     """
 
     slots: int = 0
@@ -74,9 +97,17 @@ class SlotEngineConfig:
     prefill_rows: int = 8
     forced_tokens: int = 16
     follow_model: bool = False
+    mixed_chunk_tokens: int = 0
+    mixed_max_waiting: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("slots", "context_length", "forced_tokens"):
+        for name in (
+            "slots",
+            "context_length",
+            "forced_tokens",
+            "mixed_chunk_tokens",
+            "mixed_max_waiting",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (

@@ -23,15 +23,17 @@ from processors.constrained import (
     ConstrainedRows,
     GrammarCache,
     forced_tokens,
-    model_departure,
 )
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import PreparedRequest
 from processors.internvl import IM_END_TOKEN, NativeInternVLEngine
+from processors.slot_constrained_rounds import ConstrainedRounds
 from processors.slot_decoder import SlotDecoder
 from processors.slot_intake import encode_works, prepare_work
+from processors.slot_mixed import MixedStep
 from processors.slot_phases import timed_phase
 from processors.slot_records import (
+    COUNTERS,
     STAGE,
     Completion,
     FinishReason,
@@ -42,7 +44,7 @@ from processors.slot_records import (
 log = logging.getLogger(__name__)
 
 
-class SlotScheduler:
+class SlotScheduler(ConstrainedRounds):
     """Admission, chunked prefill and decode rounds over a `SlotDecoder` (one thread).
 
     `add` tokenizes and validates a request (raises `ProcessingError(INVALID_REQUEST)`);
@@ -86,15 +88,22 @@ class SlotScheduler:
             vocab_size=self.vocab_size if self.constrained else 0,
             position_argmax=self.follows_model,
         )
+        # Free rounds can carry a newcomer's prompt chunks in their decode steps.
+        self.mixer: MixedStep | None = None
+        self._round_mixes = False  # whether this round's steps may carry chunks
+        if config.mixed_chunk_tokens:
+            self.mixer = MixedStep(
+                self.decoder,
+                config.mixed_chunk_tokens,
+                compile_layers=engine.config.compile_decode and engine.device.startswith("cuda"),
+            )
+        self._mixed_first: Any = None  # the mixed prompt's first token, before it activates
         self.waiting: deque[SlotWork] = deque()
         self.prefilling: SlotWork | None = None
         self.rows: list[SlotWork] = []  # row index -> request
         self.steps = 0  # decode steps so far
         self._wide_size = 0  # packed size of the last wide step
-        # Counters for benchmarks: decode steps, rows decoded (active and padded), prompt
-        # tokens prefilled, requests through the vision tower, rounds.
-        # forced tokens written by forced runs, constrained steps, packed tokens of wide
-        # passes (padding included), forced tokens taken back for the model's own choice.
+        self.stats = dict.fromkeys(COUNTERS, 0)  # for benchmarks, see COUNTERS
         # Host seconds per phase (profiling): vision, prefill (vision included), group (a
         # batched prefill), rounds (all of each round), free decode steps, leaving rows,
         # and in constrained rounds the chunk uploads and the token handling.
@@ -102,21 +111,6 @@ class SlotScheduler:
             ("vision", "prefill", "group", "rounds", "chunks", "tokens", "step", "leave"), 0.0
         )
         self.gpu_spans: list[tuple[str, Any, Any]] | None = None  # see `timed_phase`
-        self.stats = dict.fromkeys(
-            (
-                "steps",
-                "active_rows",
-                "padded_rows",
-                "prefill_tokens",
-                "vision",
-                "rounds",
-                "forced_tokens",
-                "constrained_steps",
-                "packed_tokens",
-                "forced_taken_back",
-            ),
-            0,
-        )
         import torch
 
         with torch.inference_mode():
@@ -124,9 +118,12 @@ class SlotScheduler:
             self.decoder.prefill.capture()
             if self.constrained:
                 self.decoder.capture_wide()
+            if self.mixer is not None:
+                self.mixer.capture()
         for what, error in (
             ("the compiled decode layer", self.decoder.compile_error),
             ("the prefill graphs", self.decoder.prefill.capture_error),
+            ("the mixed steps", self.mixer.capture_error if self.mixer else None),
         ):
             if error is not None:
                 log.warning("slot engine: %s could not be captured, runs eagerly: %s", what, error)
@@ -308,13 +305,21 @@ class SlotScheduler:
         """Prefill up to the per-step budget; activate requests whose prompt is done.
 
         Whole prompts that fit the budget are prefilled together (up to the staging
-        rows); a prompt longer than the budget goes in chunks, one chunk per step.
+        rows); a prompt longer than the budget goes in chunks, one chunk per step. With
+        mixed steps on, while rows decode and few requests wait, the next one's prompt
+        goes in chunks that the decode steps carry (`_step`), and it activates here
+        after its last chunk.
         """
         failed: list[tuple[SlotWork, ProcessingError]] = []
+        self._activate_mixed()
         budget = self.config.prefill_tokens_per_step
         while budget > 0:
             if self.prefilling is not None:
+                if self._mixing():
+                    break
                 budget -= self._prefill_chunk(self.prefilling, budget)
+                continue
+            if self._start_mixing(failed):
                 continue
             group: list[SlotWork] = []
             tokens = 0
@@ -358,27 +363,66 @@ class SlotScheduler:
         self._activate(group, first)
         self.stats["prefill_tokens"] += sum(len(work.ids) for work in group)
 
-    def _prefill_chunk(self, work: SlotWork, budget: int) -> int:
-        """The next chunk (at most `budget` tokens) of a long prompt; returns its size."""
-        take = min(budget, len(work.ids) - work.done)
+    def _mixing(self) -> bool:
+        """Whether the decode steps carry the chunks of the prompt being prefilled."""
+        work = self.prefilling
+        return (
+            self.mixer is not None
+            and self._round_mixes
+            and work is not None
+            and work.matcher is None
+            and bool(self.rows)
+            and self._mixed_first is None
+            and self.mixer.fits(len(work.ids))
+        )
+
+    def _activate_mixed(self) -> None:
+        """Activate the prompt whose last chunk the previous (mixed) step carried."""
+        if self._mixed_first is not None and self.prefilling is not None:
+            first, self._mixed_first = self._mixed_first, None
+            self._activate([self.prefilling], first)
+            self.prefilling = None
+
+    def _start_mixing(self, failed: list[tuple[SlotWork, ProcessingError]]) -> bool:
+        """Take the next waiting request into mixed steps, when they apply; whether it did."""
+        few = len(self.waiting) <= self.config.mixed_max_waiting
+        if not (self.mixer and self._round_mixes and self.rows and few):
+            return False
+        work, bad = self._take_next(pop=False)
+        failed.extend(bad)
+        full = len(self.rows) >= self.slots
+        if work is None or work.matcher is not None or full or not self.mixer.fits(len(work.ids)):
+            return False
+        self.prefilling = self.waiting.popleft()
+        return True
+
+    def _next_chunk(self, work: SlotWork, size: int) -> tuple[list[int], Any]:
+        """The next (at most `size`) prompt ids of `work` and their image features; moves on."""
+        take = min(size, len(work.ids) - work.done)
         chunk = work.ids[work.done : work.done + take]
         images = chunk.count(self.context_id)
         features = None
         if images:
             features = work.features[work.images_done : work.images_done + images]
-        last = work.done + take == len(work.ids)
-        input_ids = self.decoder.to_device([chunk], pad=self.eos_id)
-        mask = self._first_token_mask([work]) if last else None
-        first = self.decoder.prefill.prefill_chunk(
-            input_ids, work.done, features, last, work.min_new, logits_mask=mask
-        )
         work.done += take
         work.images_done += images
         self.stats["prefill_tokens"] += take
+        return chunk, features
+
+    def _prefill_chunk(self, work: SlotWork, budget: int) -> int:
+        """The next chunk (at most `budget` tokens) of a long prompt; returns its size."""
+        start = work.done
+        chunk, features = self._next_chunk(work, budget)
+        last = work.done == len(work.ids)
+        input_ids = self.decoder.to_device([chunk], pad=self.eos_id)
+        mask = self._first_token_mask([work]) if last else None
+        first = self.decoder.prefill.prefill_chunk(
+            input_ids, start, features, last, work.min_new, logits_mask=mask
+        )
         if last:
             self._activate([work], first)
             self.prefilling = None
-        return take
+        return len(chunk)
 
     def _first_token_mask(self, group: list[SlotWork]) -> Any:
         """The mask of the first tokens of `group`, about to take rows n.. (None: all free)."""
@@ -437,6 +481,7 @@ class SlotScheduler:
     ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
         decoder = self.decoder
         decoder.begin_round()
+        self._round_mixes = self.mixer is not None
         first_step = self.steps
         failed: list[tuple[SlotWork, ProcessingError]] = []
         done = 0
@@ -484,7 +529,17 @@ class SlotScheduler:
 
     @timed_phase("step")
     def _step(self) -> None:
-        self.decoder.step(len(self.rows))
+        work = self.prefilling
+        if work is None or self.mixer is None or not self._mixing():
+            self.decoder.step(len(self.rows))
+            return
+        start = work.done
+        chunk, features = self._next_chunk(work, self.mixer.chunk)
+        self.mixer.load(chunk, start, features)
+        self.mixer.step(len(self.rows))
+        self.stats["mixed_steps"] += 1
+        if work.done == len(work.ids):  # it activates before the next step
+            self._mixed_first = self.mixer.first_token(work.min_new)
 
     @timed_phase("leave")
     def _leave(
@@ -511,157 +566,6 @@ class SlotScheduler:
         self.decoder.move_rows(moves, min(self.decoder.context, columns), len(self.rows))
         return completions[::-1]
 
-    def _constrained_round(
-        self,
-    ) -> tuple[list[tuple[SlotWork, Completion]], list[tuple[SlotWork, ProcessingError]]]:
-        """Up to `steps_per_round` constrained steps, the host in the loop at every step.
-
-        Each step feeds every row its chosen token and the tokens its grammar forces after
-        it (`SlotDecoder.wide_step`); the bitmasks are filled while the forward pass runs;
-        newcomers are prefilled after the step is queued; then one copy brings every row's
-        new token to the host, where the matchers advance and the next forced runs are found.
-        """
-        constraint = self.constraint
-        assert constraint is not None
-        failed: list[tuple[SlotWork, ProcessingError]] = []
-        completions: list[tuple[SlotWork, Completion]] = []
-        done = 0
-        while done < self.config.steps_per_round:
-            stepped = len(self.rows)
-            if stepped:
-                size = self._wide_size = self._load_chunks()
-                rows = range(stepped)
-
-                def mask(logits: Any, rows: range = rows) -> None:
-                    constraint.fill(rows)
-                    constraint.apply(logits, rows=slice(0, rows.stop))
-
-                self.decoder.wide_step(stepped, size, mask)
-                for work in self.rows:
-                    work.unseen = True
-                self.steps += 1
-                done += 1
-                self.stats["steps"] += 1
-                self.stats["constrained_steps"] += 1
-                self.stats["active_rows"] += stepped
-                self.stats["padded_rows"] += stepped
-                self.stats["packed_tokens"] += size
-            failed.extend(self._prefill_step())
-            if not self.rows:
-                if self.prefilling is None and not self.waiting:
-                    break
-                continue
-            completions.extend(self._leave(self._take_tokens(stepped)))
-        if done:
-            self.stats["rounds"] += 1
-        return completions, failed
-
-    @timed_phase("chunks")
-    def _load_chunks(self) -> int:
-        """Queue each row's chunk (its chosen token, then its forced run) for the next step.
-
-        The host has every row's chosen token by now (`_take_tokens`, or a free round's
-        copy): it is the last token of the request before its forced run. Returns the
-        packed size of the step (`SlotDecoder.load_chunks`).
-        """
-        chunks: list[list[int]] = []
-        for work in self.rows:
-            width = 1 + len(work.forced)
-            work.chunk = work.tokens[len(work.tokens) - width :]
-            chunks.append(work.chunk)
-            self.stats["forced_tokens"] += width - 1
-            work.fed += width
-            work.forced = []
-        return self.decoder.load_chunks(chunks)
-
-    @timed_phase("tokens")
-    def _take_tokens(self, stepped: int) -> list[tuple[int, SlotWork, FinishReason]]:
-        """Bring every row's new token to the host; the rows that end.
-
-        Rows [0, stepped) took the last step: their ids wait for that step only, so this
-        host work overlaps the prefill queued after it; the rows activated since (their
-        first tokens) wait for the prefill. Advances each constrained row's matcher with
-        its token, then accepts the run the grammar forces next (fed by the next step),
-        at most `forced_tokens` of them.
-        """
-        tokens = self.decoder.stepped_tokens(stepped)
-        if self.follows_model and stepped:
-            positions = self.decoder.stepped_positions(self._wide_size)
-            start = 0
-            for row in range(stepped):
-                work = self.rows[row]
-                width = len(work.chunk)
-                if width > 1:  # the choices after the chunk's tokens but its last
-                    followed = self._follow_model(row, work, positions[start : start + width - 1])
-                    if followed is not None:
-                        tokens[row] = followed
-                start += width
-        ended = self._advance_rows(0, tokens)
-        if len(self.rows) > stepped:
-            newcomers: list[int] = self.decoder.tokens[stepped : len(self.rows)].tolist()
-            ended += self._advance_rows(stepped, newcomers)
-        return ended
-
-    def _advance_rows(
-        self, first: int, tokens: list[int]
-    ) -> list[tuple[int, SlotWork, FinishReason]]:
-        """Take `tokens[i]` as row `first + i`'s new token (rows not unseen are skipped)."""
-        constraint = self.constraint
-        assert constraint is not None
-        rows = range(first, first + len(tokens))
-        fresh = [row for row in rows if self.rows[row].unseen]
-        constraint.advance([tokens[row - first] for row in fresh], fresh)
-        limit = self.config.forced_tokens
-        ended: list[tuple[int, SlotWork, FinishReason]] = []
-        texts = self._texts([tokens[row - first] for row in fresh])  # one call for all rows
-        for row, text in zip(fresh, texts, strict=True):
-            work = self.rows[row]
-            work.unseen = False
-            work.first = None
-            token = tokens[row - first]
-            reason = work.extend([token], self.eos_id, [text])
-            if reason is None and work.matcher is not None:
-                room = work.max_new - len(work.tokens) - 1
-                forced = constraint.force(row, min(limit, room))
-                if work.json is not None and self.follows_model:
-                    work.json_before_forced = work.json.state()
-                if forced:
-                    reason = work.extend(forced, self.eos_id, self._texts(forced))
-                    work.forced = forced
-            if reason is not None:
-                ended.append((row, work, reason))
-        return ended
-
-    def _follow_model(self, row: int, work: SlotWork, positions: list[int]) -> int | None:
-        """The model's own token where it left the forced run `work.chunk[1:]`, else None.
-
-        `positions[i]` is the model's greedy choice after the chunk's token i (one per
-        forced token). At the departure (`model_departure`) the run is taken back: the
-        request's tokens, the JSON watch, the matcher (left before the model's token,
-        which the caller accepts as the step's choice) and the row's length go back
-        there. The grammar's token stays where the model's choice is outside it.
-        """
-        constraint = self.constraint
-        matcher = work.matcher
-        if constraint is None or matcher is None or constraint.done[row]:
-            return None
-        forced = work.chunk[1:]
-        departure = model_departure(matcher, forced, positions)
-        if departure is None:
-            return None
-        index, model = departure
-        dropped = len(forced) - index
-        del work.tokens[len(work.tokens) - dropped :]
-        if work.json is not None and work.json_before_forced is not None:
-            work.json.restore(work.json_before_forced)
-            for text in self._texts(forced[:index]):
-                work.json.feed(text)
-        self.decoder.rewind(row, dropped)
-        work.fed -= dropped
-        self.stats["forced_tokens"] -= dropped
-        self.stats["forced_taken_back"] += dropped
-        return model
-
     def _completion(self, work: SlotWork, reason: FinishReason, now: float) -> Completion:
         text = self.tokenizer.decode(work.tokens, skip_special_tokens=True)
         return Completion(
@@ -684,4 +588,5 @@ class SlotScheduler:
         self.rows.clear()
         self.waiting.clear()
         self.prefilling = None
+        self._mixed_first = None
         return dropped

@@ -111,6 +111,7 @@ def slot_engine(settings: Settings, engine: InferenceEngine) -> InferenceEngine:
             staged_requests=settings.slot_staged_requests,
             forced_tokens=settings.slot_forced_tokens,
             follow_model=settings.slot_follow_model,
+            mixed_chunk_tokens=settings.slot_mixed_chunk,
         ),
     )
 

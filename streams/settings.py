@@ -70,6 +70,7 @@ class Settings:
     slot_staged_requests: int = 256  # requests whose tiles may wait in pinned host memory
     slot_forced_tokens: int = 16  # 0: constrained answers step through forced tokens too
     slot_follow_model: bool = False  # forced runs give way to the model's own split
+    slot_mixed_chunk: int = 0  # prompt tokens a free decode step carries; 0: off
     categorizer_artifacts: Path | None = None
     image_encoder: str = "efficientnet-lite0"
     image_input_size: int = 224
@@ -228,6 +229,7 @@ class Settings:
                 0, reader.integer("VS_SLOT_FORCED_TOKENS", default.slot_forced_tokens)
             ),
             slot_follow_model=reader.flag("VS_SLOT_FOLLOW_MODEL", default.slot_follow_model),
+            slot_mixed_chunk=reader.integer("VS_SLOT_MIXED_CHUNK", default.slot_mixed_chunk),
             categorizer_artifacts=Path(env["VS_CATEGORIZER_ARTIFACTS"])
             if env.get("VS_CATEGORIZER_ARTIFACTS")
             else state_dir / "categorizer",

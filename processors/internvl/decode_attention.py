@@ -85,6 +85,7 @@ def chunk_attention(
     scale: float,
     *,
     max_width: int,
+    block_m: int = GROUP_PAD,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -102,13 +103,16 @@ def chunk_attention(
         lengths: (rows,) integer tensor, the columns each row held before its chunk.
         scale: the softmax scale.
         max_width: the widest chunk a call may carry (sizes the grid).
+        block_m: queries per program (a power of two >= 16); wide chunks (a prompt's)
+            want 64 or more, so each block of keys and values serves more queries.
         block_n: columns read per iteration (a power of two >= 16).
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
 
     Token t of a row sees that row's columns [0, lengths[r] + t]. Each (row, key/value
-    head) runs one program per block of 16 queries (a one-token chunk is one block);
-    splitting the columns as `SplitKeyAttention` does measured slower here. Returns
+    head) runs one program per block of `block_m` queries (numbered token x group + head
+    in the group: with the default 16 a one-token chunk is one block); splitting the
+    columns as `SplitKeyAttention` does measured slower here. Returns
     (tokens, heads, head dim) in the query's dtype; heads map to key/value heads as in
     `repeat_kv`.
     """
@@ -117,7 +121,7 @@ def chunk_attention(
     tokens, heads, head_dim = query.shape
     rows, kv_heads = int(widths.shape[0]), int(keys.shape[1])  # keys may have spare rows
     group = heads // kv_heads
-    query_blocks = -(-max_width * group // GROUP_PAD)
+    query_blocks = -(-max_width * group // block_m)
     out = torch.zeros((tokens, heads, head_dim), device=query.device, dtype=query.dtype)
     _chunk_kernel()[(rows * kv_heads * query_blocks,)](
         query, keys, values, starts, widths, lengths, out,
@@ -126,7 +130,7 @@ def chunk_attention(
         values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(1),
         scale * LOG2_E,
-        KV_HEADS=kv_heads, GROUP=group, QUERY_BLOCKS=query_blocks, BLOCK_M=GROUP_PAD,
+        KV_HEADS=kv_heads, GROUP=group, QUERY_BLOCKS=query_blocks, BLOCK_M=block_m,
         HEAD_DIM=head_dim, BLOCK_N=block_n,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

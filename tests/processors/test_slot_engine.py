@@ -95,11 +95,13 @@ def _config(**overrides: object) -> SlotEngineConfig:
 
 
 @pytest.mark.parametrize(
-    ("budget", "rows", "fuse"),
+    ("budget", "rows", "fuse", "mixed"),
     [
-        (300, 8, False),  # every prompt in chunks
-        (2000, 2, False),  # whole prompts batched two at a time
-        (2000, 2, True),  # the same with fused query/key/value and gate/up projections
+        (300, 8, False, 0),  # every prompt in chunks
+        (2000, 2, False, 0),  # whole prompts batched two at a time
+        (2000, 2, True, 0),  # the same with fused query/key/value and gate/up projections
+        (2000, 2, False, 96),  # prompts joining running rows ride their steps in chunks
+        (2000, 2, False, 256),  # the same in chunks of 256, last parts in 128 or 256
     ],
 )
 def test_admission_at_arbitrary_steps_matches_generate(
@@ -109,10 +111,13 @@ def test_admission_at_arbitrary_steps_matches_generate(
     budget: int,
     rows: int,
     fuse: bool,
+    mixed: int,
 ) -> None:
     expected = _expected(reference, requests)
     limits = {"a": 5, "c": 9}  # early exits by token limit: greedy prefixes
-    config = _config(slots=3, prefill_tokens_per_step=budget, prefill_rows=rows)
+    config = _config(
+        slots=3, prefill_tokens_per_step=budget, prefill_rows=rows, mixed_chunk_tokens=mixed
+    )
     engine = _engine(checkpoint, max_new_tokens=MAX_NEW, fuse_projections=fuse)
     scheduler = SlotScheduler(engine, config)
     out: dict[str, list[int]] = {}
@@ -129,6 +134,9 @@ def test_admission_at_arbitrary_steps_matches_generate(
         name = request.request_id
         assert out[name] == ids[: limits.get(name, MAX_NEW)], name
     assert scheduler.decoder.active.sum() == 0 and not scheduler.rows
+    # Mixed: the three prompts that joined running rows went through mixed steps.
+    assert scheduler.stats["mixed_steps"] >= (3 if mixed else 0)
+    assert bool(scheduler.stats["mixed_steps"]) == bool(mixed)
 
 
 def test_prefill_groups_hold_no_padded_rows(

@@ -89,6 +89,19 @@ def test_the_staged_tiles_bound_reaches_the_slot_engine(tmp_path: Path) -> None:
         assert isinstance(engine, SlotEngine) and engine.config.staged_requests == staged
 
 
+def test_the_mixed_chunk_setting_reaches_the_slot_engine(tmp_path: Path) -> None:
+    from processors.internvl import EngineConfig, NativeInternVLEngine
+    from processors.slot_engine import SlotEngine
+
+    native = NativeInternVLEngine(EngineConfig(str(tmp_path / "checkpoint")))
+    default = Settings().slot_mixed_chunk
+    for env, chunk in (({}, default), ({"VS_SLOT_MIXED_CHUNK": "512"}, 512)):
+        engine = slot_engine(Settings.from_env(env), native)
+        assert isinstance(engine, SlotEngine) and engine.config.mixed_chunk_tokens == chunk
+    with pytest.raises(SettingsError, match="VS_SLOT_MIXED_CHUNK must not be negative"):
+        Settings.from_env({"VS_SLOT_MIXED_CHUNK": "-3"})
+
+
 def test_engines_that_cannot_be_wrapped_stay_static_and_warn_only_when_slot_was_asked(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

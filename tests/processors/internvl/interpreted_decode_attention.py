@@ -163,3 +163,30 @@ def test_chunk_attention_matches_per_token_sdpa(block_n: int) -> None:
     assert not out.isnan().any()
     torch.testing.assert_close(out[: sum(widths)], expected[: sum(widths)], atol=1e-5, rtol=1e-5)
     assert not out[sum(widths) :].any()  # tokens of no row stay zero
+
+
+@pytest.mark.parametrize(("block_m", "length"), [(64, 30), (128, 0), (16, 70)])
+def test_a_prompt_chunk_with_wide_query_blocks_matches_per_token_sdpa(
+    block_m: int, length: int
+) -> None:
+    """One row's 40-token chunk (a prompt's, as a mixed step carries) after `length` columns.
+
+    Blocks of `block_m` queries hold several tokens of each head group, so a block's
+    tokens see different columns (the causal limit inside the block) and the last block
+    is part padding.
+    """
+    generator = torch.Generator().manual_seed(block_m + length)
+    width, context, kv_heads, group, head_dim = 40, 128, 2, 7, 16
+    keys = torch.randn(2, kv_heads, context, head_dim, generator=generator)
+    values = torch.randn(2, kv_heads, context, head_dim, generator=generator)
+    query = torch.randn(48, kv_heads * group, head_dim, generator=generator)  # 8 pads
+    expected = _chunk_reference(query, keys, values, [width], [length], 0.3)
+    keys[0, :, length + width :] = float("nan")
+    values[0, :, length + width :] = float("nan")
+    out = chunk_attention(
+        query, keys, values, torch.tensor([0]), torch.tensor([width]), torch.tensor([length]),
+        0.3, max_width=48, block_m=block_m,
+    )  # fmt: skip
+    assert not out.isnan().any()
+    torch.testing.assert_close(out[:width], expected[:width], atol=1e-5, rtol=1e-5)
+    assert not out[width:].any()
