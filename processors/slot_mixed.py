@@ -30,6 +30,7 @@ from typing import Any
 
 from processors.internvl import capture_graph, chunk_attention, dense_chunk_attention
 from processors.slot_decoder import SlotDecoder
+from processors.slot_prefill import prompt_embeddings
 
 CHUNK_BLOCK_M = 64
 """Queries per program of the chunk's attention (`chunk_attention`'s `block_m`)."""
@@ -71,12 +72,12 @@ class MixedStep:
         self.embeds = torch.zeros((chunk, hidden), dtype=decoder.dtype, device=device)
         self.start = longs(1)  # the chunk's first column in staging row 0
         self.width = longs(1)  # its real tokens (the rest is padding)
-        self.zero = longs(1)
+        self.zero = longs(1)  # every chunk starts at packed token 0
         self.offsets = torch.arange(chunk, device=device)
         self.stage_rows = longs(chunk)  # staging row 0 for every chunk token
         self.logits = torch.zeros((1, vocab), dtype=torch.float32, device=device)
         self._one = torch.ones((), dtype=torch.long, device=device)
-        self._zero = longs(1)[0]
+        self._zero = self.zero[0]  # the split-key kernel's empty generated range
         self._front: Any = base.rotated_projections
         self._back: Any = base.layer_output
         if compile_layers:
@@ -102,11 +103,7 @@ class MixedStep:
         self.loaded = next(width for width in self.widths if width >= len(ids))
         padded = [*ids, *[decoder.eos_id] * (self.loaded - len(ids))]
         input_ids = decoder.to_device([padded], pad=decoder.eos_id)
-        embeds = self.base.language_model.embed_tokens(input_ids)
-        if image_features is not None:
-            mask = (input_ids == self.base.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-        self.embeds[: self.loaded].copy_(embeds[0])
+        self.embeds[: self.loaded].copy_(prompt_embeddings(self.base, input_ids, image_features)[0])
         self.start.fill_(start)
         self.width.fill_(len(ids))
 

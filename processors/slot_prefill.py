@@ -48,6 +48,19 @@ def kv_block(base: StaticGreedyDecoder, rows: int, context: int) -> Any:
     return torch.zeros(shape, device=base.device, dtype=base.dtype)
 
 
+def prompt_embeddings(base: StaticGreedyDecoder, input_ids: Any, image_features: Any) -> Any:
+    """The input embeddings of `input_ids`, image tokens replaced by `image_features` in order.
+
+    `image_features` holds every image token's projected features, (tokens, hidden), or
+    None for no image token.
+    """
+    embeds = base.language_model.embed_tokens(input_ids)
+    if image_features is None:
+        return embeds
+    mask = (input_ids == base.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+
+
 def row_sizes(rows: int) -> list[int]:
     """Group sizes with a captured prefill: powers of two below `rows`, then `rows`."""
     sizes = {rows}
@@ -138,12 +151,7 @@ class StagedPrefill:
         rows, padded = self.shape_for(count, width)
         ids = self.ids[:rows, :padded]
         ids.copy_(self._padded_ids(prompts, rows, padded), non_blocking=self.on_cuda)
-        language_model = self.base.language_model
-        embeds = language_model.embed_tokens(ids)
-        if image_features is not None:
-            mask = (ids == self.base.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-        self.embeds[:rows, :padded].copy_(embeds)
+        self.embeds[:rows, :padded].copy_(prompt_embeddings(self.base, ids, image_features))
         self._run(rows, padded)
         logits = self.logits[:count]
         if logits_mask is not None:
@@ -249,10 +257,7 @@ class StagedPrefill:
 
         base = self.base
         language_model = base.language_model
-        embeds = language_model.embed_tokens(input_ids)
-        if image_features is not None:
-            mask = (input_ids == base.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+        embeds = prompt_embeddings(base, input_ids, image_features)
         width = int(input_ids.shape[1])
         end = start + width
         positions = torch.arange(start, end, device=input_ids.device)[None, :]
