@@ -25,7 +25,7 @@ from processors.prompt import build_prompt, parse_questions
 from processors.slot_decoder import SlotDecoder
 from processors.slot_engine import SlotEngineConfig, SlotScheduler
 from tests.processors.test_answer_schema import QUESTION_SETS
-from tests.support.tiny_internvl import build_tiny_internvl
+from tests.support.tiny_internvl import TinyCheckpoints, load_native
 
 MAX_NEW = 1500
 LIMITS = FieldLimits(analysis=4, evidence=4, text_result=3)
@@ -33,11 +33,8 @@ SETS = ("one boolean", "mixed types", "quotes and non-ASCII")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> NativeInternVLEngine:
-    path = build_tiny_internvl(tmp_path_factory.mktemp("slot-constrained") / "native")
-    loaded = load_engine(EngineConfig(path, max_new_tokens=MAX_NEW, grammar_threads=2))
-    assert isinstance(loaded, NativeInternVLEngine)
-    return loaded
+def engine(tiny_checkpoints: TinyCheckpoints) -> NativeInternVLEngine:
+    return load_native(tiny_checkpoints.native(), max_new_tokens=MAX_NEW, grammar_threads=2)
 
 
 def _request(name: str, questions: list[dict[str, Any]] | None, seed: int) -> PreparedRequest:

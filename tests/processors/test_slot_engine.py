@@ -16,7 +16,7 @@ import torch
 
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import PreparedRequest
-from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
+from processors.internvl import NativeInternVLEngine
 from processors.slot_engine import (
     JsonObjectEnd,
     SlotEngine,
@@ -24,14 +24,14 @@ from processors.slot_engine import (
     SlotScheduler,
     SlotWork,
 )
-from tests.support.tiny_internvl import build_tiny_internvl
+from tests.support.tiny_internvl import TinyCheckpoints, load_native
 
 MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_internvl(tmp_path_factory.mktemp("slots") / "native")
+def checkpoint(tiny_checkpoints: TinyCheckpoints) -> Path:
+    return tiny_checkpoints.native()
 
 
 def _request(name: str, prompt: str, patches: tuple[int, ...], seed: int) -> PreparedRequest:
@@ -51,15 +51,9 @@ def requests() -> list[PreparedRequest]:
     ]
 
 
-def _engine(path: Path, **overrides: object) -> NativeInternVLEngine:
-    engine = load_engine(EngineConfig(path, **overrides))  # type: ignore[arg-type]
-    assert isinstance(engine, NativeInternVLEngine)
-    return engine
-
-
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> NativeInternVLEngine:
-    return _engine(checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW)
+    return load_native(checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW)
 
 
 def _expected(engine: NativeInternVLEngine, requests: list[PreparedRequest]) -> list[list[int]]:
@@ -118,7 +112,7 @@ def test_admission_at_arbitrary_steps_matches_generate(
     config = _config(
         slots=3, prefill_tokens_per_step=budget, prefill_rows=rows, mixed_chunk_tokens=mixed
     )
-    engine = _engine(checkpoint, max_new_tokens=MAX_NEW, fuse_projections=fuse)
+    engine = load_native(checkpoint, max_new_tokens=MAX_NEW, fuse_projections=fuse)
     scheduler = SlotScheduler(engine, config)
     out: dict[str, list[int]] = {}
     scheduler.add(requests[0], max_new_tokens=limits["a"])
@@ -145,7 +139,7 @@ def test_prefill_groups_hold_no_padded_rows(
     """Five prompts that fit one budget go as 4 + 1 (the 8-row shape would pad 3 rows)."""
     expected = _expected(reference, requests)
     config = _config(slots=6, prefill_tokens_per_step=100_000, prefill_rows=8)
-    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), config)
+    scheduler = SlotScheduler(load_native(checkpoint, max_new_tokens=MAX_NEW), config)
     prefill = scheduler.decoder.prefill
     sizes: list[int] = []
     prefill_rows = prefill.prefill_rows
@@ -167,7 +161,7 @@ def test_end_token_inside_a_round_frees_the_slot(
     checkpoint: Path, requests: list[PreparedRequest]
 ) -> None:
     """Stop on a token the model really produces: the row leaves mid-round, others go on."""
-    probe = _engine(checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW)
+    probe = load_native(checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW)
     first = probe.generate_token_ids([requests[0]])[0]
     stop = next(token for token in first[3:] if token not in first[:3])
     # The end token becomes one this random model produces: generate's eos_token_id and the
@@ -175,7 +169,7 @@ def test_end_token_inside_a_round_frees_the_slot(
     probe._im_end_id = stop  # noqa: SLF001
     expected = _expected(probe, requests)
     assert len(expected[0]) < MAX_NEW
-    engine = _engine(checkpoint, max_new_tokens=MAX_NEW)
+    engine = load_native(checkpoint, max_new_tokens=MAX_NEW)
     engine._im_end_id = stop  # noqa: SLF001 - as above
     decoder = engine.decoder
     assert decoder is not None
@@ -189,11 +183,11 @@ def test_end_token_inside_a_round_frees_the_slot(
 
 
 def test_min_new_tokens_per_request(checkpoint: Path, requests: list[PreparedRequest]) -> None:
-    forced = _engine(
+    forced = load_native(
         checkpoint, decode="generate", max_batch_size=1, max_new_tokens=MAX_NEW, min_new_tokens=10
     )
     expected = _expected(forced, requests[:3])
-    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), _config(slots=3))
+    scheduler = SlotScheduler(load_native(checkpoint, max_new_tokens=MAX_NEW), _config(slots=3))
     for request in requests[:3]:
         scheduler.add(request, min_new_tokens=10)
     out: dict[str, list[int]] = {}
@@ -202,7 +196,7 @@ def test_min_new_tokens_per_request(checkpoint: Path, requests: list[PreparedReq
 
 
 def test_bad_requests_fail_alone(checkpoint: Path, requests: list[PreparedRequest]) -> None:
-    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    scheduler = SlotScheduler(load_native(checkpoint, max_new_tokens=MAX_NEW), _config())
     with pytest.raises(ProcessingError) as wrong_count:
         scheduler.add(_request("x", "<image> <image>", (1,), seed=1))
     assert wrong_count.value.code == ErrorCode.INVALID_REQUEST
@@ -233,7 +227,7 @@ def test_streaming_engine_is_thread_safe_and_pushes_back(
         r.request_id: ids for r, ids in zip(requests, _expected(reference, requests), strict=True)
     }
     engine = SlotEngine(
-        _engine(checkpoint, max_new_tokens=MAX_NEW),
+        load_native(checkpoint, max_new_tokens=MAX_NEW),
         _config(queue_size=1, slots=2, staged_requests=2),
     )
     with pytest.raises(ProcessingError):
@@ -301,7 +295,7 @@ def test_a_request_leaves_when_its_json_object_closes(
     opening = next(i for i in range(1, 6) if ids[i] not in ids[:i])
     closing = next(i for i in range(opening + 2, MAX_NEW) if ids[i] not in ids[:i])
     scheduler = SlotScheduler(
-        _engine(checkpoint, max_new_tokens=MAX_NEW), _config(stop_at_json_close=True)
+        load_native(checkpoint, max_new_tokens=MAX_NEW), _config(stop_at_json_close=True)
     )
     scheduler.tokenizer = _Spelled(scheduler.tokenizer, {ids[opening]: "{", ids[closing]: "}"})
     works = [scheduler.add(request) for request in requests[:2]]
@@ -322,7 +316,7 @@ def test_a_model_failure_fails_the_requests_in_flight_and_the_engine_goes_on(
     checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
 ) -> None:
     expected = _expected(reference, requests[:3])
-    engine = SlotEngine(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    engine = SlotEngine(load_native(checkpoint, max_new_tokens=MAX_NEW), _config())
     engine.load()
     try:
         scheduler = engine.scheduler
@@ -356,7 +350,7 @@ def test_staged_tiles_are_bounded_and_released_after_vision(
 ) -> None:
     expected = _expected(reference, requests[:3])
     scheduler = SlotScheduler(
-        _engine(checkpoint, max_new_tokens=MAX_NEW), _config(slots=8, staged_requests=4)
+        load_native(checkpoint, max_new_tokens=MAX_NEW), _config(slots=8, staged_requests=4)
     )
     works = [scheduler.prepare(request) for request in requests[:3]]
     assert all(work.staged is not None and work.staged.images for work in works)
@@ -379,7 +373,7 @@ def test_a_round_end_takes_newcomers_and_queues_their_vision_first(
     checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
 ) -> None:
     expected = _expected(reference, requests[:2])
-    scheduler = SlotScheduler(_engine(checkpoint, max_new_tokens=MAX_NEW), _config(slots=4))
+    scheduler = SlotScheduler(load_native(checkpoint, max_new_tokens=MAX_NEW), _config(slots=4))
     out: dict[str, list[int]] = {}
     scheduler.add(requests[0])
     _rounds(scheduler, out, 1)
@@ -403,7 +397,7 @@ def test_an_unexpected_admission_error_fails_only_its_request(
     checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
 ) -> None:
     expected = _expected(reference, requests[:2])
-    engine = SlotEngine(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    engine = SlotEngine(load_native(checkpoint, max_new_tokens=MAX_NEW), _config())
     engine.load()
     try:
         scheduler = engine.scheduler
@@ -430,7 +424,7 @@ def test_an_unexpected_admission_error_fails_only_its_request(
 def test_a_failed_scheduler_thread_leaves_no_request_waiting(
     checkpoint: Path, requests: list[PreparedRequest]
 ) -> None:
-    engine = SlotEngine(_engine(checkpoint, max_new_tokens=MAX_NEW), _config())
+    engine = SlotEngine(load_native(checkpoint, max_new_tokens=MAX_NEW), _config())
     engine.load()
     try:
         scheduler = engine.scheduler

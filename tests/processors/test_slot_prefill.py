@@ -9,18 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
+from processors.internvl import NativeInternVLEngine
 from processors.slot_decoder import SlotDecoder
 from processors.slot_prefill import WIDTH_BUCKET, StagedPrefill, row_sizes, width_ladder
-from tests.support.tiny_internvl import build_tiny_internvl
+from tests.support.tiny_internvl import TinyCheckpoints, load_native
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> NativeInternVLEngine:
-    path = build_tiny_internvl(tmp_path_factory.mktemp("prefill") / "native")
-    loaded = load_engine(EngineConfig(path, max_new_tokens=8))
-    assert isinstance(loaded, NativeInternVLEngine)
-    return loaded
+def engine(tiny_checkpoints: TinyCheckpoints) -> NativeInternVLEngine:
+    return load_native(tiny_checkpoints.native(), max_new_tokens=8)
 
 
 def _decoder(engine: NativeInternVLEngine, slots: int = 6) -> SlotDecoder:

@@ -34,9 +34,12 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from processors.internvl import NativeInternVLEngine
 
 SEED = 20250814
 IMAGE_SIZE = 448
@@ -138,6 +141,15 @@ def build_tiny_internvl(folder: Path) -> Path:
     tiny_native_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_native(path: Path, **overrides: Any) -> NativeInternVLEngine:
+    """A `NativeInternVLEngine` of `path`, loaded by `load_engine` (`EngineConfig` overrides)."""
+    from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
+
+    engine = load_engine(EngineConfig(path, **overrides))
+    assert isinstance(engine, NativeInternVLEngine)
+    return engine
 
 
 def native_to_original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,8 +12,8 @@ from processors.internvl import (
     NativeInternVLEngine,
     RemoteCodeInternVLEngine,
     create_engine,
-    load_engine,
 )
+from tests.support.tiny_internvl import load_native
 
 MAX_NEW = 8
 
@@ -31,6 +31,4 @@ def make_request(name: str, prompt: str, patches: tuple[int, ...], seed: int) ->
 
 
 def generate_engine(path: Path, **overrides: object) -> NativeInternVLEngine:
-    engine = load_engine(EngineConfig(path, decode="generate", **overrides))  # type: ignore[arg-type]
-    assert isinstance(engine, NativeInternVLEngine)
-    return engine
+    return load_native(path, decode="generate", **overrides)
