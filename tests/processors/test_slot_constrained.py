@@ -20,7 +20,7 @@ from processors.answer_parsing import parse_answer
 from processors.answer_schema import FieldLimits, answer_schema
 from processors.constrained import GrammarCache
 from processors.inference import PreparedRequest
-from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
+from processors.internvl import NativeInternVLEngine
 from processors.prompt import build_prompt, parse_questions
 from processors.slot_decoder import SlotDecoder
 from processors.slot_engine import SlotEngineConfig, SlotScheduler
@@ -150,10 +150,8 @@ def test_free_rows_beside_constrained_rows_decode_as_alone(
     engine: NativeInternVLEngine, requests: list[PreparedRequest]
 ) -> None:
     free = _request("free", None, seed=9)
-    reference = load_engine(
-        EngineConfig(engine.config.model_path, decode="generate", max_new_tokens=40)
-    )
-    alone = reference.generate_token_ids([free])[0]  # type: ignore[attr-defined]
+    reference = load_native(engine.config.model_path, decode="generate", max_new_tokens=40)
+    alone = reference.generate_token_ids([free])[0]
     scheduler = _scheduler(engine)
     for request in requests[:1]:
         scheduler.add(request)
@@ -165,6 +163,42 @@ def test_free_rows_beside_constrained_rows_decode_as_alone(
         out.update({c.request_id: list(c.token_ids) for _w, c in ended})
     assert out["free"] == [t for t in alone if t != scheduler.eos_id][:40]
     _assert_valid(engine, requests[0], out[requests[0].request_id])
+
+
+def test_a_prompt_in_mixed_steps_goes_on_in_plain_chunks_once_rounds_are_constrained(
+    engine: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    """A constrained request's arrival ends mixed steps; the prompt they carried goes on."""
+    frees = [_request("free-1", None, seed=9), _request("free-2", None, seed=10)]
+    reference = load_native(engine.config.model_path, decode="generate", max_new_tokens=40)
+    alone = {r.request_id: reference.generate_token_ids([r])[0] for r in frees}
+    constrained = requests[0]
+    answer = engine.generate_token_ids([constrained])[0]
+    scheduler = _scheduler(
+        engine, slots=3, steps_per_round=2, forced_tokens=0, mixed_chunk_tokens=128
+    )
+    out: dict[str, list[int]] = {}
+
+    def run_round() -> None:
+        ended, failed = scheduler.run_round()
+        assert not failed
+        out.update({c.request_id: list(c.token_ids) for _w, c in ended})
+
+    scheduler.add(frees[0], max_new_tokens=40)
+    run_round()
+    scheduler.add(frees[1], max_new_tokens=40)
+    run_round()  # a free round: its two steps carry the first 256 prompt tokens
+    work = scheduler.prefilling
+    assert work is not None and work.done == 256 < len(work.ids)
+    scheduler.add(constrained)
+    while not scheduler.idle:
+        run_round()
+    for request in frees:
+        want = [t for t in alone[request.request_id] if t != scheduler.eos_id][:40]
+        assert out[request.request_id] == want, request.request_id
+    assert out[constrained.request_id] == [t for t in answer if t != scheduler.eos_id]
+    _assert_valid(engine, constrained, out[constrained.request_id])
+    assert scheduler.stats["mixed_steps"] == 2 and scheduler.stats["constrained_steps"] > 0
 
 
 def test_chunks_are_packed_row_after_row_with_padding_on_the_spare_row(

@@ -133,6 +133,28 @@ def test_admission_at_arbitrary_steps_matches_generate(
     assert bool(scheduler.stats["mixed_steps"]) == bool(mixed)
 
 
+def test_a_prompt_whose_running_rows_all_leave_goes_on_in_plain_chunks(
+    checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
+) -> None:
+    """Mixed steps need a decoding row: when the last one leaves, the prompt's rest is chunked."""
+    expected = _expected(reference, requests[:2])
+    config = _config(
+        slots=3, prefill_tokens_per_step=2000, steps_per_round=2, mixed_chunk_tokens=128
+    )
+    scheduler = SlotScheduler(load_native(checkpoint, max_new_tokens=MAX_NEW), config)
+    out: dict[str, list[int]] = {}
+    scheduler.add(requests[0], max_new_tokens=5)
+    _rounds(scheduler, out, 1)  # "a" has 3 of its 5 tokens
+    scheduler.add(requests[1])  # 3 images: ~800 prompt tokens, more than two chunks
+    _rounds(scheduler, out, 1)  # two steps carry its first 256 tokens; "a" ends
+    work = scheduler.prefilling
+    assert work is not None and work.done == 256 < len(work.ids)
+    assert not scheduler.rows and out["a"] == expected[0][:5]
+    _drain(scheduler, out)
+    assert out["b"] == expected[1]
+    assert scheduler.stats["mixed_steps"] == 2
+
+
 def test_prefill_groups_hold_no_padded_rows(
     checkpoint: Path, reference: NativeInternVLEngine, requests: list[PreparedRequest]
 ) -> None:

@@ -143,7 +143,7 @@ def build_tiny_internvl(folder: Path) -> Path:
     return folder
 
 
-def load_native(path: Path, **overrides: Any) -> NativeInternVLEngine:
+def load_native(path: Path | str, **overrides: Any) -> NativeInternVLEngine:
     """A `NativeInternVLEngine` of `path`, loaded by `load_engine` (`EngineConfig` overrides)."""
     from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
 
