@@ -4,7 +4,8 @@ Not collected by default (no `test_` prefix): `test_decode_attention.py` runs th
 in a child pytest with `TRITON_INTERPRET=1` set before Triton is imported, which makes
 every `triton.jit` function (Triton's own library functions too) run on the CPU. So the
 very kernel the GPU runs is checked against a masked `scaled_dot_product_attention`
-reference and, through the decoder, against the dense decode path.
+reference and, through the decoder and the slot engine's mixed step, against the dense
+decode path.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from processors.internvl import SplitKeyAttention, StaticGreedyDecoder, chunk_attention
+from processors.slot_decoder import SlotDecoder
+from processors.slot_mixed import MixedStep
 from tests.support.tiny_internvl import build_tokenizer, tiny_native_model
 
 pytest.importorskip("triton")
@@ -112,6 +115,44 @@ def test_decoder_with_split_attention_matches_dense_decoder() -> None:
             results.append(decoder.decode(session, first))
     assert results[0] == results[1]
     assert all(len(row) == 6 for row in results[0])
+
+
+def test_a_mixed_step_on_the_kernels_equals_one_on_dense_attention() -> None:
+    """`MixedStep`'s GPU path: the split-key kernel for the rows, `chunk_attention` (64-query
+    blocks, every staging row passed) for the chunk, against masked SDPA for both."""
+    model = tiny_native_model(build_tokenizer())
+    options = {"eos_id": 0, "max_new_tokens": 6, "length_bucket": 16, "cuda_graphs": False}
+    bases = (
+        StaticGreedyDecoder(model, **options),  # type: ignore[arg-type]
+        StaticGreedyDecoder(model, split_attention=True, attention_splits=2, **options),  # type: ignore[arg-type]
+    )
+    generator = torch.Generator().manual_seed(5)
+    rows = [torch.randint(10, 1000, (n,), generator=generator).tolist() for n in (37, 90)]
+    prompt = torch.randint(10, 1000, (150,), generator=generator).tolist()
+    runs = []
+    with torch.inference_mode():
+        for base in bases:
+            decoder = SlotDecoder(
+                base, slots=4, context=512, steps_per_round=4, stage_rows=2, cuda_graphs=False
+            )
+            first = decoder.prefill.prefill_rows(rows, None, [0, 0])
+            decoder.activate_rows(0, [len(ids) for ids in rows], first, [0, 0])
+            decoder.begin_round()
+            mixer = MixedStep(decoder, 128, compile_layers=False)
+            for start in (0, 128):  # a full chunk, then 22 tokens padded to 128
+                mixer.load(prompt[start : start + 128], start, None)
+                mixer.step(2)
+            runs.append((decoder, mixer, mixer.first_token(min_new=0)))
+    (dense, dense_mixer, dense_first), (split, split_mixer, split_first) = runs
+    assert split.base.split_key_attention is not None and dense.base.split_key_attention is None
+    assert torch.equal(split.tokens, dense.tokens) and torch.equal(split_first, dense_first)
+    assert torch.equal(split.lengths, dense.lengths)
+    torch.testing.assert_close(split_mixer.logits, dense_mixer.logits, atol=1e-4, rtol=1e-4)
+    for layer in range(len(dense.prefill.keys)):
+        torch.testing.assert_close(
+            split.prefill.keys[layer][0, :, :150], dense.prefill.keys[layer][0, :, :150]
+        )
+    torch.testing.assert_close(split.kv[:, :, :2], dense.kv[:, :, :2])
 
 
 def _chunk_reference(
