@@ -3,8 +3,8 @@
     python bench/bench_constrained.py [--smoke] [--batch-size 64] [--saturation 256]
         [--requests N] [--tokenizer-dir PATH] [--forced-tokens 16] [--out PATH]
 
-One model (bench_vlm's InternVL2.5-1B shape, random weights; `--smoke`: the tiny shape on
-CPU), one set of requests (`bench_vlm.make_requests`, each with its answer schema from
+One model (`vlm_model.py`'s InternVL2.5-1B shape, random weights; `--smoke`: the tiny shape on
+CPU), one set of requests (`vlm_model.make_requests`, each with its answer schema from
 `processors.answer_schema`), all served by the slot engine (`processors.slot_engine`),
 every request submitted at once, with `--batch-size` slots (where decode dominates) and
 with `--saturation` slots. Three variants:
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _with_schemas(requests: list[Any], question_count: int, limits: Any) -> list[Any]:
     """The requests with the answer schema of the questions `make_requests` gave each."""
-    from bench.bench_vlm import questions_for
+    from bench.vlm_model import questions_for
     from processors.answer_schema import answer_schema
     from processors.prompt import parse_questions
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from bench.bench_vlm import (
+    from bench.vlm_model import (
         FULL,
         SMOKE,
         build_model,

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_vlm import build_tokenizer, tokenizer_dir
+from bench.vlm_model import build_tokenizer, tokenizer_dir
 from processors.answer_schema import AnswerSchema, answer_schema
 from processors.prompt import parse_questions
 

@@ -1,6 +1,6 @@
 """Open-loop load: time from arrival to answer, static batches against the slot engine.
 
-Builds the model and requests of `bench/bench_vlm.py` (InternVL2.5-1B shape, random
+Builds the model and requests of `bench/vlm_model.py` (InternVL2.5-1B shape, random
 weights, 7 tiles, about 3,070 prompt tokens, the project's tiling and prompt code) and
 serves, in one process on one model object, Poisson arrivals at each rate of `--rates`
 for `--duration` seconds. Every arrival draws its answer length from a log-normal
@@ -49,7 +49,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/bench_load.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_vlm import (  # noqa: E402 (after the path set-up above)
+from bench.load_parity import parity  # noqa: E402
+from bench.load_workload import (  # noqa: E402
+    answer_lengths,
+    arrival_times,
+    slot_variants,
+    static_caps,
+    summary,
+)
+from bench.vlm_model import (  # noqa: E402 (after the path set-up above)
     FULL,
     RESULTS,
     SMOKE,
@@ -60,14 +68,6 @@ from bench.bench_vlm import (  # noqa: E402 (after the path set-up above)
     make_requests,
     tokenizer_dir,
     versions,
-)
-from bench.load_parity import parity  # noqa: E402
-from bench.load_workload import (  # noqa: E402
-    answer_lengths,
-    arrival_times,
-    slot_variants,
-    static_caps,
-    summary,
 )
 
 

@@ -27,7 +27,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.bench_vlm import questions_for
+from bench.vlm_model import questions_for
 
 #: Distinct images served: events draw their vendor and pickup photos from these.
 VENDOR_IMAGES = 64

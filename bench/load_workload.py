@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from bench.bench_vlm import percentile
+from bench.vlm_model import percentile
 
 
 def answer_lengths(

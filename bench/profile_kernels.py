@@ -2,7 +2,7 @@
 
     python bench/profile_kernels.py --tokenizer-dir PATH --compile [--batches 64,256]
 
-On bench_vlm's model (random weights, InternVL2.5-1B shape):
+On the benchmarks' model (`vlm_model.py`: random weights, InternVL2.5-1B shape):
 - `vision`: the vision tower of 1 and 8 requests (7 and 56 tiles) as the engine runs it:
   milliseconds (CUDA events, median), its top kernels, and the largest difference of its
   features from the eager tower.
@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_vlm import (  # noqa: E402
+from bench.profile_parts import top_kernels  # noqa: E402
+from bench.profile_slot import decode_steps, emit, step_at, timed  # noqa: E402
+from bench.vlm_model import (  # noqa: E402
     FULL,
     SMOKE,
     build_model,
@@ -35,8 +37,6 @@ from bench.bench_vlm import (  # noqa: E402
     make_requests,
     tokenizer_dir,
 )
-from bench.profile_parts import top_kernels  # noqa: E402
-from bench.profile_slot import decode_steps, emit, step_at, timed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_vlm import FULL, build_model, build_tokenizer, tokenizer_dir  # noqa: E402
+from bench.vlm_model import FULL, build_model, build_tokenizer, tokenizer_dir  # noqa: E402
 
 
 def timed(function: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> float:

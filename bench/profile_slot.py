@@ -2,7 +2,7 @@
 
     python bench/profile_slot.py --tokenizer-dir PATH [--smoke] [--batches 16,64,256,512]
 
-Times, with CUDA events (median of several runs after warm-up), on bench_vlm's model:
+Times, with CUDA events (median of several runs after warm-up), on `vlm_model.py`'s model:
 one decode step of `processors.slot_decoder.SlotDecoder` at each batch size (graph
 replay, and with the compiled layer), a batched prefill of whole prompts, and the
 vision tower on a few requests. Then a short saturation run of the slot engine with the
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_vlm import (  # noqa: E402
+from bench.vlm_model import (  # noqa: E402
     FULL,
     SMOKE,
     build_model,
