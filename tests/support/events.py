@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import socket
 from typing import Any
 
@@ -113,7 +114,27 @@ def product_event(
     }
 
 
+LISTEN_PORTS = (20000, 32767)
+"""Where `free_port` looks: below Linux's default ephemeral range (32768-60999)."""
+
+
 def free_port() -> int:
+    """A port free to listen on now, for a worker process that binds it a moment later.
+
+    Not `bind(0)`: the kernel takes such a port from its ephemeral range, which it also
+    gives to outgoing connections, so a Kafka client's connection can take the port
+    before the worker binds it (seen in CI: "address already in use", the worker gone).
+    Below that range only listeners bind. Tries random ports; `bind(0)` is the last resort.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(*LISTEN_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
