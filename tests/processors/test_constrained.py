@@ -19,7 +19,7 @@ from processors.inference import PreparedRequest
 from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
 from processors.prompt import build_prompt, parse_questions
 from tests.processors.test_answer_schema import QUESTION_SETS
-from tests.support.tiny_internvl import TinyCheckpoints
+from tests.support.tiny_internvl import TinyCheckpoints, load_native
 
 MAX_NEW = 2500
 #: Short free strings keep the random model's answers (which fill every string to its
@@ -121,8 +121,7 @@ def test_constrained_greedy_is_the_masked_argmax_of_the_model(
 
 def test_off_switch_decodes_freely(tiny_checkpoints: TinyCheckpoints) -> None:
     path = tiny_checkpoints.native()
-    free = load_engine(EngineConfig(path, max_new_tokens=16, constrained_decoding=False))
-    assert isinstance(free, NativeInternVLEngine)
+    free = load_native(path, max_new_tokens=16, constrained_decoding=False)
     # The same weights without a second load: only the config's switch differs.
     on = NativeInternVLEngine.from_model(
         EngineConfig(path, max_new_tokens=16), free.model, free.tokenizer

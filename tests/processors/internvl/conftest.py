@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 
 from processors.inference import PreparedRequest
-from processors.internvl import EngineConfig, NativeInternVLEngine, load_engine
+from processors.internvl import NativeInternVLEngine
 from tests.processors.internvl.helpers import MAX_NEW, make_request
-from tests.support.tiny_internvl import build_tiny_internvl, build_tiny_original_internvl
+from tests.support.tiny_internvl import (
+    build_tiny_internvl,
+    build_tiny_original_internvl,
+    load_native,
+)
 
 
 @pytest.fixture(scope="package")
@@ -24,9 +28,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="package")
 def native(checkpoints: dict[str, Path]) -> NativeInternVLEngine:
-    engine = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=MAX_NEW))
-    assert isinstance(engine, NativeInternVLEngine)
-    return engine
+    return load_native(checkpoints["native"], max_new_tokens=MAX_NEW)
 
 
 @pytest.fixture(scope="package")

@@ -17,6 +17,7 @@ from tests.processors.internvl.helpers import (
     generate_engine,
     make_request,
 )
+from tests.support.tiny_internvl import load_native
 
 
 def test_split_attention_needs_cuda(checkpoints: dict[str, Path]) -> None:
@@ -25,8 +26,8 @@ def test_split_attention_needs_cuda(checkpoints: dict[str, Path]) -> None:
         load_engine(EngineConfig(checkpoints["native"], decode_attention="split"))
     assert caught.value.code == ErrorCode.MODEL_NOT_LOADED
     assert "CUDA" in caught.value.message
-    engine = load_engine(EngineConfig(checkpoints["native"]))
-    assert isinstance(engine, NativeInternVLEngine) and engine.decoder is not None
+    engine = load_native(checkpoints["native"])
+    assert engine.decoder is not None
     assert not engine.decoder.split_attention
 
 

@@ -20,7 +20,7 @@ from processors.internvl import (
     unfuse_layer,
 )
 from tests.processors.internvl.helpers import generate_engine
-from tests.support.tiny_internvl import build_tokenizer, tiny_native_model
+from tests.support.tiny_internvl import build_tokenizer, load_native, tiny_native_model
 
 
 @pytest.fixture
@@ -81,8 +81,8 @@ def test_static_path_with_fused_projections_matches_generate(
 ) -> None:
     reference = generate_engine(checkpoints["native"], max_batch_size=1, max_new_tokens=12)
     expected = [reference.generate_token_ids([request])[0] for request in batch]
-    fused = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=12))  # the default
-    assert isinstance(fused, NativeInternVLEngine) and fused.decoder is not None
+    fused = load_native(checkpoints["native"], max_new_tokens=12)  # the default
+    assert fused.decoder is not None
     assert fused_of(fused.decoder.layers[0].self_attn) is not None
     assert fused.generate_token_ids(batch) == expected
     separate = load_engine(

@@ -9,18 +9,16 @@ import torch
 
 from processors.inference import PreparedRequest
 from processors.internvl import (
-    EngineConfig,
     FeatureCache,
-    NativeInternVLEngine,
     VisionEncoder,
     content_key,
-    load_engine,
     patch_projection_as_matmul,
 )
 from tests.processors.internvl.helpers import (
     MAX_NEW,
     generate_engine,
 )
+from tests.support.tiny_internvl import load_native
 
 
 def test_patch_projection_as_matmul_equals_the_convolution() -> None:
@@ -50,8 +48,7 @@ def test_feature_cache_reuses_vendor_features(checkpoints: dict[str, Path]) -> N
         )
     reference = generate_engine(checkpoints["native"], max_new_tokens=MAX_NEW)
     expected = [reference.generate_token_ids([request])[0] for request in requests]
-    engine = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=MAX_NEW))
-    assert isinstance(engine, NativeInternVLEngine)
+    engine = load_native(checkpoints["native"], max_new_tokens=MAX_NEW)
     cache = engine.feature_cache
     assert cache is not None
     assert engine.generate_token_ids(requests[:1]) == expected[:1]
@@ -74,8 +71,7 @@ def test_feature_cache_is_memory_bounded() -> None:
 def test_warm_up_runs_the_tower_on_one_and_two_tiles_and_caches_nothing(
     checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=MAX_NEW))
-    assert isinstance(engine, NativeInternVLEngine)
+    engine = load_native(checkpoints["native"], max_new_tokens=MAX_NEW)
     cache = FeatureCache(2**20)
     encoder = VisionEncoder(
         engine.model, device="cpu", dtype=torch.float32, batch_tiles=8, cache=cache, cache_images=1
@@ -117,8 +113,7 @@ def test_staged_images_give_the_same_features_and_share_the_cache(
         )
         for index in range(3)
     ]
-    engine = load_engine(EngineConfig(checkpoints["native"], max_new_tokens=MAX_NEW))
-    assert isinstance(engine, NativeInternVLEngine)
+    engine = load_native(checkpoints["native"], max_new_tokens=MAX_NEW)
     cache = engine.feature_cache
     assert cache is not None
     staged = [engine.stage_images(request) for request in requests]
