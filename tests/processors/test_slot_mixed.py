@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from processors.internvl import NativeInternVLEngine
+from processors.internvl import NativeInternVLEngine, StaticGreedyDecoder
 from processors.slot_decoder import SlotDecoder
 from processors.slot_mixed import MixedStep, chunk_widths
 from tests.support.tiny_internvl import TinyCheckpoints, load_native
@@ -21,10 +21,9 @@ def engine(tiny_checkpoints: TinyCheckpoints) -> NativeInternVLEngine:
     return load_native(tiny_checkpoints.native(), max_new_tokens=8)
 
 
-def _decoder_with_rows(engine: NativeInternVLEngine, prompts: list[list[int]]) -> SlotDecoder:
+def decoder_with_rows(base: StaticGreedyDecoder, prompts: list[list[int]]) -> SlotDecoder:
     """A decoder whose rows [0, len(prompts)) decode `prompts` (prefilled, activated)."""
-    assert engine.decoder is not None
-    decoder = SlotDecoder(engine.decoder, slots=4, context=512, steps_per_round=4, stage_rows=2)
+    decoder = SlotDecoder(base, slots=4, context=512, steps_per_round=4, stage_rows=2)
     with torch.inference_mode():
         first = decoder.prefill.prefill_rows(prompts, None, [0] * len(prompts))
         decoder.activate_rows(0, [len(ids) for ids in prompts], first, [0] * len(prompts))
@@ -42,7 +41,8 @@ def test_a_mixed_step_is_a_plain_step_and_a_chunk_prefill(engine: NativeInternVL
     generator = torch.Generator().manual_seed(7)
     rows = [torch.randint(10, 1000, (n,), generator=generator).tolist() for n in (37, 90)]
     prompt = torch.randint(10, 1000, (150,), generator=generator).tolist()
-    plain, mixed = _decoder_with_rows(engine, rows), _decoder_with_rows(engine, rows)
+    assert engine.decoder is not None
+    plain, mixed = decoder_with_rows(engine.decoder, rows), decoder_with_rows(engine.decoder, rows)
     mixer = MixedStep(mixed, 128, compile_layers=False)
     assert mixer.widths == [128] and mixer.fits(384) and not mixer.fits(385)
     expected_first = None
@@ -79,7 +79,8 @@ def test_a_mixed_step_is_a_plain_step_and_a_chunk_prefill(engine: NativeInternVL
 
 
 def test_chunks_must_fit_their_width_and_the_context(engine: NativeInternVLEngine) -> None:
-    decoder = _decoder_with_rows(engine, [[11, 12, 13]])
+    assert engine.decoder is not None
+    decoder = decoder_with_rows(engine.decoder, [[11, 12, 13]])
     with pytest.raises(ValueError, match="chunk must be"):
         MixedStep(decoder, 512, compile_layers=False)
     mixer = MixedStep(decoder, 256, compile_layers=False)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from processors.internvl import SplitKeyAttention, StaticGreedyDecoder, chunk_attention
-from processors.slot_decoder import SlotDecoder
 from processors.slot_mixed import MixedStep
+from tests.processors.test_slot_mixed import decoder_with_rows
 from tests.support.tiny_internvl import build_tokenizer, tiny_native_model
 
 pytest.importorskip("triton")
@@ -132,12 +132,7 @@ def test_a_mixed_step_on_the_kernels_equals_one_on_dense_attention() -> None:
     runs = []
     with torch.inference_mode():
         for base in bases:
-            decoder = SlotDecoder(
-                base, slots=4, context=512, steps_per_round=4, stage_rows=2, cuda_graphs=False
-            )
-            first = decoder.prefill.prefill_rows(rows, None, [0, 0])
-            decoder.activate_rows(0, [len(ids) for ids in rows], first, [0, 0])
-            decoder.begin_round()
+            decoder = decoder_with_rows(base, rows)
             mixer = MixedStep(decoder, 128, compile_layers=False)
             for start in (0, 128):  # a full chunk, then 22 tokens padded to 128
                 mixer.load(prompt[start : start + 128], start, None)
