@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +26,7 @@ from processors.gathering import (
     redact_url,
 )
 from processors.records import PickupRequest
+from tests.support.events import free_port
 from tests.support.images import (
     BIG_DIMENSIONS_PNG,
     JPEG,
@@ -315,12 +315,9 @@ async def test_persistent_503_gives_up_after_retries(
 
 
 async def test_connection_refused_is_retried_then_fails(make_gatherer: GathererFactory) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
     gatherer = await make_gatherer(retries=1)
     error = await expect_error(
-        gatherer, f"http://127.0.0.1:{free_port}/x.png", ErrorCode.IMAGE_DOWNLOAD_FAILED
+        gatherer, f"http://127.0.0.1:{free_port()}/x.png", ErrorCode.IMAGE_DOWNLOAD_FAILED
     )
     assert "connection failed" in error.message and "2 attempts" in error.message
 
