@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from processors.errors import ErrorCode, ProcessingError
 from processors.inference import PreparedRequest
@@ -24,6 +23,7 @@ from processors.slot_engine import (
     SlotScheduler,
     SlotWork,
 )
+from tests.processors.internvl.helpers import make_request
 from tests.support.tiny_internvl import TinyCheckpoints, load_native
 
 MAX_NEW = 12
@@ -34,20 +34,16 @@ def checkpoint(tiny_checkpoints: TinyCheckpoints) -> Path:
     return tiny_checkpoints.native()
 
 
-def _request(name: str, prompt: str, patches: tuple[int, ...], seed: int) -> PreparedRequest:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(sum(patches), 3, 448, 448, generator=generator) if patches else None
-    return PreparedRequest(name, 1, prompt, patches, pixels)
-
-
 @pytest.fixture(scope="module")
 def requests() -> list[PreparedRequest]:
     return [
-        _request("a", "<image>\nDescribe the product.", (1,), seed=1),
-        _request("b", "Vendor: <image>\nPickup: <image>\nSame product? Answer in JSON.", (1, 2), 2),
-        _request("c", "<image><image> Same item?", (1, 1), seed=3),
-        _request("d", "No image here, only a question about a shirt.", (), seed=4),
-        _request("e", "<image> colour?", (1,), seed=5),
+        make_request("a", "<image>\nDescribe the product.", (1,), seed=1),
+        make_request(
+            "b", "Vendor: <image>\nPickup: <image>\nSame product? Answer in JSON.", (1, 2), 2
+        ),
+        make_request("c", "<image><image> Same item?", (1, 1), seed=3),
+        make_request("d", "No image here, only a question about a shirt.", (), seed=4),
+        make_request("e", "<image> colour?", (1,), seed=5),
     ]
 
 
@@ -220,7 +216,7 @@ def test_min_new_tokens_per_request(checkpoint: Path, requests: list[PreparedReq
 def test_bad_requests_fail_alone(checkpoint: Path, requests: list[PreparedRequest]) -> None:
     scheduler = SlotScheduler(load_native(checkpoint, max_new_tokens=MAX_NEW), _config())
     with pytest.raises(ProcessingError) as wrong_count:
-        scheduler.add(_request("x", "<image> <image>", (1,), seed=1))
+        scheduler.add(make_request("x", "<image> <image>", (1,), seed=1))
     assert wrong_count.value.code == ErrorCode.INVALID_REQUEST
     with pytest.raises(ProcessingError) as too_long:
         scheduler.add(requests[1], max_new_tokens=1000)
@@ -275,7 +271,7 @@ def test_streaming_engine_is_thread_safe_and_pushes_back(
             thread.join(180)
         assert results == expected
         assert engine.generate(requests[:2]) == reference.generate(requests[:2])
-        bad = engine.submit(_request("x", "<image> <image>", (1,), seed=1))
+        bad = engine.submit(make_request("x", "<image> <image>", (1,), seed=1))
         with pytest.raises(ProcessingError) as failure:
             bad.result(timeout=60)
         assert failure.value.code == ErrorCode.INVALID_REQUEST
